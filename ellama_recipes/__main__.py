@@ -1,0 +1,5 @@
+import sys
+
+from ellama_recipes.cli.main import main
+
+sys.exit(main())

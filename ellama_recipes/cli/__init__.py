@@ -1,0 +1,1 @@
+"""The `ellama` command line (Typer). One module per command group; no business logic here."""

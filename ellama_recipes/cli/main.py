@@ -1,0 +1,74 @@
+"""Entry point of the `ellama` console script.
+
+Every command group lives in its own module and registers itself on ``app``. User mistakes raise
+:class:`ellama_recipes.errors.UserError`; :func:`main` prints them as one paragraph on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ellama_recipes import __version__
+from ellama_recipes.errors import EXIT_USAGE, UserError
+
+app = typer.Typer(
+    name="ellama",
+    help=(
+        "Domain-adapt Llama 3.1 the e-Llama way: prepare and blend data, continued pretraining on NeMo/Megatron, "
+        "SFT + DPO, export to Hugging Face.\n\n"
+        "Example:  ellama pretrain --size 70b --nodes 60 --dryrun"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ellama-recipes {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def _register() -> None:
+    # Imported here so `ellama --help` stays fast: command modules import heavy engines lazily inside commands.
+    from ellama_recipes.cli import align, convert, data, evaluate, plan, pretrain, quickstart  # noqa: F401
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used by tests)."""
+    try:
+        app(args=argv, prog_name="ellama", standalone_mode=False)
+    except UserError as exc:
+        from ellama_recipes.cli.common import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

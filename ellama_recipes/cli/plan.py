@@ -1,0 +1,1 @@
+"""`ellama plan` (being written)."""

@@ -1,0 +1,1 @@
+"""`ellama pretrain` (being written)."""

@@ -1,0 +1,172 @@
+"""The one size table: tiny / 8b / 70b / 405b.
+
+Each row holds the Hugging Face repo of the base model, its architecture, the base model's max pretraining
+learning rate, and the default H100 parallelism and node count of the continued-pretraining recipe.
+A recipe is a shared base plus what this table says differs per size (DESIGN.md practice 3).
+
+Parallelism defaults were chosen with :mod:`ellama_recipes.plan`'s per-GPU memory estimate for H100 80 GB at
+seq 8192, micro batch 1, BF16 weights, distributed optimizer, flash attention, sequence parallel
+(``ellama plan --size S`` prints the breakdown):
+
+- 8b:   TP2 PP1 CP1 SP, 8 nodes x 8 (DP 32). ~35 GB/GPU: TP1 would need ~48 GB of weights+grads+optimizer
+        before activations (~36 GB), too close to 80 GB; TP2 halves both and stays inside one NVLink domain.
+- 70b:  TP4 PP4 VPP5 CP2 SP, 60 nodes x 8 = e-Llama's 480 H100 (DP 15). ~40 GB/GPU; without CP the
+        activations alone are ~52 GB. VPP5 (80 layers / (4*5) = 4 per virtual stage) cuts the pipeline bubble.
+- 405b: TP8 PP9 VPP7 CP2 SP, 144 nodes x 8 (DP 8). ~70 GB/GPU; 126 layers / (9*7) = 2 per virtual stage.
+- tiny: 1 process, no model parallelism; a Llama-3.1-architecture model small enough for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ellama_recipes.errors import UserError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Llama 3.1 architecture hyper-parameters (HF config names in comments)."""
+
+    num_layers: int  # num_hidden_layers
+    hidden_size: int  # hidden_size
+    ffn_hidden_size: int  # intermediate_size
+    num_attention_heads: int  # num_attention_heads
+    num_query_groups: int  # num_key_value_heads (GQA)
+    vocab_size: int  # vocab_size
+    max_position_embeddings: int = 131072
+    rope_theta: float = 500000.0
+    # llama3 RoPE scaling (HF rope_scaling={"rope_type": "llama3", ...})
+    rope_scaling_factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Exact parameter count (embeddings, untied output layer, attention, SwiGLU MLP, RMSNorms)."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        kv = self.num_query_groups * self.head_dim
+        attn = h * h + 2 * h * kv + h * h  # q, k, v, o
+        mlp = 3 * h * f  # gate, up, down
+        per_layer = attn + mlp + 2 * h  # + input/post-attention RMSNorm
+        emb = self.vocab_size * h
+        out = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return L * per_layer + emb + out + h  # + final norm
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: int | None = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    hf_repo: str | None
+    arch: Architecture
+    base_max_lr: float  # the base model's max pretraining LR (Llama 3 paper / model card)
+    parallelism: Parallelism
+    num_nodes: int
+    gpus_per_node: int
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    train_steps: int
+    warmup_steps: int
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+LLAMA31_VOCAB = 128256
+
+SIZES: dict[str, Size] = {
+    "tiny": Size(
+        name="tiny",
+        hf_repo=None,  # built locally by ellama_recipes.tiny (no hub)
+        arch=Architecture(
+            num_layers=4,
+            hidden_size=128,
+            ffn_hidden_size=384,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=4096,
+            max_position_embeddings=2048,
+            original_max_position_embeddings=256,
+        ),
+        base_max_lr=3e-3,
+        parallelism=Parallelism(),
+        num_nodes=1,
+        gpus_per_node=1,
+        seq_length=256,
+        global_batch_size=8,
+        micro_batch_size=2,
+        train_steps=40,
+        warmup_steps=4,
+        notes="CPU smoke size: the same recipe on a 4-layer Llama-3.1-architecture model.",
+    ),
+    "8b": Size(
+        name="8b",
+        hf_repo="meta-llama/Llama-3.1-8B",
+        arch=Architecture(32, 4096, 14336, 32, 8, LLAMA31_VOCAB),
+        base_max_lr=3e-4,
+        parallelism=Parallelism(2, 1, None, 1, True),
+        num_nodes=8,
+        gpus_per_node=8,
+        seq_length=8192,
+        global_batch_size=1440,
+        micro_batch_size=1,
+        train_steps=85_000,
+        warmup_steps=2000,
+        notes="Tuned for H100 80GB SXM, 8 GPUs/node, NVLink within node.",
+    ),
+    "70b": Size(
+        name="70b",
+        hf_repo="meta-llama/Llama-3.1-70B",
+        arch=Architecture(80, 8192, 28672, 64, 8, LLAMA31_VOCAB),
+        base_max_lr=1.5e-4,
+        parallelism=Parallelism(4, 4, 5, 2, True),
+        num_nodes=60,
+        gpus_per_node=8,
+        seq_length=8192,
+        global_batch_size=1440,
+        micro_batch_size=1,
+        train_steps=85_000,
+        warmup_steps=2000,
+        notes="e-Llama's scale: 60 nodes x 8 H100 80GB = 480 GPUs.",
+    ),
+    "405b": Size(
+        name="405b",
+        hf_repo="meta-llama/Llama-3.1-405B",
+        arch=Architecture(126, 16384, 53248, 128, 8, LLAMA31_VOCAB),
+        base_max_lr=8e-5,
+        parallelism=Parallelism(8, 9, 7, 2, True),
+        num_nodes=144,
+        gpus_per_node=8,
+        seq_length=8192,
+        global_batch_size=1440,
+        micro_batch_size=1,
+        train_steps=85_000,
+        warmup_steps=2000,
+        notes="Tuned for H100 80GB SXM; 1152 GPUs.",
+    ),
+}
+
+
+def get_size(name: str) -> Size:
+    """Look a size up; an unknown name is a UserError listing the valid ones."""
+    key = str(name).strip().lower()
+    if key not in SIZES:
+        raise UserError(f"Unknown size {name!r}. Valid sizes: {', '.join(SIZES)} (e.g. `--size 70b`).")
+    return SIZES[key]
