@@ -296,7 +296,7 @@ class PretrainConfig:
             out.append(f"cluster.executor={c.executor!r} must be one of {', '.join(EXECUTORS)}.")
         if self.checkpoint.save_every < 1:
             out.append(f"checkpoint.save_every={self.checkpoint.save_every} must be >= 1.")
-        if at_launch and pr.mode == "fp8":
+        if at_launch and pr.mode == "fp8" and c.executor == "local":  # Slurm: checked on the compute nodes
             if gpu_capability is None:
                 out.append(
                     "precision.mode=fp8 needs an NVIDIA Hopper (H100, sm_90) or newer GPU, and no CUDA device is "

@@ -5,14 +5,15 @@ learning rate, and the default H100 parallelism and node count of the continued-
 A recipe is a shared base plus what this table says differs per size (DESIGN.md practice 3).
 
 Parallelism defaults were chosen with :mod:`ellama_recipes.plan`'s per-GPU memory estimate for H100 80 GB at
-seq 8192, micro batch 1, BF16 weights, distributed optimizer, flash attention, sequence parallel
-(``ellama plan --size S`` prints the breakdown):
+seq 8192, micro batch 1, BF16 weights, fp32 gradient buffers, distributed optimizer, flash attention, sequence
+parallel (``ellama plan --size S`` prints the breakdown):
 
-- 8b:   TP2 PP1 CP1 SP, 8 nodes x 8 (DP 32). ~35 GB/GPU: TP1 would need ~48 GB of weights+grads+optimizer
-        before activations (~36 GB), too close to 80 GB; TP2 halves both and stays inside one NVLink domain.
-- 70b:  TP4 PP4 VPP5 CP2 SP, 60 nodes x 8 = e-Llama's 480 H100 (DP 15). ~40 GB/GPU; without CP the
-        activations alone are ~52 GB. VPP5 (80 layers / (4*5) = 4 per virtual stage) cuts the pipeline bubble.
-- 405b: TP8 PP9 VPP7 CP2 SP, 144 nodes x 8 (DP 8). ~70 GB/GPU; 126 layers / (9*7) = 2 per virtual stage.
+- 8b:   TP2 PP1 CP1 SP, 8 nodes x 8 (DP 32): ~49 GiB/GPU. TP1 would need ~91 GiB (45 GiB of weights + grads
+        alone, 32 GiB of activations), so TP2, which stays inside one NVLink domain.
+- 70b:  TP4 PP4 VPP5 CP2 SP, 60 nodes x 8 = e-Llama's 480 H100 (DP 15): ~55 GiB/GPU; with CP1 ~77 GiB (activations
+        45 GiB), too close to the limit. VPP5 (80 layers / (4*5) = 4 per virtual stage) cuts the pipeline bubble.
+- 405b: TP8 PP18 VPP7 CP2 SP, 144 nodes x 8 = 1152 GPUs (DP 4): ~60 GiB/GPU; PP9 would be ~75 GiB.
+        126 layers / (18*7) = 1 layer per virtual stage.
 - tiny: 1 process, no model parallelism; a Llama-3.1-architecture model small enough for 2 CPU cores.
 """
 
@@ -151,7 +152,7 @@ SIZES: dict[str, Size] = {
         hf_repo="meta-llama/Llama-3.1-405B",
         arch=Architecture(126, 16384, 53248, 128, 8, LLAMA31_VOCAB),
         base_max_lr=8e-5,
-        parallelism=Parallelism(8, 9, 7, 2, True),
+        parallelism=Parallelism(8, 18, 7, 2, True),
         num_nodes=144,
         gpus_per_node=8,
         seq_length=8192,
