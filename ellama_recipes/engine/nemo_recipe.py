@@ -1,0 +1,335 @@
+"""Turn a :class:`ellama_recipes.recipe.PretrainConfig` into a NeMo-Run ``run.Partial`` of ``llm.pretrain``.
+
+This is the only place the continued-pretraining recipe meets NeMo 2.x (``nemo.collections.llm``) and
+megatron-core. Building the partial imports nothing heavy beyond NeMo itself and never touches a GPU, so
+``ellama pretrain --size 70b --dryrun`` works on a laptop. Launching it is ``launch.py``'s business
+(NeMo-Run executors) or :func:`ellama_recipes.engine.train.run_local` (in-process, CPU smoke runs).
+
+What the partial holds (e-Llama continued pretraining, see DESIGN.md):
+
+- model: ``llm.LlamaModel(Llama31Config(...))`` from ``cfg.model``, or from the ``--from`` checkpoint's own
+  saved config when ``cfg.checkpoint.restore_from`` points at an existing engine checkpoint (any
+  Llama-3.1-architecture model works; ``--size`` only picks the recipe defaults). On GPU the layer spec is
+  Transformer Engine's (NeMo's ``default_layer_spec`` picks it when TE is importable).
+- data: :class:`ellama_recipes.engine.data_module.ManifestDataModule`, a ``llm.PreTrainingDataModule`` that reads
+  the blend from ``manifest.json`` at run time and adds per-source (domain / general) validation.
+- trainer: ``nl.Trainer`` + ``nl.MegatronStrategy`` (TP/PP/VPP/CP/SP, distributed optimizer) with the precision
+  plugin (bf16-mixed, fp8 hybrid delayed / tensorwise current scaling, or fp32 for CPU).
+- optim: megatron ``OptimizerConfig`` (AdamW) + ``CosineAnnealingScheduler`` (linear warmup, cosine to min LR).
+- log: ``nl.NeMoLogger`` with an atomic-resume-friendly ``ModelCheckpoint`` every ``save_every`` steps,
+  TensorBoard, and :class:`ellama_recipes.engine.callbacks.MetricsJsonl` writing ``RUN/metrics.jsonl``.
+- resume: :class:`ellama_recipes.engine.resume.SafeAutoResume`: resume from the newest *complete* checkpoint in
+  the run directory (partial / corrupt ones are skipped with a message), else start from ``--from``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nemo_run as run
+import torch
+
+from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, PretrainConfig
+
+RUN_NAME = "cpt"
+
+
+# ----------------------------------------------------------------------------- model
+def checkpoint_model_config(path: str | Path) -> dict[str, Any] | None:
+    """The architecture saved in an engine checkpoint's ``context/`` (None when ``path`` is not one here).
+
+    Reads ``context/model.yaml`` (written by NeMo's ``io`` serialisation) without instantiating the model.
+    """
+    ctx = Path(path) / "context"
+    if not ctx.is_dir():
+        return None
+    from nemo.lightning.io import load_context
+
+    config = load_context(ctx, subpath="model.config")
+    keys = (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "vocab_size",
+        "rotary_base",
+        "layernorm_epsilon",
+        "share_embeddings_and_output_weights",
+        "scale_factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "old_context_len",
+        "make_vocab_size_divisible_by",
+        "init_method_std",
+        "kv_channels",
+    )
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+def model_config(cfg: PretrainConfig) -> run.Config:
+    """``run.Config(Llama31Config)`` for this recipe (from the `--from` checkpoint when it is readable here)."""
+    from nemo.collections.llm.gpt.model.llama import Llama31Config
+    from megatron.core.transformer.enums import AttnBackend
+
+    m = cfg.model
+    fields: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        vocab_size=m.vocab_size,
+        rotary_base=m.rope_theta,
+        layernorm_epsilon=m.norm_eps,
+        share_embeddings_and_output_weights=m.tie_word_embeddings,
+        scale_factor=m.rope_scaling_factor,
+        low_freq_factor=m.low_freq_factor,
+        high_freq_factor=m.high_freq_factor,
+        old_context_len=m.original_max_position_embeddings,
+    )
+    if cfg.checkpoint.restore_from:
+        saved = checkpoint_model_config(cfg.checkpoint.restore_from)
+        if saved:
+            fields.update(saved)
+    fields["seq_length"] = cfg.schedule.seq_length
+    fields["attention_backend"] = getattr(AttnBackend, m.attention_backend)
+    # Dropout off for continued pretraining (Llama 3 recipe); bf16/fp8 params handled by the precision plugin.
+    fields["hidden_dropout"] = 0.0
+    fields["attention_dropout"] = 0.0
+    return run.Config(Llama31Config, **fields)
+
+
+# ----------------------------------------------------------------------------- precision
+def precision_plugin(cfg: PretrainConfig) -> run.Config:
+    """MegatronMixedPrecision: bf16-mixed, BF16 + TE FP8 (delayed or tensorwise current scaling), or fp32."""
+    from nemo.lightning.pytorch.plugins.mixed_precision import MegatronMixedPrecision
+
+    pr = cfg.precision
+    if pr.mode == "fp32":
+        return run.Config(
+            MegatronMixedPrecision,
+            precision="32",
+            params_dtype=torch.float32,
+            pipeline_dtype=torch.float32,
+            autocast_enabled=False,
+            grad_reduce_in_fp32=True,
+        )
+    plugin = run.Config(
+        MegatronMixedPrecision,
+        precision="bf16-mixed",
+        params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16,
+        autocast_enabled=False,
+        grad_reduce_in_fp32=True,
+    )
+    if pr.mode == "fp8":
+        plugin.fp8 = "hybrid"
+        plugin.fp8_param_gather = pr.fp8_param_gather
+        if pr.fp8_recipe == "delayed":  # TE DelayedScaling (NeMo bf16_with_fp8_mixed)
+            plugin.fp8_recipe = "delayed"
+            plugin.fp8_margin = 0
+            plugin.fp8_amax_history_len = pr.fp8_amax_history_len
+            plugin.fp8_amax_compute_algo = "max"
+        else:  # TE Float8CurrentScaling (NeMo bf16_with_fp8_current_scaling_mixed)
+            plugin.fp8_recipe = "tensorwise"
+            plugin.first_last_layers_bf16 = True
+            plugin.num_layers_at_start_in_bf16 = 1
+            plugin.num_layers_at_end_in_bf16 = 1
+    return plugin
+
+
+# ----------------------------------------------------------------------------- optimizer
+def optimizer(cfg: PretrainConfig) -> run.Config:
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    o, s = cfg.optimizer, cfg.schedule
+    opt = run.Config(
+        OptimizerConfig,
+        optimizer=o.name,
+        lr=s.lr,
+        min_lr=s.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.precision.mode in ("bf16", "fp8"),
+        fp16=False,
+        use_distributed_optimizer=o.distributed_optimizer,
+    )
+    sched = run.Config(
+        CosineAnnealingScheduler,
+        warmup_steps=s.warmup_steps,
+        constant_steps=0,
+        max_steps=s.train_steps,
+        min_lr=s.min_lr,
+    )
+    return run.Config(MegatronOptimizerModule, config=opt, lr_scheduler=sched)
+
+
+# ----------------------------------------------------------------------------- trainer
+def uses_gpu(cfg: PretrainConfig) -> bool:
+    """GPU trainer unless this is a local tiny run on a machine without CUDA (the CPU smoke path)."""
+    return torch.cuda.is_available() or cfg.cluster.executor != "local" or cfg.size != "tiny"
+
+
+def trainer(cfg: PretrainConfig) -> run.Config:
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from nemo import lightning as nl
+
+    from ellama_recipes.engine.callbacks import MetricsJsonl
+
+    p, s, c = cfg.parallel, cfg.schedule, cfg.cluster
+    gpu = uses_gpu(cfg)
+    low_precision = cfg.precision.mode in ("bf16", "fp8")
+    strategy = run.Config(
+        nl.MegatronStrategy,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_parallel,
+        context_parallel_size=p.context_parallel,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=torch.bfloat16 if low_precision else torch.float32,
+        gradient_as_bucket_view=True,
+        ckpt_async_save=False,  # synchronous: the checkpoint is complete before training goes on
+        ckpt_parallel_load=True,
+        ddp=run.Config(
+            DistributedDataParallelConfig,
+            check_for_nan_in_grad=True,
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=gpu and cfg.data_parallel > 1,
+            overlap_param_gather=gpu and cfg.optimizer.distributed_optimizer and cfg.data_parallel > 1,
+            average_in_collective=True,
+            use_distributed_optimizer=cfg.optimizer.distributed_optimizer,
+        ),
+    )
+    callbacks = [
+        run.Config(
+            MetricsJsonl,
+            path=str(Path(cfg.checkpoint.out_dir) / "metrics.jsonl"),
+            log_every=cfg.checkpoint.log_every,
+        )
+    ]
+    val_every = min(s.val_check_interval, s.train_steps)
+    return run.Config(
+        nl.Trainer,
+        accelerator="gpu" if gpu else "cpu",
+        devices=c.gpus_per_node if gpu else 1,
+        num_nodes=c.num_nodes,
+        max_steps=s.train_steps,
+        accumulate_grad_batches=1,
+        limit_val_batches=s.limit_val_batches,
+        limit_test_batches=s.limit_val_batches,
+        val_check_interval=val_every,
+        log_every_n_steps=cfg.checkpoint.log_every,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        enable_progress_bar=True,
+        plugins=precision_plugin(cfg),
+        strategy=strategy,
+        callbacks=callbacks,
+    )
+
+
+# ----------------------------------------------------------------------------- data
+def data_module(cfg: PretrainConfig) -> run.Config:
+    from ellama_recipes.engine.data_module import ManifestDataModule
+
+    s, d = cfg.schedule, cfg.data
+    return run.Config(
+        ManifestDataModule,
+        manifest=d.manifest or MANIFEST_PLACEHOLDER,
+        seq_length=s.seq_length,
+        micro_batch_size=s.micro_batch_size,
+        global_batch_size=s.global_batch_size,
+        num_workers=d.num_workers,
+        seed=d.seed,
+        split=d.split,
+        tokenizer_from=cfg.checkpoint.restore_from,
+        vocab_size=cfg.model.vocab_size,
+    )
+
+
+# ----------------------------------------------------------------------------- log / resume
+def logger(cfg: PretrainConfig) -> run.Config:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from nemo import lightning as nl
+
+    ckpt = run.Config(
+        nl.ModelCheckpoint,
+        monitor="step",
+        mode="max",
+        save_last=True,
+        save_top_k=cfg.checkpoint.keep_last,
+        every_n_train_steps=cfg.checkpoint.save_every,
+        save_on_train_epoch_end=False,
+        always_save_context=True,
+        filename="{model_name}--{step}-{consumed_samples}",
+    )
+    return run.Config(
+        nl.NeMoLogger,
+        name=RUN_NAME,
+        log_dir=str(cfg.checkpoint.out_dir),
+        use_datetime_version=False,
+        version=None,
+        ckpt=ckpt,
+        tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=RUN_NAME),
+        update_logger_directory=True,
+    )
+
+
+def resume(cfg: PretrainConfig) -> run.Config:
+    from nemo import lightning as nl
+
+    from ellama_recipes.engine.resume import SafeAutoResume
+
+    restore = None
+    if cfg.checkpoint.restore_from:
+        restore = run.Config(
+            nl.RestoreConfig,
+            path=str(cfg.checkpoint.restore_from),
+            load_model_state=True,
+            load_optim_state=False,
+            load_artifacts=True,
+        )
+    return run.Config(
+        SafeAutoResume,
+        restore_config=restore,
+        resume_if_exists=True,
+        resume_ignore_no_checkpoint=True,
+    )
+
+
+# ----------------------------------------------------------------------------- the partial
+def build_pretrain_partial(cfg: PretrainConfig) -> run.Partial:
+    """The continued-pretraining ``run.Partial(llm.pretrain, ...)`` for ``cfg`` (not validated here).
+
+    Example (what ``ellama pretrain --size 70b --dryrun`` does)::
+
+        from ellama_recipes.recipe import build_pretrain_config
+        partial = build_pretrain_partial(build_pretrain_config("70b"))
+    """
+    from nemo.collections import llm
+
+    return run.Partial(
+        llm.pretrain,
+        model=run.Config(llm.LlamaModel, config=model_config(cfg)),
+        data=data_module(cfg),
+        trainer=trainer(cfg),
+        log=logger(cfg),
+        optim=optimizer(cfg),
+        resume=resume(cfg),
+    )
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Load ``manifest.json`` (UserError when missing or malformed)."""
+    from ellama_recipes.engine.data_module import load_manifest
+
+    return load_manifest(path)
+
+
+__all__ = ["build_pretrain_partial", "checkpoint_model_config", "read_manifest", "uses_gpu", "RUN_NAME"]
