@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer on real click
+    from click.exceptions import ClickException
 
 from ellama_recipes import __version__
 from ellama_recipes.errors import EXIT_USAGE, UserError
@@ -58,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except ClickException as exc:  # usage errors: bad flag, missing option (click's exit code 2)
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         return 130
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,84 @@
+"""The CLI surface: every command has --help with an example; user mistakes exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+
+REQUIRED = {"pretrain", "align", "export-hf", "import-hf", "data", "eval", "plan", "quickstart"}
+
+
+def _all_commands():
+    from ellama_recipes.cli.main import app
+
+    root = typer.main.get_command(app)
+    paths = []
+
+    def walk(cmd, prefix):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, prefix + [name])
+        if prefix:
+            paths.append(prefix)
+
+    walk(root, [])
+    return paths
+
+
+def test_root_help_lists_required_commands(cli):
+    r = cli("--help")
+    assert r.code == 0
+    for name in REQUIRED:
+        assert name in r.out, name
+
+
+@pytest.mark.parametrize("path", _all_commands(), ids=lambda p: " ".join(p))
+def test_every_command_help_has_an_example(cli, path):
+    r = cli(*path, "--help")
+    assert r.code == 0, r.err
+    assert "Example" in r.out, f"`ellama {' '.join(path)} --help` shows no example"
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "ellama_recipes", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ellama-recipes" in out.stdout
+
+
+def test_unknown_size_exit_2(cli):
+    r = cli("pretrain", "--size", "13b", "--dryrun")
+    assert r.code == 2 and "Valid sizes: tiny, 8b, 70b, 405b" in r.err and "Traceback" not in r.err
+
+
+def test_invalid_parallelism_exit_2_lists_every_problem(cli):
+    r = cli("pretrain", "--size", "70b", "--dryrun", "parallel.pipeline_parallel=3", "schedule.seq_length=8190")
+    assert r.code == 2
+    assert "num_layers=80" in r.err and "2*CP" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_unknown_override_key_exit_2_with_close_match(cli):
+    r = cli("pretrain", "--size", "8b", "--dryrun", "schedule.lr_fractoin=0.2")
+    assert r.code == 2 and "schedule.lr_fraction" in r.err
+
+
+def test_launch_without_manifest_is_a_clear_error(cli):
+    r = cli("pretrain", "--size", "tiny")
+    assert r.code == 2 and "data.manifest is not set" in r.err
+
+
+def test_fp8_launch_without_hopper_is_a_clear_error(cli, tmp_path):
+    r = cli("pretrain", "--size", "8b", "--fp8", "--data", tmp_path / "manifest.json")
+    assert r.code == 2 and "Hopper" in r.err
+
+
+def test_missing_manifest_file_exit_2(cli, tmp_path):
+    r = cli("pretrain", "--size", "tiny", "--data", tmp_path / "nope.json", "--from", tmp_path)
+    assert r.code == 2 and "no such file" in r.err
+
+
+def test_usage_error_exit_2(cli):
+    r = cli("pretrain", "--nodes", "2")  # --size missing
+    assert r.code == 2
