@@ -1,0 +1,336 @@
+"""Hugging Face <-> engine checkpoints: download, convert, verify, write atomically.
+
+    ellama import-hf --size 8b --out checkpoints/llama31-8b          # Hub (token from $HF_TOKEN), resumable
+    ellama import-hf --size tiny --out checkpoints/tiny              # builds the tiny base locally, no Hub
+    ellama export-hf --from runs/cpt --out hf/llama31-8b-ecom        # latest complete checkpoint of a run
+
+Python (what the quickstart calls)::
+
+    ckpt = import_hf("tiny", Path("checkpoints/tiny"))
+    report = export_hf(Path("runs/cpt"), Path("hf/tiny-ecom"))
+
+The conversion itself is NeMo's (ellama_recipes.engine.convert); this module finds the source, checks it, and
+never leaves a half-written output: work happens in a hidden temp dir next to the output, renamed into place
+only after verification passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ellama_recipes.errors import UserError
+from ellama_recipes.sizes import SIZES, get_size
+
+# Files an HF Llama checkpoint needs (no *.pth "original/" consolidated weights, no gguf).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
+UNFINISHED_SUFFIX = "-unfinished"  # nemo.lightning.pytorch.callbacks.ModelCheckpoint.UNFINISHED_CHECKPOINT_SUFFIX
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a hidden temp dir next to ``out``; rename it to ``out`` on success, delete it on any failure."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"Output {out} already exists; choose a new --out or remove it first.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            raise UserError(f"Output {out} appeared while converting (another process?); nothing was overwritten.")
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ellama_recipes.cli.common import err_console
+
+    return Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err_console, disable=not enabled, transient=False,
+    )
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub download
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | None = None,
+                progress: bool = True) -> Path:
+    """snapshot_download of the files a Llama checkpoint needs; resumable (re-run continues partial files).
+
+    The token comes from the environment (``HF_TOKEN``); offline (``HF_HUB_OFFLINE=1``) the local cache is used.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    token = os.environ.get("HF_TOKEN") or None
+    if not progress:
+        disable_progress_bars()
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, token=token,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+        )
+    except GatedRepoError as exc:
+        raise UserError(
+            f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id} and export HF_TOKEN "
+            f"with a token of that account (now {'set' if token else 'unset'})."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise UserError(
+            f"Hub repo {repo_id!r} was not found (or HF_TOKEN lacks access). Check the name, or pass a local "
+            "directory with --from."
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise UserError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Connect to the network, or download it "
+            "elsewhere and pass the directory with --from."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise UserError(f"Downloading {repo_id} failed: {exc}. Re-run the same command to resume.") from exc
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_size_matches(size_name: str, cfg: dict, src: str) -> None:
+    if size_name == "tiny":
+        return  # tiny accepts any Llama-3.1-architecture shape (round-trip tests, user-brought models)
+    a = get_size(size_name).arch
+    want = {"num_hidden_layers": a.num_layers, "hidden_size": a.hidden_size, "intermediate_size": a.ffn_hidden_size,
+            "num_attention_heads": a.num_attention_heads, "num_key_value_heads": a.num_query_groups}
+    bad = [f"{k}: {cfg.get(k)} (size {size_name} has {v})" for k, v in want.items() if cfg.get(k) != v]
+    if bad:
+        raise UserError(
+            f"{src} is not a Llama 3.1 {size_name} model. Pass the --size that matches it, or `--size tiny` for any "
+            "other Llama-3.1-architecture shape.", problems=bad,
+        )
+
+
+def describe_import(size: str, out: Path, source: str | Path | None = None) -> dict:
+    """What `import-hf` would do (the --dryrun output); reads nothing from the network."""
+    s = get_size(size)
+    plan: dict = {"size": s.name, "out": str(out)}
+    if source is not None and Path(source).exists():
+        plan["source"] = {"kind": "local", "path": str(Path(source).resolve())}
+        if _is_hf_dir(Path(source)):
+            cfg = json.loads((Path(source) / "config.json").read_text())
+            plan["architecture"] = {k: cfg.get(k) for k in (
+                "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rope_scaling", "torch_dtype")}
+            plan["files"] = sorted(p.name for p in Path(source).iterdir() if p.is_file())
+    elif source is not None or s.hf_repo:
+        repo = str(source) if source is not None else s.hf_repo
+        plan["source"] = {"kind": "hub", "repo": repo, "allow_patterns": HUB_ALLOW_PATTERNS,
+                          "token": "HF_TOKEN set" if os.environ.get("HF_TOKEN") else "HF_TOKEN unset"}
+    else:
+        plan["source"] = {"kind": "built", "what": "tiny Llama-3.1-architecture model (ellama_recipes.tiny)"}
+        a = s.arch
+        plan["architecture"] = {"num_hidden_layers": a.num_layers, "hidden_size": a.hidden_size,
+                                "intermediate_size": a.ffn_hidden_size, "num_attention_heads": a.num_attention_heads,
+                                "num_key_value_heads": a.num_query_groups, "vocab_size": a.vocab_size}
+    plan["steps"] = ["resolve source", "NeMo HFLlamaImporter -> torch_dist checkpoint (weights/ + context/)",
+                     "verify every HF tensor bit-exact in the engine checkpoint", f"rename into {out}"]
+    return plan
+
+
+def import_hf(size: str, out: Path, source: str | Path | None = None, progress: bool = True) -> Path:
+    """HF Llama 3.1 (Hub repo id, local directory, or for ``tiny`` the locally built base) -> engine checkpoint.
+
+    Every HF tensor is verified bit-exact in the written checkpoint; on any failure ``out`` is not created.
+    Returns ``out``. The verification report is written to ``out/ellama_import.json``.
+    """
+    from ellama_recipes.tiny import build_tiny_base, read_hf_config
+
+    s = get_size(size)
+    out = Path(out)
+    with atomic_dir(out) as tmp, _progress(progress) as prog:
+        task = prog.add_task("import-hf: resolve source", total=3)
+        if source is not None and Path(source).exists():
+            hf_dir = Path(source)
+            if not _is_hf_dir(hf_dir):
+                raise UserError(f"--from {source} has no config.json; pass a Hugging Face model directory.")
+            origin = {"kind": "local", "path": str(hf_dir.resolve())}
+        elif source is not None or s.hf_repo:
+            repo = str(source) if source is not None else s.hf_repo
+            if source is not None and (str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
+                raise UserError(f"--from {source} does not exist (and is not a Hub repo id like org/name).")
+            hf_dir = download_hf(repo, progress=progress)
+            origin = {"kind": "hub", "repo": repo, "snapshot": str(hf_dir)}
+        else:
+            hf_dir = build_tiny_base(tmp / "hf-base", arch=s.arch)
+            origin = {"kind": "built", "seed": 0}
+        cfg = read_hf_config(hf_dir)
+        _check_size_matches(s.name, cfg, str(source or s.hf_repo or "the tiny base"))
+        prog.update(task, advance=1, description="import-hf: convert (NeMo importer)")
+
+        from ellama_recipes.engine.convert import import_hf_to_engine
+
+        ckpt_tmp = tmp / "ckpt"
+        rep = import_hf_to_engine(hf_dir, ckpt_tmp)
+        prog.update(task, advance=1, description="import-hf: verified")
+        report = {"source": origin, "size": s.name, "tensors": len(rep.checks),
+                  "all_equal": not rep.bad, "checks": [c.as_dict() for c in rep.checks]}
+        (ckpt_tmp / "ellama_import.json").write_text(json.dumps(report, indent=2))
+        for child in list(tmp.iterdir()):
+            if child.name != "ckpt":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for child in list(ckpt_tmp.iterdir()):
+            child.rename(tmp / child.name)
+        ckpt_tmp.rmdir()
+        prog.update(task, advance=1, description="import-hf: done")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint discovery (imported checkpoints and the trainer's RUN/checkpoints/...)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_problems(ckpt: Path) -> list[str]:
+    """Why ``ckpt`` is not a complete NeMo 2 checkpoint (empty list when it is)."""
+    ckpt = Path(ckpt)
+    problems = []
+    marker = Path(str(ckpt) + UNFINISHED_SUFFIX)
+    if marker.exists():
+        problems.append(f"the trainer's unfinished marker {marker.name} exists (save was interrupted)")
+    w, c = ckpt / "weights", ckpt / "context"
+    if not w.is_dir():
+        problems.append("weights/ is missing")
+    else:
+        for f in (".metadata", "metadata.json"):
+            if not (w / f).is_file() or (w / f).stat().st_size == 0:
+                problems.append(f"weights/{f} is missing or empty")
+        if not list(w.glob("*.distcp")):
+            problems.append("weights/ has no *.distcp shard files")
+        meta = w / "metadata.json"
+        if meta.is_file():
+            try:
+                json.loads(meta.read_text())
+            except json.JSONDecodeError:
+                problems.append("weights/metadata.json is not valid JSON")
+    if not c.is_dir():
+        problems.append("context/ is missing")
+    elif not (c / "io.json").is_file():
+        problems.append("context/io.json is missing")
+    return problems
+
+
+def _step_of(p: Path) -> int:
+    m = re.search(r"step=(\d+)", p.name)
+    return int(m.group(1)) if m else -1
+
+
+def resolve_checkpoint(path: Path, *, echo=None) -> Path:
+    """A checkpoint dir, or a run dir -> its latest COMPLETE checkpoint. Incomplete ones are skipped with a message."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--from {path} does not exist; pass an engine checkpoint dir (weights/ + context/) or a run dir.")
+    if (path / "weights").exists() or (path / "context").exists():
+        problems = checkpoint_problems(path)
+        if problems:
+            raise UserError(
+                f"{path} is a partial or corrupt checkpoint; pick another checkpoint (or the run dir, to take the "
+                "latest complete one) or re-run the step that wrote it.", problems=problems,
+            )
+        return path
+    candidates = [p.parent for p in path.rglob("weights") if p.is_dir()]
+    if not candidates:
+        raise UserError(
+            f"No checkpoint under {path}: expected weights/ + context/ here or under {path}/checkpoints/. "
+            "Pass the directory written by `ellama import-hf` or `ellama pretrain`."
+        )
+    complete, skipped = [], []
+    for c in candidates:
+        probs = checkpoint_problems(c)
+        (skipped if probs else complete).append((c, probs))
+    for c, probs in skipped:
+        if echo:
+            echo(f"skipping incomplete checkpoint {c}: {'; '.join(probs)}")
+    if not complete:
+        raise UserError(f"Every checkpoint under {path} is partial or corrupt:",
+                        problems=[f"{c}: {'; '.join(p)}" for c, p in skipped])
+    complete.sort(key=lambda cp: (_step_of(cp[0]), (cp[0] / "weights" / ".metadata").stat().st_mtime))
+    return complete[-1][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True, echo=None) -> dict:
+    """Engine checkpoint (or run dir) -> verified HF directory. See ellama_recipes.engine.convert for the checks.
+
+    Returns a report: ``checkpoint``, ``out``, ``mapping`` (engine -> HF names, shapes, dtypes), ``tensors``
+    (per-tensor results), ``max_logit_diff`` and ``logit_tolerance``. With ``dryrun`` only the mapping is
+    computed and nothing is written. A failed verification raises UserError and leaves no ``out``.
+    """
+    from ellama_recipes.engine import convert as engine
+
+    src = resolve_checkpoint(ckpt, echo=echo)
+    mapping = engine.export_mapping_table(src)
+    report: dict = {"checkpoint": str(src), "out": str(out), "mapping": mapping}
+    if dryrun:
+        return report
+    with atomic_dir(Path(out)) as tmp, _progress(progress) as prog:
+        task = prog.add_task("export-hf: convert (NeMo exporter)", total=3)
+        engine.export_engine_to_hf(src, tmp)
+        prog.update(task, advance=1, description="export-hf: verify tensors")
+        rep = engine.verify_export_tensors(src, tmp)
+        report["tensors"] = [c.as_dict() for c in rep.checks]
+        if rep.bad:
+            raise UserError(
+                f"Export verification failed: {len(rep.bad)} of {len(rep.checks)} tensors are missing, duplicated "
+                f"or differ between {src} and the HF export; nothing was written to {out}.",
+                problems=rep.problems(),
+            )
+        prog.update(task, advance=1, description="export-hf: compare logits")
+        logits = engine.compare_logits(src, tmp)
+        report.update(logits)
+        if not logits["logits_ok"]:
+            raise UserError(
+                f"Export verification failed: logits of the HF export differ from the engine's forward pass by "
+                f"{logits['max_logit_diff']:.3g} (tolerance {logits['logit_tolerance']:.1g}); nothing was written "
+                f"to {out}. Every tensor matched, so this is an architecture/config mismatch: report it."
+            )
+        (tmp / "ellama_export.json").write_text(json.dumps(
+            {k: v for k, v in report.items() if k != "mapping"}, indent=2, default=str))
+        prog.update(task, advance=1, description="export-hf: done")
+    return report
+
+
+def size_names() -> list[str]:
+    return list(SIZES)

@@ -1,0 +1,255 @@
+"""Build the `tiny` base model locally: a Llama-3.1-architecture HF checkpoint with random weights.
+
+It stands in for meta-llama/Llama-3.1-8B in tests and the quickstart, so it has every architectural feature the
+real models have and the converters must handle: grouped-query attention, llama3 RoPE scaling, untied output
+layer, RMSNorm weights (randomised, so a converter that drops them is caught), a byte-level BPE tokenizer with the
+Llama 3 special tokens and chat template, and ``vocab_size == len(tokenizer)``.
+
+    ellama import-hf --size tiny --out checkpoints/tiny      # builds this model, then imports it
+
+Python::
+
+    from ellama_recipes.tiny import build_tiny_base
+    hf_dir = build_tiny_base(Path("tiny-hf"))
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ellama_recipes.errors import UserError
+from ellama_recipes.sizes import SIZES, Architecture
+
+# Llama 3 special tokens (names as in meta-llama/Llama-3.1-8B's tokenizer.json).
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+LLAMA3_SPECIAL_TOKENS = [
+    BOS,
+    EOS,
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+# A Llama-3.1-style chat template (header tokens, <|eot_id|> turn ends).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def _fallback_texts() -> list[str]:
+    """Deterministic e-commerce-flavoured text, used only when the data package's sample texts are absent."""
+    colors = ["red", "blue", "black", "white", "green", "silver", "navy", "beige"]
+    items = ["running shoes", "wireless earbuds", "coffee grinder", "leather wallet", "desk lamp", "yoga mat",
+             "phone case", "backpack", "smart watch", "kitchen knife", "water bottle", "gaming mouse"]
+    brands = ["Acme", "Northwind", "Contoso", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay"]
+    opinions = ["Great value for the price.", "Arrived quickly and works as described.",
+                "The quality is not what I expected.", "Would buy again, highly recommended!",
+                "Sizing runs small, order one size up.", "Battery life is excellent."]
+    out = []
+    for i in range(600):
+        c, it, b, o = colors[i % 8], items[i % 12], brands[(i * 7) % 8], opinions[(i * 5) % 6]
+        out.append(f"Title: {b} {c} {it} | Price: ${(i * 37) % 500 + 0.99:.2f} | Rating: {1 + i % 5}/5\n"
+                   f"Review: {o} The {it} from {b} in {c} is model #{1000 + i}.")
+    out.append("The quick brown fox jumps over the lazy dog. 0123456789 äöü é ñ ß ç — “quotes” ‘single’ …")
+    return out
+
+
+def train_fallback_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> Path:
+    """Byte-level BPE with the Llama 3 special tokens; padded with reserved special tokens to exactly vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    n_special = len(LLAMA3_SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special + 8:
+        raise UserError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use at least 300.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - n_special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
+    i = 3
+    while tok.get_vocab_size() < vocab_size:
+        tok.add_special_tokens([f"<|reserved_special_token_{i}|>"])
+        i += 1
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token="<|finetune_right_pad_id|>",
+        model_max_length=131072,
+    )
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    if len(fast) != vocab_size:
+        raise AssertionError(f"tokenizer has {len(fast)} tokens, wanted {vocab_size}")
+    return out_dir
+
+
+def train_tiny_tokenizer(out_dir: Path, vocab_size: int) -> Path:
+    """The project tokenizer trained on the bundled sample data (data package), or the fallback above."""
+    try:
+        from ellama_recipes.data import tokenizer_train  # written by the data engineer
+    except ImportError:
+        tokenizer_train = None
+    if tokenizer_train is not None and hasattr(tokenizer_train, "train_tokenizer"):
+        return Path(tokenizer_train.train_tokenizer(tokenizer_train.sample_texts(), out_dir, vocab_size=vocab_size))
+    return train_fallback_tokenizer(_fallback_texts(), out_dir, vocab_size)
+
+
+def hf_config(arch: Architecture, *, bos_token_id: int | None, eos_token_id: int | None, dtype: str = "float32"):
+    """transformers.LlamaConfig for a Llama-3.1-architecture model (GQA, llama3 RoPE scaling)."""
+    from transformers import LlamaConfig
+
+    if arch.hidden_size % arch.num_attention_heads or arch.num_attention_heads % arch.num_query_groups:
+        raise UserError(
+            f"Architecture {arch} is not a valid Llama shape: hidden_size must be divisible by num_attention_heads "
+            "and num_attention_heads by num_query_groups."
+        )
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups,
+        head_dim=arch.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=arch.max_position_embeddings,
+        initializer_range=0.02,
+        rms_norm_eps=arch.norm_eps,
+        rope_theta=arch.rope_theta,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": arch.rope_scaling_factor,
+            "low_freq_factor": arch.low_freq_factor,
+            "high_freq_factor": arch.high_freq_factor,
+            "original_max_position_embeddings": arch.original_max_position_embeddings,
+        },
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        torch_dtype=dtype,
+    )
+
+
+def build_tiny_base(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    randomize_norms: bool = True,
+    arch: Architecture | None = None,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Write a random-weight HF LlamaForCausalLM + tokenizer to ``out_dir`` (atomically) and return it.
+
+    ``arch`` defaults to ``SIZES["tiny"].arch``; any Llama-3.1-architecture shape works. The tokenizer is copied
+    from ``tokenizer_dir`` if given (its length must equal ``arch.vocab_size``), else trained with exactly
+    ``arch.vocab_size`` tokens. RMSNorm weights are drawn from U(0.5, 1.5) unless ``randomize_norms`` is False.
+    """
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    arch = arch or SIZES["tiny"].arch
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"Output directory {out_dir} already exists and is not empty; choose a new --out or delete it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if tokenizer_dir is not None:
+            tokenizer_dir = Path(tokenizer_dir)
+            if not (tokenizer_dir / "tokenizer.json").exists() and not (tokenizer_dir / "tokenizer_config.json").exists():
+                raise UserError(f"No tokenizer files in {tokenizer_dir}; pass a directory with tokenizer.json.")
+            for name in _TOKENIZER_FILES:
+                if (tokenizer_dir / name).exists():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        else:
+            train_tiny_tokenizer(tmp, arch.vocab_size)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        if len(tok) != arch.vocab_size:
+            raise UserError(
+                f"The tokenizer has {len(tok)} tokens but the architecture's vocab_size is {arch.vocab_size}; "
+                "they must be equal (export trims the vocabulary to the tokenizer). Use a matching tokenizer or arch."
+            )
+        cfg = hf_config(arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+        if randomize_norms:
+            gen = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        model.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True, temperature=0.6, top_p=0.9
+        ).save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def arch_from_hf_config(cfg: dict) -> Architecture:
+    """Architecture of an HF Llama config.json dict (used to describe a --from directory)."""
+    rs = cfg.get("rope_scaling") or {}
+    return Architecture(
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+        rope_theta=cfg.get("rope_theta", 500000.0),
+        rope_scaling_factor=rs.get("factor", 8.0),
+        low_freq_factor=rs.get("low_freq_factor", 1.0),
+        high_freq_factor=rs.get("high_freq_factor", 4.0),
+        original_max_position_embeddings=rs.get("original_max_position_embeddings", 8192),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+    )
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{hf_dir} has no config.json; --from must be a Hugging Face model directory.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-download the model.") from exc
