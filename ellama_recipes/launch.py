@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,11 @@ def render(cfg: PretrainConfig, partial: Any) -> LaunchPlan:
     import nemo_run as run
 
     with tempfile.TemporaryDirectory(prefix="ellama-dryrun-") as tmp:
-        old_home = os.environ.get("NEMORUN_HOME")
+        old_home, old_stdin = os.environ.get("NEMORUN_HOME"), sys.stdin
         os.environ["NEMORUN_HOME"] = tmp
+        # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one so a
+        # dry run works without a terminal (CI, pytest capture).
+        sys.stdin = open(os.devnull)  # noqa: SIM115
         try:
             executor = make_executor(cfg, job_dir_override=str(Path(job_dir(cfg))))
             with run.Experiment(_experiment_name(cfg), executor=executor, log_level="ERROR", base_dir=tmp) as exp:
@@ -88,6 +92,8 @@ def render(cfg: PretrainConfig, partial: Any) -> LaunchPlan:
                 exp.dryrun(log=False, delete_exp_dir=True)
                 info = exp.jobs[0]._dryrun_info
         finally:
+            sys.stdin.close()
+            sys.stdin = old_stdin
             if old_home is None:
                 os.environ.pop("NEMORUN_HOME", None)
             else:
@@ -97,8 +103,9 @@ def render(cfg: PretrainConfig, partial: Any) -> LaunchPlan:
         if not cfg.cluster.slurm_account:
             notes.append("cluster.slurm_account is empty: set it with cluster.slurm_account=NAME if your cluster needs one.")
         return LaunchPlan(executor="slurm", script=info.request.materialize(), notes=notes)
-    args = list(info.request.role_params["pretrain"][0].args)
-    notes = []
+    # The serialized config lives in NeMo-Run's experiment dir, written at launch (the dry run used a temp one).
+    args = [a.replace(tmp, "$NEMORUN_HOME") for a in info.request.role_params["pretrain"][0].args]
+    notes = ["The task config is serialized under $NEMORUN_HOME/experiments/ (default ~/.nemo_run) at launch."]
     if cfg.cluster.num_nodes > 1:
         args = _multi_node_torchrun(args)
         notes.append(
