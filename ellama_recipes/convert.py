@@ -50,6 +50,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         yield tmp
         if out.exists():
             raise UserError(f"Output {out} appeared while converting (another process?); nothing was overwritten.")
+        tmp.chmod(0o755)
         tmp.rename(out)
     finally:
         if tmp.exists():
@@ -307,7 +308,7 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
         return report
     with atomic_dir(Path(out)) as tmp, _progress(progress) as prog:
         task = prog.add_task("export-hf: convert (NeMo exporter)", total=3)
-        engine.export_engine_to_hf(src, tmp)
+        engine_out = engine.export_engine_to_hf(src, tmp)
         prog.update(task, advance=1, description="export-hf: verify tensors")
         rep = engine.verify_export_tensors(src, tmp)
         report["tensors"] = [c.as_dict() for c in rep.checks]
@@ -318,7 +319,7 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
                 problems=rep.problems(),
             )
         prog.update(task, advance=1, description="export-hf: compare logits")
-        logits = engine.compare_logits(src, tmp)
+        logits = engine.compare_logits(engine_out, tmp)
         report.update(logits)
         if not logits["logits_ok"]:
             raise UserError(

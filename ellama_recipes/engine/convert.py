@@ -335,7 +335,7 @@ def te_free_overrides() -> dict[str, Any]:
                 bias_activation_fusion=False, masked_softmax_fusion=False, cross_entropy_loss_fusion=False)
 
 
-def llama31_config_from_hf(cfg: dict):
+def llama31_config_from_hf(cfg: dict, generation_config=None):
     """A NeMo ``Llama31Config`` carrying every field of an HF Llama 3.1 config (not only rope factor)."""
     from nemo.collections.llm.gpt.model.llama import Llama31Config, LlamaConfig
 
@@ -364,6 +364,7 @@ def llama31_config_from_hf(cfg: dict):
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
+        generation_config=generation_config,
         **te_free_overrides(),
     )
     if rs.get("rope_type", rs.get("type")) == "llama3":
@@ -410,7 +411,12 @@ def _importer_class():
 
         @property
         def config(self):
-            return llama31_config_from_hf(self.hf_config)
+            from transformers import GenerationConfig
+
+            gen = None
+            if (Path(str(self)) / "generation_config.json").is_file():
+                gen = GenerationConfig.from_pretrained(str(self))
+            return llama31_config_from_hf(self.hf_config, generation_config=gen)
 
         def nemo_setup(self, model, trainer=None, *args, **kwargs):
             # Synchronous save: the async writer spawns a process (needs __main__ guards) and calls
@@ -486,3 +492,304 @@ def import_hf_to_engine(hf_dir: Path, out: Path) -> VerifyReport:
             problems=rep.problems(),
         )
     return rep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export through NeMo's exporter, plus the engine's own forward pass for the logits check.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_model_context(ckpt: Path, subpath: str = "model"):
+    """Build the checkpoint's saved model (or sub-object) with TE-only fusions turned off where TE is absent."""
+    import fiddle as fdl
+    from nemo.lightning.io.api import load_context
+
+    try:
+        cfg = load_context(Path(ckpt), subpath=subpath, build=False)
+    except Exception as exc:  # noqa: BLE001 - fiddle/yaml/io errors all mean "unreadable context"
+        raise UserError(
+            f"Cannot read {ckpt}/context ({type(exc).__name__}: {exc}); the checkpoint is partial or corrupt."
+        ) from exc
+    overrides = te_free_overrides()
+    target = cfg.config if subpath == "model" else cfg
+    if overrides and subpath in ("model", "model.config"):
+        for k, v in overrides.items():
+            setattr(target, k, v)
+    return fdl.build(cfg)
+
+
+def load_engine_model(ckpt: Path):
+    """(LightningModule, trainer) for a NeMo 2 checkpoint on this host (CPU when there is no GPU)."""
+    from nemo.lightning import MegatronStrategy, Trainer, _strategy_lib
+
+    from ellama_recipes.engine import cpu_compat
+
+    cpu_compat.apply_conversion_redirects()
+    model = load_model_context(ckpt, "model")
+    model.config.fp8 = None
+    model.config.fp8_param = False
+    model.config.perform_initialization = False
+    if getattr(model, "model_transform", None) is not None:
+        raise UserError(f"{ckpt} is a PEFT/adapter checkpoint; merge the adapters before exporting.")
+    cpu = _cpu_only()
+    trainer = Trainer(
+        devices=1, accelerator="cpu" if cpu else "gpu",
+        strategy=MegatronStrategy(ddp="pytorch", setup_optimizers=False),
+        logger=False, enable_checkpointing=False,
+    )
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    # Inference-only: TESTING skips MegatronParallel.init_ddp, which needs torch.cuda.Stream (and a DDP wrapper
+    # this read-only load does not use).
+    trainer.state.fn = TrainerFn.TESTING
+    trainer.strategy.connect(model)
+    trainer.strategy.setup_environment()
+    if not model.state_dict():
+        if cpu:
+            with _strategy_lib.megatron_cpu_init_context(model.config):
+                model.configure_model()
+        else:
+            model.configure_model()
+    trainer.strategy.setup(trainer)
+    trainer.strategy.load_checkpoint(Path(ckpt))
+    return model, trainer
+
+
+def _mcore_gpt(model):
+    from megatron.core.models.gpt import GPTModel
+
+    m = model
+    for _ in range(6):
+        if isinstance(m, GPTModel):
+            return m
+        m = getattr(m, "module", None)
+        if m is None:
+            break
+    raise RuntimeError(f"no megatron GPTModel inside {type(model).__name__}")
+
+
+def fixed_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
+    """The fixed batch the logits check uses: 2 x min(32, seq) token ids from a seeded generator."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, min(32, seq_length)), generator=g)
+
+
+@torch.no_grad()
+def engine_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The engine's own forward pass (megatron GPTModel), in float32, on CPU or the current GPU."""
+    gpt = _mcore_gpt(model)
+    gpt.eval()
+    if _cpu_only():
+        # megatron's DotProductAttention forks the 'model-parallel-rng' CUDA RNG state even in eval; on CPU the
+        # strategy never registers it. The inference tracker's fork is a no-op (no dropout at eval anyway).
+        from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    dev = next(gpt.parameters()).device
+    orig_dtype = next(gpt.parameters()).dtype
+    gpt.float()
+    b, s = input_ids.shape
+    ids = input_ids.to(dev)
+    pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), diagonal=1)[None, None]  # True = masked
+    out = gpt(input_ids=ids, position_ids=pos, attention_mask=mask)
+    gpt.to(orig_dtype)
+    return out.float().cpu()
+
+
+def _exporter_class():
+    from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, TransformFns
+    from nemo.lightning import io
+
+    class EllamaHFLlamaExporter(HFLlamaExporter):
+        """HFLlamaExporter with spec-aware norm names, no swallowed tokenizer errors, and the engine logits."""
+
+        engine_batch_logits: torch.Tensor | None = None
+        batch: torch.Tensor | None = None
+
+        def apply(self, output_path: Path) -> Path:
+            from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
+
+            source, _trainer = load_engine_model(Path(str(self)))
+            target = self.init(torch_dtype_from_mcore_config(source.config))
+            target = self.convert_state(source, target, source.config)
+            hf_cfg = self.config
+            self.batch = fixed_batch(hf_cfg.vocab_size, min(hf_cfg.max_position_embeddings, 1 << 20))
+            self.engine_batch_logits = engine_logits(source, self.batch)
+            target = target.cpu()
+            gen = getattr(source.config, "generation_config", None)
+            if gen is not None:
+                target.generation_config = gen
+            if hf_cfg.tie_word_embeddings:
+                sd = target.state_dict()
+                sd.pop("lm_head.weight")
+                target.save_pretrained(output_path, state_dict=sd, safe_serialization=True)
+            else:
+                target.save_pretrained(output_path, safe_serialization=True)
+            tok = getattr(self.tokenizer, "tokenizer", None)
+            if tok is None or not hasattr(tok, "save_pretrained"):
+                raise UserError(
+                    f"The checkpoint's tokenizer ({type(self.tokenizer).__name__}) is not a Hugging Face tokenizer, "
+                    "so the export would have no tokenizer files. Import the base with `ellama import-hf`."
+                )
+            src_dir = Path(getattr(tok, "name_or_path", "") or "/nonexistent")
+            if (src_dir / "tokenizer_config.json").is_file():
+                # The files the importer staged verbatim from the HF source (special tokens, chat template intact);
+                # re-saving through NeMo's wrapper would add cls/sep tokens and change decoding options.
+                for f in src_dir.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, Path(output_path) / f.name)
+            else:
+                tok.save_pretrained(output_path)
+            return output_path
+
+        def convert_state(self, source, target, source_config=None):
+            keys = set(_mcore_gpt(source).state_dict())
+            names = TE_NORM_NAMES if any(k.endswith(TE_NORM_NAMES["input"]) for k in keys) else LOCAL_NORM_NAMES
+            mapping = {
+                "decoder.layers.*.self_attention.linear_proj.weight": "model.layers.*.self_attn.o_proj.weight",
+                "decoder.layers.*.mlp.linear_fc2.weight": "model.layers.*.mlp.down_proj.weight",
+                "decoder.layers.*." + names["input"]: "model.layers.*.input_layernorm.weight",
+                "decoder.layers.*." + names["post_attention"]: "model.layers.*.post_attention_layernorm.weight",
+                "decoder.final_layernorm.weight": "model.norm.weight",
+            }
+            transforms = [
+                io.state_transform(
+                    source_key="decoder.layers.*.self_attention.linear_qkv.weight",
+                    target_key=("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+                                "model.layers.*.self_attn.v_proj.weight"),
+                    fn=TransformFns.split_qkv,
+                ),
+                io.state_transform(
+                    source_key="decoder.layers.*.mlp.linear_fc1.weight",
+                    target_key=("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+                    fn=TransformFns.split_fc1,
+                ),
+                io.state_transform(
+                    source_key="embedding.word_embeddings.weight", target_key="model.embed_tokens.weight",
+                    fn=TransformFns.prune_padding,
+                ),
+            ]
+            if not self.config.tie_word_embeddings:
+                transforms.append(io.state_transform(
+                    source_key="output_layer.weight", target_key="lm_head.weight", fn=TransformFns.prune_padding))
+            return io.apply_transforms(source, target, mapping=mapping, transforms=transforms)
+
+        @property
+        def tokenizer(self):
+            return load_model_context(Path(str(self)), "model.tokenizer")
+
+        @property
+        def config(self):
+            cfg = super().config
+            src = load_model_context(Path(str(self)), "model.config")
+            cfg.torch_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(src.params_dtype, "float32")
+            return cfg
+
+    return EllamaHFLlamaExporter
+
+
+def export_engine_to_hf(ckpt: Path, out: Path) -> dict:
+    """Run NeMo's (fixed) HF exporter from ``ckpt`` into the existing empty dir ``out``.
+
+    Returns ``{"batch": input ids, "engine_logits": the engine's logits on them}`` for :func:`compare_logits`.
+    """
+    cls = _exporter_class()
+    exporter = cls(str(Path(ckpt).resolve()))
+    exporter.apply(Path(out))
+    return {"batch": exporter.batch, "engine_logits": exporter.engine_batch_logits}
+
+
+def _shape_from_hf_dir(hf_dir: Path) -> Shape:
+    return Shape.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+
+
+def verify_export_tensors(ckpt: Path, hf_dir: Path) -> VerifyReport:
+    """Every engine tensor maps to exactly one HF tensor, bit-exact; no HF tensor without an engine source."""
+    s = _shape_from_hf_dir(hf_dir)
+    engine = read_engine_weights(ckpt)
+    as_hf, table = engine_tensors_as_hf(engine, s)
+    owner = {h: e for e, hs in table.items() for h in hs}
+    hf = read_hf_weights(hf_dir)
+    return compare_hf_vs_engine(hf, as_hf, owner)
+
+
+# float32 on both sides; the remaining differences come from op order (megatron's fused QKV GEMM and
+# fc1 GEMM vs three/two separate HF GEMMs, different softmax/RMSNorm kernels): ~1e-6 relative in practice.
+LOGIT_ATOL = 1e-4
+LOGIT_RTOL = 1e-4
+
+
+@torch.no_grad()
+def compare_logits(engine_out: dict, hf_dir: Path) -> dict:
+    """Reload the export with transformers (float32) and compare logits with the engine's on the fixed batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
+    model.eval()
+    ids = engine_out["batch"]
+    hf_logits = model(input_ids=ids).logits.float()
+    eng = engine_out["engine_logits"][..., : hf_logits.shape[-1]]
+    if eng.shape != hf_logits.shape:
+        return {"max_logit_diff": float("inf"), "logit_tolerance": LOGIT_ATOL, "logits_ok": False,
+                "logit_shapes": [list(eng.shape), list(hf_logits.shape)]}
+    diff = (eng - hf_logits).abs()
+    tol = LOGIT_ATOL + LOGIT_RTOL * hf_logits.abs()
+    return {
+        "max_logit_diff": diff.max().item(),
+        "logit_tolerance": LOGIT_ATOL,
+        "logit_rtol": LOGIT_RTOL,
+        "logits_ok": bool((diff <= tol).all()),
+        "batch_shape": list(ids.shape),
+        "argmax_agreement": (eng.argmax(-1) == hf_logits.argmax(-1)).float().mean().item(),
+    }
+
+
+def export_mapping_table(ckpt: Path) -> list[dict]:
+    """The dry-run table: engine name -> HF name, shape, dtype (from checkpoint metadata; no tensors loaded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    cfg = load_model_context(ckpt, "model.config")
+    tok = load_model_context(ckpt, "model.tokenizer")
+    s = Shape(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
+        vocab_size=tok.vocab_size, tie_word_embeddings=cfg.share_embeddings_and_output_weights,
+    )
+    try:
+        meta = dcp.FileSystemReader(str(Path(ckpt) / "weights")).read_metadata()
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"Cannot read {ckpt}/weights metadata ({exc}); the checkpoint is partial or corrupt.") from exc
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for key, md in meta.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata) or not key.startswith("module.") or key.endswith("_extra_state"):
+            continue
+        k = key[len("module."):]
+        size, dt = list(md.size), str(md.properties.dtype).replace("torch.", "")
+        if k.startswith("decoder.layers.") and not k.split(".")[2].isdigit():
+            for i in range(size[0]):
+                shapes[f"decoder.layers.{i}.{k[len('decoder.layers.'):]}"] = (size[1:], dt)
+        else:
+            shapes[k] = (size, dt)
+    table = engine_to_hf_table(shapes, s)
+    rows = []
+    hd, h = s.head_dim, s.hidden_size
+    for key in sorted(table, key=_natural):
+        size, dt = shapes[key]
+        for j, hf in enumerate(table[key]):
+            if key.endswith("linear_qkv.weight"):
+                shp = [(s.num_attention_heads if j == 0 else s.num_query_groups) * hd, h]
+            elif key.endswith("linear_fc1.weight"):
+                shp = [size[0] // 2, size[1]]
+            elif key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                shp = [s.vocab_size, size[1]]
+            else:
+                shp = size
+            rows.append({"engine": key, "hf": hf, "engine_shape": size, "shape": shp, "dtype": dt})
+    return rows
+
+
+def _natural(k: str):
+    return [int(p) if p.isdigit() else p for p in k.split(".")]
