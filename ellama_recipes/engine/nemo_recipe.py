@@ -267,7 +267,7 @@ def logger(cfg: PretrainConfig) -> run.Config:
         every_n_train_steps=cfg.checkpoint.save_every,
         save_on_train_epoch_end=False,
         always_save_context=True,
-        filename="{model_name}--{step}-{consumed_samples}",
+        filename=f"{RUN_NAME}--{{step}}-{{consumed_samples}}",
     )
     return run.Config(
         nl.NeMoLogger,

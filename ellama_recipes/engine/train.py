@@ -1,0 +1,66 @@
+"""Run the continued-pretraining partial in this process (single process; the CPU smoke path when no CUDA).
+
+``ellama pretrain --size tiny --from CKPT --data DIR/manifest.json --out RUN`` calls :func:`run_local`.
+Multi-GPU launches go through NeMo-Run executors with the very same partial
+(:func:`ellama_recipes.engine.nemo_recipe.build_pretrain_partial`), so everything that must happen during
+training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ellama_recipes.recipe import PretrainConfig
+
+
+def run_local(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train ``cfg`` in-process and return a summary.
+
+    Returns ``{"final_step", "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from",
+    "out_dir", "metrics", "checkpoint"}`` (``resumed_from`` is None for a fresh start).
+    """
+    import fiddle as fdl
+
+    from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
+
+    cfg.validate(at_launch=True, gpu_capability=_gpu_capability())
+    out = Path(cfg.checkpoint.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = build_pretrain_partial(cfg)
+    if not torch.cuda.is_available():
+        from ellama_recipes.engine import cpu_compat
+
+        cpu_compat.adapt_pretrain_partial(partial)
+        cpu_compat.apply_training_redirects()
+    fn = fdl.build(partial)
+    fn()
+    return summarize(out)
+
+
+def summarize(out: str | Path) -> dict[str, Any]:
+    """Summary of a run directory from its metrics.jsonl and resume record."""
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    last = recs[-1] if recs else {}
+    val = [r for r in recs if "val_loss_domain" in r or "val_loss_general" in r]
+    resumed = out / "resume.json"
+    return {
+        "final_step": last.get("step"),
+        "final_train_loss": last.get("train_loss"),
+        "val_loss_domain": val[-1].get("val_loss_domain") if val else None,
+        "val_loss_general": val[-1].get("val_loss_general") if val else None,
+        "resumed_from": json.loads(resumed.read_text()).get("resumed_from") if resumed.exists() else None,
+        "out_dir": str(out),
+        "metrics": str(metrics),
+    }
+
+
+def _gpu_capability() -> tuple[int, int] | None:
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
