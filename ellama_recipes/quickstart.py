@@ -45,6 +45,28 @@ def _stage(results: list[StageResult], name: str, output: Path, done: bool, fn: 
     results.append(StageResult(name, str(output), time.perf_counter() - t0, details=details))
 
 
+def describe(out: Path, steps: int | None = None) -> list[dict[str, str]]:
+    """The stages and the equivalent commands, without running anything (`ellama quickstart --dryrun`)."""
+    from ellama_recipes.data.sample import sample_dir
+
+    out, sample = Path(out), sample_dir()
+    step_flag = f" --steps {steps}" if steps else ""
+    return [
+        {"stage": "tiny base model + tokenizer", "output": str(out / "base_hf"),
+         "command": "python -c 'from ellama_recipes.tiny import build_tiny_base; build_tiny_base(...)'"},
+        {"stage": "import-hf", "output": str(out / "base"),
+         "command": f"ellama import-hf --size tiny --from {out / 'base_hf'} --out {out / 'base'}"},
+        {"stage": "data build", "output": str(out / "data"),
+         "command": f"ellama data build --domain {sample / 'domain'} --general {sample / 'general'} "
+                    f"--tokenizer {out / 'base_hf'} --out {out / 'data'}"},
+        {"stage": "pretrain (CPU)", "output": str(out / "cpt"),
+         "command": f"ellama pretrain --size tiny --from {out / 'base'} --data {out / 'data' / 'manifest.json'} "
+                    f"--out {out / 'cpt'}{step_flag}"},
+        {"stage": "export-hf", "output": str(out / "hf"),
+         "command": f"ellama export-hf --from {out / 'cpt'} --out {out / 'hf'}"},
+    ]
+
+
 def run_quickstart(
     out: Path, *, steps: int | None = None, fresh: bool = False, prompt: str = "Product:", echo=print
 ) -> dict[str, Any]:

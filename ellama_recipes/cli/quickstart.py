@@ -26,9 +26,24 @@ def quickstart(
     out: Path = typer.Option(Path(".quickstart"), "--out", help="Working directory for every stage's output."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Pretraining steps (default: the tiny recipe's 40)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete --out first and run every stage."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Print the stages and their commands; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
-    from ellama_recipes.quickstart import run_quickstart
+    from ellama_recipes.quickstart import describe, run_quickstart
+
+    if dryrun:
+        stages = describe(out, steps)
+        if as_json:
+            print_json({"out": str(out), "stages": stages})
+            return
+        table = Table(title="ellama quickstart --dryrun")
+        for col in ("stage", "output", "command"):
+            table.add_column(col, overflow="fold")
+        for st in stages:
+            table.add_row(st["stage"], st["output"], st["command"])
+        console.print(table)
+        console.print("[dim]Dry run: nothing was run.[/]")
+        return
 
     echo = (lambda msg: console.print(msg, highlight=False)) if not as_json else (lambda msg: None)
     summary = run_quickstart(out, steps=steps, fresh=fresh, echo=echo)
