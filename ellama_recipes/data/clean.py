@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-import struct
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -48,6 +47,9 @@ BOILERPLATE_PATTERNS = [
 ]
 _BOILER = re.compile(r"(?i)(" + "|".join(BOILERPLATE_PATTERNS) + r")")
 _WORD = re.compile(r"\w+", re.UNICODE)
+# control and format characters (Unicode Cc/Cf: NUL..US except tab/newline, DEL, C1, zero-width, bidi marks, BOM)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_NON_LETTER = re.compile(r"[\W\d_]+", re.UNICODE)
 
 
 def normalize_text(text: str) -> str:
@@ -61,7 +63,7 @@ def normalize_text(text: str) -> str:
         text = html.unescape(text)
         text = unicodedata.normalize("NFKC", text)
     text = _BOILER.sub(" ", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = _CONTROL.sub("", text)
     text = _WS.sub(" ", text)
     text = _NL.sub("\n", text)
     return text.strip()
@@ -74,7 +76,7 @@ def quality_problem(text: str, min_chars: int, max_chars: int) -> tuple[str, str
         return TOO_SHORT, f"{n} characters < {min_chars}"
     if n > max_chars:
         return TOO_LONG, f"{n} characters > {max_chars}"
-    letters = sum(ch.isalpha() for ch in text)
+    letters = len(_NON_LETTER.sub("", text))
     if letters / n < 0.5:
         return LOW_QUALITY, f"only {letters / n:.0%} letters"
     words = _WORD.findall(text)
@@ -107,22 +109,21 @@ class NearDup:
         self.seed = seed
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._n = 0
-        self._proto = MinHash(num_perm=num_perm, seed=seed)  # permutations computed once, shared
+        # compute the permutations once and share them (datasketch >= 2 wants the scheme named when reusing them)
+        self._proto = MinHash(num_perm=num_perm, seed=seed)
+        self._kw = {"permutations": self._proto.permutations}
+        if hasattr(self._proto, "scheme"):
+            self._kw["scheme"] = self._proto.scheme
 
     def seen(self, text: str) -> bool:
         """True if a near-duplicate was indexed before; otherwise index ``text`` and return False."""
-        m = self._MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._proto.permutations,
-                          hashfunc=_sha1_32)
+        m = self._MinHash(num_perm=self.num_perm, seed=self.seed, **self._kw)
         m.update_batch(_shingles(text))
         if self.lsh.query(m):
             return True
         self.lsh.insert(str(self._n), m, check_duplication=False)
         self._n += 1
         return False
-
-
-def _sha1_32(b: bytes) -> int:
-    return struct.unpack("<I", hashlib.sha1(b).digest()[:4])[0]
 
 
 _LANGID = None

@@ -539,13 +539,20 @@ def _general_en(rng: random.Random) -> str:
 
 
 def _general_shopping_en(rng: random.Random) -> str:
-    spec = CATEGORIES[rng.choice(sorted(CATEGORIES))]
+    """A web-crawl style shopping post: domain vocabulary inside the general corpus (what classify should mine)."""
+    cat = rng.choice(sorted(CATEGORIES))
+    spec = CATEGORIES[cat]
     k = rng.randrange(len(spec["nouns"]["en"]))
     noun = spec["nouns"]["en"][k]
     attr_k = rng.choice(sorted(spec["attrs"]))
-    sents = rng.sample(GEN_SHOPPING_EN, k=rng.randint(3, 5))
-    text = " ".join(_fill(rng, s, noun=noun, attr_k=attr_k) for s in sents)
-    return text + " " + _general_en(rng).split(". ")[0] + "."
+    slots = {"noun": noun, "attr_k": attr_k, "attr_v": rng.choice(spec["attrs"][attr_k]), "brand": rng.choice(BRANDS),
+             "adj": rng.choice(ADJ["en"]), "material": rng.choice(spec["attrs"].get("material", ["steel"])),
+             "warranty": rng.choice(["1 year", "2 years"])}
+    sents = [_fill(rng, s, **slots) for s in rng.sample(GEN_SHOPPING_EN, k=2)]
+    sents += [_fill(rng, s, **slots) for s in rng.sample(REVIEW_PHRASES["en"]["detail"], k=rng.randint(2, 3))]
+    sents += [_fill(rng, s, **slots) for s in rng.sample(DESC_SENTENCES["en"], k=rng.randint(1, 2))]
+    rng.shuffle(sents)
+    return " ".join(sents)
 
 
 def _general_other(rng: random.Random, lang: str) -> str:
@@ -589,7 +596,7 @@ def generate(out_dir: Path, *, seed: int = 1234, scale: float = 1.0) -> dict[str
 
     general: dict[str, list[dict]] = {lang: [] for lang in LANGS}
     for i in range(int(2600 * scale)):
-        text = _general_shopping_en(rng) if rng.random() < 0.06 else _general_en(rng)
+        text = _general_shopping_en(rng) if rng.random() < 0.03 else _general_en(rng)
         doc = {"text": text, "lang": "en"} if rng.random() < 0.9 else {"text": text}
         general["en"].append(doc)
     for lang in ("de", "fr", "es"):

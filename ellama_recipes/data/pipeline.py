@@ -1,0 +1,368 @@
+"""The whole data pipeline: clean -> serialize -> classify (mine) -> tokenize -> blend, with accounting.
+
+CLI: ``ellama data build --domain raw/domain --general raw/general --tokenizer tok/ --out data/``
+
+Python (what ``ellama quickstart`` calls)::
+
+    from ellama_recipes.data.pipeline import build
+    manifest = build([Path("raw/domain")], [Path("raw/general")], "tok/", Path("data"))
+
+Output folder (written in a temporary sibling folder and renamed into place at the end, so an existing ``out`` is
+replaced whole or left untouched, never half-written)::
+
+    manifest.json               blend, sources, realized, rejected (read by `ellama pretrain --data`)
+    report.json                 per-stage accounting, mix statistics, classifier precision/recall
+    tokenized/PREFIX.{bin,idx}  Megatron indexed datasets (+ PREFIX.source.json sidecars)
+    rejects/STAGE.jsonl         every rejected line: {"reason", "source": "file:line", "detail"}
+    work/                       intermediate JSONL (cleaned, serialized, mined, per-language general) + classifier
+
+Every stage checks records in == records out + rejected and raises if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio, write_json_atomic
+from ellama_recipes.data.classify import train_and_evaluate
+from ellama_recipes.data.clean import CleanConfig, StageStats, clean
+from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
+from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
+from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
+from ellama_recipes.errors import UserError
+
+CLASSIFY_MAX_TRAIN = 20_000  # general docs used for cross-fitted training; the rest are scored by the final model
+
+
+class _Progress:
+    """Thin wrapper over rich.progress (or nothing when progress=False)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._p = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            from ellama_recipes.cli.common import err_console
+
+            self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), console=err_console, transient=False)
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+    def task(self, description: str, total: int | None):
+        if self._p is None:
+            return lambda n=1: None
+        tid = self._p.add_task(description, total=total)
+        return lambda n=1: self._p.advance(tid, n)
+
+
+def count_lines(paths: list[Path]) -> int:
+    n = 0
+    for p in paths:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(p).metadata.num_rows
+            continue
+        last = b"\n"
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        if last != b"\n":
+            n += 1
+    return n
+
+
+class RejectSink:
+    """Appends rejects of one stage to ``rejects/STAGE.jsonl`` and counts them."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")
+        self.counts: Counter = Counter()
+
+    def __call__(self, rj: Reject) -> None:
+        self.counts[rj.reason] += 1
+        self._f.write(json.dumps(rj.as_dict(), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _write_jsonl(path: Path, rows) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a fresh temp folder beside ``out``; on success it replaces ``out`` (old content removed only after the
+    new folder is in place); on failure it is deleted and ``out`` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is a file. Pass a folder path.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stage(paths: list[Path], kind: str, cfg: CleanConfig, rejects_path: Path, out_path: Path | None,
+                prog: _Progress) -> tuple[list[dict] | int, StageStats]:
+    """Clean ``paths``; returns (records, stats) for domain (kept in memory for the graph) or (count, stats) with
+    records streamed to ``out_path`` for general."""
+    stats = StageStats(f"clean {kind}")
+    sink = RejectSink(rejects_path)
+    advance = prog.task(f"clean {kind}", count_lines(paths))
+
+    def items():
+        for p in paths:
+            for it in iter_file(p, kind):
+                advance()
+                yield it
+
+    try:
+        stream = clean(items(), cfg, stats, on_reject=sink)
+        if kind == "domain":
+            recs = list(stream)
+            if out_path is not None:
+                _write_jsonl(out_path, recs)
+            result: list[dict] | int = recs
+        else:
+            result = _write_jsonl(out_path, stream)
+    finally:
+        sink.close()
+    if stats.records_out == 0:
+        raise UserError(f"No valid {kind} record in {', '.join(map(str, paths))}: all {stats.records_in} lines were "
+                        f"rejected ({dict(stats.rejected)}). See {rejects_path} for each line's reason; fix the input "
+                        "format (JSON Lines, schema in `ellama data build --help`).")
+    return result, stats
+
+
+def plan(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Path, ratio="1:1", non_english=0.10,
+         mix="graph", workers=1) -> dict:
+    """Resolve and check every input without writing anything (``--dryrun``)."""
+    r = parse_ratio(ratio)
+    q = check_non_english(non_english)
+    if mix not in MIXES:
+        raise UserError(f"Unknown --mix {mix!r}. Use one of: {', '.join(MIXES)}.")
+    dfiles = expand_paths(domain, "--domain")
+    gfiles = expand_paths(general, "--general")
+    tok = load_tokenizer(tokenizer)
+    return {
+        "domain_files": [str(p) for p in dfiles],
+        "general_files": [str(p) for p in gfiles],
+        "input_bytes": sum(p.stat().st_size for p in dfiles + gfiles),
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eod_id": tok.eod_id},
+        "out": str(out),
+        "general_to_domain_ratio": r,
+        "non_english": q,
+        "mix": mix,
+        "workers": workers,
+        "stages": ["clean", "serialize", "classify", "tokenize", "blend"],
+    }
+
+
+def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Path, ratio="1:1",
+          non_english=0.10, mix="graph", workers=1, progress=True, *, threshold: float = 0.5, mine: bool = True,
+          clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None) -> dict:
+    """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``)."""
+    p = plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
+    dfiles = [Path(x) for x in p["domain_files"]]
+    gfiles = [Path(x) for x in p["general_files"]]
+    tok = load_tokenizer(tokenizer)
+    ccfg = clean_config or CleanConfig()
+    mcfg = mix_config or MixConfig(mix=mix)
+    mcfg.mix = mix
+    report: dict = {"stages": []}
+    with atomic_dir(Path(out)) as tmp, _Progress(progress) as prog:
+        work = tmp / "work"
+        # 1. clean
+        dom_recs, dstats = clean_stage(dfiles, "domain", ccfg, tmp / "rejects/clean_domain.jsonl",
+                                       work / "clean_domain.jsonl", prog)
+        n_gen, gstats = clean_stage(gfiles, "general", ccfg, tmp / "rejects/clean_general.jsonl",
+                                    work / "clean_general.jsonl", prog)
+        report["stages"] += [dstats.as_dict(), gstats.as_dict()]
+        # 2. serialize
+        adv = prog.task(f"serialize ({mix})", 1)
+        samples = serialize(dom_recs, mcfg)
+        adv()
+        placed = sum(len(s["records"]) for s in samples)
+        sstats = StageStats("serialize", records_in=len(dom_recs), records_out=placed)
+        sstats.check()
+        report["stages"].append(sstats.as_dict())
+        report["mix"] = {"strategy": mix, **mix_stats(samples)}
+        del dom_recs
+        domain_files: dict[str, Path] = {}
+        if mix == "graph":
+            domain_files["domain_graph"] = work / "domain_graph.jsonl"
+            _write_jsonl(domain_files["domain_graph"], samples)
+        else:
+            for src in ("product", "review", "article"):
+                rows = [s for s in samples if s["sources"] == [src]]
+                if rows:
+                    domain_files[f"domain_{src}"] = work / f"domain_{src}.jsonl"
+                    _write_jsonl(domain_files[f"domain_{src}"], rows)
+        # 3. classify: mine domain-like documents out of the general corpus
+        gen_by_lang: dict[str, Path] = {}
+        mined_path = work / "domain_mined.jsonl"
+        adv = prog.task("classify + mine", n_gen)
+        n_mined = n_kept = 0
+        if mine:
+            train_general = []
+            for i, r in enumerate(_read_jsonl(work / "clean_general.jsonl")):
+                if i >= CLASSIFY_MAX_TRAIN:
+                    break
+                train_general.append(r["text"])
+            clf, crep, oof = train_and_evaluate([s["text"] for s in samples], train_general, threshold=threshold)
+            clf.save(work / "classifier.npz")
+            report["classify"] = crep
+            del train_general
+        files: dict[str, object] = {}
+        try:
+            mined_f = open(mined_path, "w", encoding="utf-8")
+            batch: list[dict] = []
+
+            def flush(start: int) -> None:
+                nonlocal n_mined, n_kept
+                if mine:
+                    tail = [b["text"] for b in batch]
+                    probs = [oof[start + k] if start + k < len(oof) else None for k in range(len(batch))]
+                    need = [k for k, pr in enumerate(probs) if pr is None]
+                    if need:
+                        fresh = clf.predict_proba([tail[k] for k in need])
+                        for k, pr in zip(need, fresh):
+                            probs[k] = pr
+                else:
+                    probs = [0.0] * len(batch)
+                for rec, pr in zip(batch, probs):
+                    if pr >= threshold:
+                        mined_f.write(json.dumps({"text": rec["text"], "lang": rec["lang"], "p_domain": round(float(pr), 4)},
+                                                 ensure_ascii=False) + "\n")
+                        n_mined += 1
+                    else:
+                        lang = rec["lang"] or "und"
+                        if lang not in files:
+                            gen_by_lang[lang] = work / f"general_{lang}.jsonl"
+                            files[lang] = open(gen_by_lang[lang], "w", encoding="utf-8")
+                        files[lang].write(json.dumps({"text": rec["text"], "lang": lang}, ensure_ascii=False) + "\n")
+                        n_kept += 1
+                adv(len(batch))
+
+            start = 0
+            for rec in _read_jsonl(work / "clean_general.jsonl"):
+                batch.append(rec)
+                if len(batch) >= 2048:
+                    flush(start)
+                    start += len(batch)
+                    batch = []
+            if batch:
+                flush(start)
+        finally:
+            mined_f.close()
+            for f in files.values():
+                f.close()
+        cstats = StageStats("classify (general)", records_in=n_gen, records_out=n_kept + n_mined)
+        cstats.check()
+        report["stages"].append({**cstats.as_dict(), "mined_to_domain": n_mined})
+        if n_mined:
+            domain_files["domain_mined"] = mined_path
+        # 4. tokenize
+        tok_dir = tmp / "tokenized"
+        tok_dir.mkdir()
+        sources: list[dict] = []
+        tsink = RejectSink(tmp / "rejects/tokenize.jsonl")
+        jobs = [(name, path, "domain") for name, path in domain_files.items()] + \
+               [(f"general_{lang}", path, "general") for lang, path in sorted(gen_by_lang.items())]
+        total_bytes = sum(path.stat().st_size for _, path, _ in jobs)
+        adv = prog.task(f"tokenize ({workers} worker{'s' if workers > 1 else ''})", total_bytes)
+        tstats = StageStats("tokenize")
+        try:
+            for name, path, side in jobs:
+                res = tokenize_files([path], tok, tok_dir / name, workers=workers, on_reject=tsink, progress=adv)
+                tstats.records_in += res.lines_in
+                tstats.records_out += res.documents
+                tstats.rejected.update(res.rejected)
+                if side == "general":
+                    lang = name[len("general_"):]
+                else:
+                    langs = res.langs
+                    lang = langs.most_common(1)[0][0] if len(langs) == 1 else "mul"
+                src = {"prefix": f"tokenized/{name}", "side": side, "lang": lang, "documents": res.documents,
+                       "tokens": res.tokens}
+                (tok_dir / f"{name}.source.json").write_text(json.dumps(src, indent=2) + "\n")
+                sources.append(src)
+        finally:
+            tsink.close()
+        tstats.check()
+        report["stages"].append(tstats.as_dict())
+        # 5. blend
+        rejected: Counter = Counter()
+        for st in report["stages"]:
+            rejected.update(st["rejected"])
+        manifest = make_manifest(sources, ratio, non_english, dict(rejected))
+        write_json_atomic(tmp / "manifest.json", manifest)
+        report["tokenizer"] = p["tokenizer"]
+        write_json_atomic(tmp / "report.json", report)
+    manifest_report_last = report
+    build.last_report = manifest_report_last  # for the CLI table
+    return manifest
+
+
+def stage_table(report: dict):
+    """A rich Table of per-stage accounting."""
+    from rich.table import Table
+
+    t = Table(title="ellama data: records per stage")
+    t.add_column("stage")
+    t.add_column("in", justify="right")
+    t.add_column("out", justify="right")
+    t.add_column("rejected", justify="right")
+    t.add_column("reasons")
+    for st in report["stages"]:
+        rej = st["rejected"]
+        t.add_row(st["stage"], str(st["records_in"]), str(st["records_out"]), str(sum(rej.values())),
+                  ", ".join(f"{k} {v}" for k, v in sorted(rej.items(), key=lambda kv: -kv[1])) or "-")
+    return t
+
+
+__all__ = ["build", "plan", "stage_table", "atomic_dir", "clean_stage", "count_lines", "RejectSink", "render"]
