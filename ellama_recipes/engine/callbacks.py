@@ -45,6 +45,85 @@ class MetricsJsonl(pl.Callback):
         rec = {"step": int(step), "train_loss": _num(loss), "lr": _num(lr)}
         _append(self.path, rec)
 
+    # ---------------------------------------------------------------- per-source validation
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val: dict[str, list[float]] = {"domain": [], "general": []}
+        self._val_batches = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if getattr(trainer, "sanity_checking", False) or outputs is None:
+            return
+        per_side = getattr(trainer.datamodule, "val_batches_per_side", None) if trainer.datamodule else None
+        if not per_side:
+            return
+        # batch_idx counts fetched micro batches under NeMo's dataloader_iter steps; count global batches here.
+        side = "domain" if self._val_batches < per_side else "general"
+        self._val_batches += 1
+        value = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._val[side].append(float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(trainer, "sanity_checking", False) or not hasattr(self, "_val"):
+            return
+        # Only the last pipeline stage computes the loss (others return 0): sum the per-side totals over the
+        # pipeline group so global rank 0 (first stage) sees the real values.
+        sums = torch.tensor(
+            [sum(self._val["domain"]), len(self._val["domain"]), sum(self._val["general"]), len(self._val["general"])],
+            dtype=torch.float64,
+        )
+        pp_group = _pipeline_group()
+        if pp_group is not None:
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else sums.device
+            sums = sums.to(dev)
+            torch.distributed.all_reduce(sums, group=pp_group)
+            sums = sums.cpu()
+            n_stages = torch.distributed.get_world_size(pp_group)
+            sums[1] /= n_stages
+            sums[3] /= n_stages
+        vals = {}
+        if sums[1] > 0:
+            vals["val_loss_domain"] = float(sums[0] / sums[1])
+        if sums[3] > 0:
+            vals["val_loss_general"] = float(sums[2] / sums[3])
+        if vals:
+            pl_module.log_dict(vals, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        if trainer.global_rank != 0 or not vals:
+            return
+        step = int(trainer.global_step)
+        merge_step(self.path, step, vals)
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in vals.items())
+        print(f"[ellama] step {step}: {shown}", flush=True)
+
+
+def _pipeline_group():
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_pipeline_model_parallel_world_size() <= 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def merge_step(path: Path, step: int, values: dict[str, Any]) -> None:
+    """Add ``values`` to the record of ``step`` (appending one if absent); atomic rewrite."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    out, done = [], False
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step") == step and not done:
+            rec.update(values)
+            done = True
+        out.append(json.dumps(rec))
+    if not done:
+        out.append(json.dumps({"step": step, **values}))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(o + "\n" for o in out), encoding="utf-8")
+    os.replace(tmp, path)
+
 
 def _num(x: Any) -> float | None:
     if x is None:

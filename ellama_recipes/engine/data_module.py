@@ -156,3 +156,79 @@ class ManifestDataModule(PreTrainingDataModule):
             seed=seed,
             split=split,
         )
+
+    # ------------------------------------------------------------------ per-source validation
+    def build(
+        self,
+        trainer_max_steps: int,
+        trainer_val_check_interval: int,
+        trainer_limit_val_batches,
+        trainer_limit_test_batches,
+    ):
+        """Train/test from the whole blend (upstream); validation = domain batches then general batches.
+
+        The trainer's ``limit_val_batches`` covers both sides (``2 x schedule.limit_val_batches``, set by the
+        recipe): the first half of the validation batches come from the domain prefixes' validation split, the
+        second half from the general prefixes' validation split. The validation split of each prefix is the same
+        held-out document range (same ``split`` string and seed) that the blended training set excludes.
+        """
+        super().build(trainer_max_steps, trainer_val_check_interval, trainer_limit_val_batches, trainer_limit_test_batches)
+        if not self.per_source_validation:
+            return
+        if not isinstance(trainer_limit_val_batches, int) or trainer_limit_val_batches < 2:
+            raise UserError(
+                f"Per-source validation needs an integer trainer.limit_val_batches >= 2 (half domain, half general), "
+                f"got {trainer_limit_val_batches!r}. Fix: set schedule.limit_val_batches >= 1."
+            )
+        self.val_batches_per_side = trainer_limit_val_batches // 2
+        n = self.val_batches_per_side * self.data_sampler.global_batch_size
+        sides = {side: self._side_validation(side, n) for side in SIDES}
+        self._validation_ds = SideConcatDataset([sides["domain"], sides["general"]], n)
+
+    def _side_validation(self, side: str, num_samples: int):
+        import dataclasses
+
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        prefixes = self.manifest["side_prefixes"][side]
+        if not prefixes:
+            raise UserError(
+                f"The data manifest {self.manifest['path']} has no {side} source, so {side} validation loss cannot "
+                f"be computed. Fix: build the data with both --domain and --general inputs."
+            )
+        train_blend = self.manifest["train_blend"]
+        weight = {pre: w for w, pre in zip(train_blend[0::2], train_blend[1::2])}
+        ws = [weight[p] for p in prefixes]
+        total = sum(ws)
+        blend = (prefixes, [w / total for w in ws] if len(prefixes) > 1 and total > 0 else None)
+        config = dataclasses.replace(self.gpt_dataset_config, blend=blend, blend_per_split=None, split=self.split)
+        try:
+            _, val, _ = BlendedMegatronDatasetBuilder(
+                self.dataset_cls, [1, num_samples, 1], is_built_on_rank=lambda: True, config=config
+            ).build()
+        except (AssertionError, ValueError, IndexError) as exc:
+            raise UserError(
+                f"Could not build the {side} validation set from {prefixes} with split {self.split!r} ({exc}). "
+                f"Fix: give the {side} side more documents or a larger validation share (data.split, e.g. 900,100,0)."
+            ) from None
+        if val is None or len(val) < 1:
+            raise UserError(
+                f"The {side} validation split is empty (split {self.split!r}). Fix: give the {side} side more "
+                f"documents or a larger validation share (data.split, e.g. 900,100,0)."
+            )
+        return val
+
+
+class SideConcatDataset(torch.utils.data.Dataset):
+    """``per_side`` samples from each dataset, in order (domain first, then general)."""
+
+    def __init__(self, datasets, per_side: int) -> None:
+        self.datasets = list(datasets)
+        self.per_side = int(per_side)
+
+    def __len__(self) -> int:
+        return self.per_side * len(self.datasets)
+
+    def __getitem__(self, idx: int):
+        ds = self.datasets[idx // self.per_side]
+        return ds[(idx % self.per_side) % len(ds)]

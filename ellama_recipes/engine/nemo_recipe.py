@@ -221,7 +221,8 @@ def trainer(cfg: PretrainConfig) -> run.Config:
         num_nodes=c.num_nodes,
         max_steps=s.train_steps,
         accumulate_grad_batches=1,
-        limit_val_batches=s.limit_val_batches,
+        # per-source validation: limit_val_batches global batches of domain text, then as many of general text
+        limit_val_batches=2 * s.limit_val_batches,
         limit_test_batches=s.limit_val_batches,
         val_check_interval=val_every,
         log_every_n_steps=cfg.checkpoint.log_every,
