@@ -3,7 +3,8 @@
 It stands in for meta-llama/Llama-3.1-8B in tests and the quickstart, so it has every architectural feature the
 real models have and the converters must handle: grouped-query attention, llama3 RoPE scaling, untied output
 layer, RMSNorm weights (randomised, so a converter that drops them is caught), a byte-level BPE tokenizer with the
-Llama 3 special tokens and chat template, and ``vocab_size == len(tokenizer)``.
+Llama 3 special tokens and chat template (ellama_recipes.data.tokenizer_train, trained on the bundled sample
+data), and ``vocab_size == len(tokenizer)``.
 
     ellama import-hf --size tiny --out checkpoints/tiny      # builds this model, then imports it
 
@@ -23,31 +24,6 @@ from pathlib import Path
 from ellama_recipes.errors import UserError
 from ellama_recipes.sizes import SIZES, Architecture
 
-# Llama 3 special tokens (names as in meta-llama/Llama-3.1-8B's tokenizer.json).
-BOS = "<|begin_of_text|>"
-EOS = "<|end_of_text|>"
-LLAMA3_SPECIAL_TOKENS = [
-    BOS,
-    EOS,
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-]
-# A Llama-3.1-style chat template (header tokens, <|eot_id|> turn ends).
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -56,72 +32,11 @@ _TOKENIZER_FILES = (
 )
 
 
-def _fallback_texts() -> list[str]:
-    """Deterministic e-commerce-flavoured text, used only when the data package's sample texts are absent."""
-    colors = ["red", "blue", "black", "white", "green", "silver", "navy", "beige"]
-    items = ["running shoes", "wireless earbuds", "coffee grinder", "leather wallet", "desk lamp", "yoga mat",
-             "phone case", "backpack", "smart watch", "kitchen knife", "water bottle", "gaming mouse"]
-    brands = ["Acme", "Northwind", "Contoso", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay"]
-    opinions = ["Great value for the price.", "Arrived quickly and works as described.",
-                "The quality is not what I expected.", "Would buy again, highly recommended!",
-                "Sizing runs small, order one size up.", "Battery life is excellent."]
-    out = []
-    for i in range(600):
-        c, it, b, o = colors[i % 8], items[i % 12], brands[(i * 7) % 8], opinions[(i * 5) % 6]
-        out.append(f"Title: {b} {c} {it} | Price: ${(i * 37) % 500 + 0.99:.2f} | Rating: {1 + i % 5}/5\n"
-                   f"Review: {o} The {it} from {b} in {c} is model #{1000 + i}.")
-    out.append("The quick brown fox jumps over the lazy dog. 0123456789 äöü é ñ ß ç — “quotes” ‘single’ …")
-    return out
-
-
-def train_fallback_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> Path:
-    """Byte-level BPE with the Llama 3 special tokens; padded with reserved special tokens to exactly vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    n_special = len(LLAMA3_SPECIAL_TOKENS)
-    if vocab_size < 256 + n_special + 8:
-        raise UserError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use at least 300.")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - n_special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
-    i = 3
-    while tok.get_vocab_size() < vocab_size:
-        tok.add_special_tokens([f"<|reserved_special_token_{i}|>"])
-        i += 1
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token="<|finetune_right_pad_id|>",
-        model_max_length=131072,
-    )
-    fast.chat_template = LLAMA3_CHAT_TEMPLATE
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
-    if len(fast) != vocab_size:
-        raise AssertionError(f"tokenizer has {len(fast)} tokens, wanted {vocab_size}")
-    return out_dir
-
-
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int) -> Path:
-    """The project tokenizer trained on the bundled sample data (data package), or the fallback above."""
-    try:
-        from ellama_recipes.data import tokenizer_train  # written by the data engineer
-    except ImportError:
-        tokenizer_train = None
-    if tokenizer_train is not None and hasattr(tokenizer_train, "train_tokenizer"):
-        return Path(tokenizer_train.train_tokenizer(tokenizer_train.sample_texts(), out_dir, vocab_size=vocab_size))
-    return train_fallback_tokenizer(_fallback_texts(), out_dir, vocab_size)
+    """The project tokenizer (Llama 3 special tokens + chat template) trained on the bundled sample data."""
+    from ellama_recipes.data.tokenizer_train import sample_texts, train_tokenizer
+
+    return Path(train_tokenizer(sample_texts(), out_dir, vocab_size=vocab_size))
 
 
 def hf_config(arch: Architecture, *, bos_token_id: int | None, eos_token_id: int | None, dtype: str = "float32"):

@@ -73,7 +73,7 @@ def export_hf(
     if dryrun:
         table = Table(title=f"{report['checkpoint']} -> Hugging Face tensor mapping")
         for col in ("engine name", "HF name", "shape", "dtype"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for row in report["mapping"]:
             table.add_row(row["engine"], row["hf"], "x".join(map(str, row["shape"])), row["dtype"])
         console.print(table)

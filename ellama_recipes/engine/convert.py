@@ -248,7 +248,7 @@ class TensorCheck:
     engine_name: str | None
     shape: list[int]
     dtype: str
-    status: str  # "equal" | "mismatch" | "shape" | "missing" | "unmapped"
+    status: str  # "equal" | "mismatch" | "shape" | "missing_in_engine" | "missing_in_hf"
     max_abs_diff: float = 0.0
 
     def as_dict(self) -> dict:
@@ -266,10 +266,11 @@ class VerifyReport:
     def problems(self) -> list[str]:
         msgs = []
         for c in self.bad:
-            if c.status == "missing":
-                msgs.append(f"{c.hf_name}: present in the HF weights, absent from the engine checkpoint")
-            elif c.status == "unmapped":
-                msgs.append(f"{c.hf_name}: no engine tensor maps to it")
+            if c.status == "missing_in_engine":
+                msgs.append(f"{c.hf_name}: in the HF weights, absent from the engine checkpoint (unmapped)")
+            elif c.status == "missing_in_hf":
+                msgs.append(f"{c.hf_name} <- {c.engine_name}: in the engine checkpoint, absent from the HF weights "
+                            "(dropped)")
             elif c.status == "shape":
                 msgs.append(f"{c.hf_name} <- {c.engine_name}: shape mismatch ({c.shape})")
             else:
@@ -284,10 +285,10 @@ def compare_hf_vs_engine(hf: dict[str, torch.Tensor], engine_as_hf: dict[str, to
     for name in sorted(set(hf) | set(engine_as_hf)):
         h, e = hf.get(name), engine_as_hf.get(name)
         if h is None:
-            rep.checks.append(TensorCheck(name, owner.get(name), list(e.shape), str(e.dtype), "unmapped"))
+            rep.checks.append(TensorCheck(name, owner.get(name), list(e.shape), str(e.dtype), "missing_in_hf"))
             continue
         if e is None:
-            rep.checks.append(TensorCheck(name, None, list(h.shape), str(h.dtype), "missing"))
+            rep.checks.append(TensorCheck(name, None, list(h.shape), str(h.dtype), "missing_in_engine"))
             continue
         if tuple(h.shape) != tuple(e.shape):
             rep.checks.append(TensorCheck(name, owner.get(name), [list(h.shape), list(e.shape)], str(h.dtype), "shape"))
@@ -405,6 +406,7 @@ def _importer_class():
 
         hf_config: dict = {}
         stage_dir: str = ""
+        norm_mapping: str = "auto"
 
         def init(self) -> LlamaModel:
             return LlamaModel(self.config, tokenizer=self.tokenizer)
@@ -431,7 +433,9 @@ def _importer_class():
             from nemo.collections.llm.gpt.model.llama import TransformFns
 
             target_keys = set((target.module if hasattr(target, "module") else target).state_dict())
-            names = TE_NORM_NAMES if any(k.endswith(TE_NORM_NAMES["input"]) for k in target_keys) else LOCAL_NORM_NAMES
+            te = any(k.endswith(TE_NORM_NAMES["input"]) for k in target_keys)
+            # "nemo-2.7.3" reproduces upstream's mapping (always TE names) so tests can show verification catching it.
+            names = TE_NORM_NAMES if (te or self.norm_mapping == "nemo-2.7.3") else LOCAL_NORM_NAMES
             mapping = {
                 "model.embed_tokens.weight": "embedding.word_embeddings.weight",
                 "model.layers.*.self_attn.o_proj.weight": "decoder.layers.*.self_attention.linear_proj.weight",
@@ -461,12 +465,15 @@ def _importer_class():
     return EllamaHFLlamaImporter
 
 
-def import_hf_to_engine(hf_dir: Path, out: Path) -> VerifyReport:
+def import_hf_to_engine(hf_dir: Path, out: Path, *, norm_mapping: str = "auto") -> VerifyReport:
     """Convert an HF Llama 3.1 directory into a NeMo 2 checkpoint at ``out`` and verify every tensor.
 
     ``out`` must not exist. Raises UserError (after removing ``out``) if verification finds unmapped or
-    mismatched tensors.
+    mismatched tensors. ``norm_mapping="nemo-2.7.3"`` uses NeMo's own (TE-only) RMSNorm names, to demonstrate
+    that verification catches the upstream silent loss; "auto" (default) picks the names the model has.
     """
+    if norm_mapping not in ("auto", "nemo-2.7.3"):
+        raise ValueError(f"norm_mapping must be 'auto' or 'nemo-2.7.3', not {norm_mapping!r}")
     from ellama_recipes.engine import cpu_compat
 
     cpu_compat.apply_conversion_redirects()
@@ -479,6 +486,7 @@ def import_hf_to_engine(hf_dir: Path, out: Path) -> VerifyReport:
         importer = cls(str(hf_dir))
         importer.hf_config = cfg
         importer.stage_dir = os.path.join(stage, "nemo_tokenizer")
+        importer.norm_mapping = norm_mapping
         importer(output_path=out, overwrite=False)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -551,7 +559,15 @@ def load_engine_model(ckpt: Path):
         else:
             model.configure_model()
     trainer.strategy.setup(trainer)
-    trainer.strategy.load_checkpoint(Path(ckpt))
+    try:
+        trainer.strategy.load_checkpoint(Path(ckpt))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as exc:
+        # megatron.core.dist_checkpointing raises CheckpointingException (a RuntimeError) for missing or mis-shaped
+        # tensors; torch DCP raises RuntimeError/ValueError/KeyError for unreadable shards.
+        raise UserError(
+            f"Loading {ckpt} into the model its context describes failed ({type(exc).__name__}: {exc}). The "
+            "checkpoint is partial, corrupt, or its weights do not match its context/; use an intact checkpoint."
+        ) from exc
     return model, trainer
 
 
@@ -773,6 +789,7 @@ def export_mapping_table(ckpt: Path) -> list[dict]:
                 shapes[f"decoder.layers.{i}.{k[len('decoder.layers.'):]}"] = (size[1:], dt)
         else:
             shapes[k] = (size, dt)
+    check_engine_shapes(shapes, s, ffn_hidden_size=cfg.ffn_hidden_size, where=Path(ckpt))
     table = engine_to_hf_table(shapes, s)
     rows = []
     hd, h = s.head_dim, s.hidden_size
@@ -789,6 +806,42 @@ def export_mapping_table(ckpt: Path) -> list[dict]:
                 shp = size
             rows.append({"engine": key, "hf": hf, "engine_shape": size, "shape": shp, "dtype": dt})
     return rows
+
+
+def check_engine_shapes(shapes: dict[str, tuple[list[int], str]], s: Shape, *, ffn_hidden_size: int,
+                        where: Path) -> None:
+    """Every tensor a Llama of this config needs is in the checkpoint, with the right shape (from metadata)."""
+    names = TE_NORM_NAMES if any(k.endswith(TE_NORM_NAMES["input"]) for k in shapes) else LOCAL_NORM_NAMES
+    h, hd, f = s.hidden_size, s.head_dim, ffn_hidden_size
+    want: dict[str, list[int] | None] = {"embedding.word_embeddings.weight": None, "decoder.final_layernorm.weight": [h]}
+    if not s.tie_word_embeddings:
+        want["output_layer.weight"] = None
+    for i in range(s.num_layers):
+        p = f"decoder.layers.{i}."
+        want[p + "self_attention.linear_qkv.weight"] = [(s.num_attention_heads + 2 * s.num_query_groups) * hd, h]
+        want[p + "self_attention.linear_proj.weight"] = [h, s.num_attention_heads * hd]
+        want[p + "mlp.linear_fc1.weight"] = [2 * f, h]
+        want[p + "mlp.linear_fc2.weight"] = [h, f]
+        want[p + names["input"]] = [h]
+        want[p + names["post_attention"]] = [h]
+    problems = []
+    for key, shp in want.items():
+        if key not in shapes:
+            problems.append(f"{key}: missing from the checkpoint")
+            continue
+        got = list(shapes[key][0])
+        if shp is None:  # vocab-sized: Megatron may pad rows, never fewer than the tokenizer's
+            if len(got) != 2 or got[1] != h or got[0] < s.vocab_size:
+                problems.append(f"{key}: shape {got}, expected [>= {s.vocab_size}, {h}]")
+        elif got != shp:
+            problems.append(f"{key}: shape {got}, expected {shp} from the checkpoint's config")
+    if problems:
+        raise UserError(
+            f"{where} does not hold a complete Llama model matching its own config "
+            f"({s.num_layers} layers, hidden {h}, {s.num_attention_heads} heads / {s.num_query_groups} KV groups, "
+            f"vocab {s.vocab_size}); exporting it would drop or misplace tensors. Use an intact checkpoint.",
+            problems=problems,
+        )
 
 
 def _natural(k: str):

@@ -1,0 +1,340 @@
+"""HF import / export through NeMo's connectors on CPU, verified tensor by tensor (issues 4 and 5).
+
+Three Llama-3.1-architecture shapes with randomised RMSNorm weights, each through a different source path:
+  tiny  - `ellama import-hf --size tiny` (builds the base itself; in-process CLI)
+  deep  - 6 layers, MQA (1 KV group), vocab 3000, other llama3 RoPE factors; through the Hub code path
+          (huggingface_hub.snapshot_download against a pre-populated offline cache, in a subprocess)
+  wide  - 2 layers, hidden 192, MHA (KV groups = heads), vocab 5120; `import_hf(..., source=<local dir>)`
+then `export_hf` of each. Runtime about 3 minutes on 2 cores (session-scoped artifacts, built once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ellama_recipes.cli.main import main
+from ellama_recipes.convert import export_hf, import_hf, resolve_checkpoint
+from ellama_recipes.errors import UserError
+from ellama_recipes.sizes import SIZES
+from ellama_recipes.tiny import build_tiny_base
+
+pytestmark = pytest.mark.engine
+
+TINY = SIZES["tiny"].arch
+SHAPES = {
+    "tiny": TINY,
+    "deep": replace(TINY, num_layers=6, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
+                    num_query_groups=1, vocab_size=3000, rope_scaling_factor=16.0,
+                    original_max_position_embeddings=128, rope_theta=10000.0),
+    "wide": replace(TINY, num_layers=2, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
+                    num_query_groups=6, vocab_size=5120, low_freq_factor=2.0, high_freq_factor=8.0),
+}
+HUB_REPO = "ellama-test/deep-base"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="session")
+def hf_sources(work) -> dict[str, Path]:
+    # seed 0 for tiny: the same weights `import-hf --size tiny` builds for itself
+    return {name: build_tiny_base(work / "src" / name, arch=arch, seed=0 if name == "tiny" else 7)
+            for name, arch in SHAPES.items()}
+
+
+@pytest.fixture(scope="session")
+def hub_cache(work, hf_sources) -> Path:
+    """A Hugging Face cache laid out as snapshot_download leaves it (refs/main -> snapshots/<commit>/)."""
+    repo = work / "hub" / ("models--" + HUB_REPO.replace("/", "--"))
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for f in hf_sources["deep"].iterdir():
+        shutil.copy2(f, snap / f.name)
+    return work / "hub"
+
+
+@pytest.fixture(scope="session")
+def imported(work, hf_sources, hub_cache) -> dict[str, Path]:
+    out = {}
+    # tiny: the CLI builds the base itself
+    out["tiny"] = work / "ckpt" / "tiny"
+    assert main(["import-hf", "--size", "tiny", "--out", str(out["tiny"]), "--no-progress"]) == 0
+    # deep: the Hub path, offline against the prepared cache, exactly as a user would run it
+    out["deep"] = work / "ckpt" / "deep"
+    # a fresh process: drop the torch.distributed rendezvous vars the in-process import above exported
+    drop = ("HF_TOKEN", "HF_HOME", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ellama_recipes", "import-hf", "--size", "tiny", "--from", HUB_REPO,
+         "--out", str(out["deep"]), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # wide: Python API with a local directory
+    out["wide"] = import_hf("tiny", work / "ckpt" / "wide", source=hf_sources["wide"], progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(work, imported) -> dict[str, tuple[Path, dict]]:
+    res = {}
+    for name, ckpt in imported.items():
+        out = work / "export" / name
+        res[name] = (out, export_hf(ckpt, out, progress=False))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_import_exact_per_tensor_with_randomised_norms(imported, hf_sources):
+    from ellama_recipes.engine.convert import read_engine_weights
+
+    for name, ckpt in imported.items():
+        rep = json.loads((ckpt / "ellama_import.json").read_text())
+        hf = _weights(hf_sources[name])
+        assert rep["all_equal"] and rep["tensors"] == len(hf), name
+        assert {c["hf_name"] for c in rep["checks"]} == set(hf)
+        assert all(c["status"] == "equal" for c in rep["checks"])
+        # Independent of the report: the RMSNorms (the tensors NeMo 2.7.3 drops on CPU) are the HF values, not 1.0.
+        eng = read_engine_weights(ckpt)
+        for i in range(SHAPES[name].num_layers):
+            e_in = eng.get(f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
+                           eng.get(f"decoder.layers.{i}.input_layernorm.weight"))
+            h_in = hf[f"model.layers.{i}.input_layernorm.weight"]
+            assert not torch.all(h_in == 1.0) and torch.equal(e_in, h_in), (name, i)
+        assert torch.equal(eng["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+        assert torch.equal(eng["embedding.word_embeddings.weight"][: SHAPES[name].vocab_size],
+                           hf["model.embed_tokens.weight"])
+
+
+def test_import_source_recorded(imported):
+    kinds = {n: json.loads((c / "ellama_import.json").read_text())["source"]["kind"] for n, c in imported.items()}
+    assert kinds == {"tiny": "built", "deep": "hub", "wide": "local"}
+
+
+def test_upstream_norm_mapping_is_caught(work, hf_sources):
+    """NeMo 2.7.3's own mapping (TE names) silently skips the norms under the local spec; verification must fail."""
+    from ellama_recipes.engine.convert import import_hf_to_engine
+
+    out = work / "upstream-bug"
+    with pytest.raises(UserError) as ei:
+        import_hf_to_engine(hf_sources["tiny"], out, norm_mapping="nemo-2.7.3")
+    msg = str(ei.value)
+    assert "model.layers.0.input_layernorm.weight" in msg and "post_attention_layernorm" in msg
+    assert "values differ" in msg
+    assert not out.exists()
+
+
+def test_unmapped_hf_tensor_fails_import_and_leaves_nothing(work, hf_sources, capsys):
+    from safetensors.torch import save_file
+
+    src = work / "src-extra"
+    shutil.copytree(hf_sources["tiny"], src)
+    w = _weights(src)
+    w["model.layers.1.self_attn.q_proj.bias"] = torch.ones(TINY.hidden_size)
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out_parent = work / "extra-out"
+    out_parent.mkdir()
+    rc = main(["import-hf", "--size", "tiny", "--from", str(src), "--out", str(out_parent / "ck"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.layers.1.self_attn.q_proj.bias" in err and "absent from the engine checkpoint (unmapped)" in err
+    assert list(out_parent.iterdir()) == []
+
+
+def test_wrong_size_for_shape_is_user_error(hf_sources, work, capsys):
+    rc = main(["import-hf", "--size", "8b", "--from", str(hf_sources["tiny"]), "--out", str(work / "nope")])
+    assert rc == 2 and "not a Llama 3.1 8b model" in capsys.readouterr().err
+    assert not (work / "nope").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_roundtrip_bit_exact_every_weight(exported, hf_sources):
+    for name, (out, report) in exported.items():
+        src, dst = _weights(hf_sources[name]), _weights(out)
+        assert set(src) == set(dst), name
+        for k in src:
+            assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), (name, k)
+        assert all(t["status"] == "equal" for t in report["tensors"]) and len(report["tensors"]) == len(src)
+
+
+def test_export_config_and_tokenizer(exported, hf_sources):
+    from transformers import AutoTokenizer
+
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "rope_scaling", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    for name, (out, _) in exported.items():
+        a = json.loads((hf_sources[name] / "config.json").read_text())
+        b = json.loads((out / "config.json").read_text())
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, name
+        assert b["rope_scaling"]["rope_type"] == "llama3"
+        assert (out / "generation_config.json").exists()
+        assert (out / "tokenizer.json").read_bytes() == (hf_sources[name] / "tokenizer.json").read_bytes()
+        tok = AutoTokenizer.from_pretrained(out)
+        assert len(tok) == b["vocab_size"]
+        assert tok.chat_template == AutoTokenizer.from_pretrained(hf_sources[name]).chat_template
+        assert "<|eot_id|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_logits_match_engine_forward(exported):
+    for name, (_, report) in exported.items():
+        # float32 on both sides; only GEMM/softmax op order differs (fused QKV/fc1 in megatron)
+        assert report["logits_ok"], (name, report["max_logit_diff"])
+        assert report["max_logit_diff"] < 1e-4 and report["argmax_agreement"] == 1.0, name
+
+
+def test_export_loads_and_generates(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = exported["tiny"]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("Title: wireless earbuds | Review:", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 12
+    assert isinstance(tok.decode(gen[0], skip_special_tokens=True), str)
+
+
+def test_export_dryrun_mapping_table(imported, hf_sources, work, capsys):
+    report = export_hf(imported["deep"], work / "dry", dryrun=True)
+    hf = _weights(hf_sources["deep"])
+    rows = report["mapping"]
+    assert sorted(r["hf"] for r in rows) == sorted(hf), "each HF tensor exactly once"
+    for r in rows:
+        assert list(hf[r["hf"]].shape) == r["shape"], r
+    assert main(["export-hf", "--from", str(imported["tiny"]), "--out", str(work / "dry2"), "--dryrun"]) == 0
+    out = capsys.readouterr().out
+    assert "model.norm.weight" in out and "dry run, nothing written" in out
+    assert not (work / "dry").exists() and not (work / "dry2").exists()
+
+
+def _rewrite_weights(src_ckpt: Path, dst: Path, edit) -> Path:
+    """Copy a checkpoint and rewrite weights/ with torch DCP after ``edit(state)`` (the planted fault)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    shutil.copytree(src_ckpt / "context", dst / "context")
+    reader = dcp.FileSystemReader(str(src_ckpt / "weights"))
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in reader.read_metadata().state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    edit(state)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dst / "weights")), no_dist=True)
+    for f in ("common.pt", "metadata.json"):
+        shutil.copy2(src_ckpt / "weights" / f, dst / "weights" / f)
+    return dst
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape"])
+def test_planted_fault_fails_export_and_leaves_nothing(imported, work, fault, capsys):
+    key = "module.decoder.final_layernorm.weight"
+
+    def edit(state):
+        if fault == "missing":
+            del state[key]
+        else:
+            state[key] = torch.ones(TINY.hidden_size + 1)
+
+    bad = _rewrite_weights(imported["tiny"], work / f"bad-{fault}", edit)
+    parent = work / f"bad-out-{fault}"
+    parent.mkdir()
+    rc = main(["export-hf", "--from", str(bad), "--out", str(parent / "hf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    expected = "decoder.final_layernorm.weight: missing" if fault == "missing" else \
+        f"decoder.final_layernorm.weight: shape [{TINY.hidden_size + 1}], expected [{TINY.hidden_size}]"
+    assert expected in err, err
+    assert list(parent.iterdir()) == []
+
+
+def test_verifier_reports_dropped_and_altered_tensors(imported, exported, work):
+    """The post-export check itself: a converter that drops one tensor and perturbs another is caught."""
+    from safetensors.torch import save_file
+
+    from ellama_recipes.engine.convert import verify_export_tensors
+
+    out, _ = exported["tiny"]
+    broken = work / "broken-export"
+    shutil.copytree(out, broken)
+    w = _weights(broken)
+    del w["model.layers.2.mlp.up_proj.weight"]
+    w["model.layers.0.self_attn.k_proj.weight"] = w["model.layers.0.self_attn.k_proj.weight"] + 1e-3
+    save_file(w, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    rep = verify_export_tensors(imported["tiny"], broken)
+    probs = "\n".join(rep.problems())
+    assert len(rep.bad) == 2
+    assert ("model.layers.2.mlp.up_proj.weight <- decoder.layers.2.mlp.linear_fc1.weight: in the engine checkpoint, "
+            "absent from the HF weights (dropped)") in probs
+    assert "model.layers.0.self_attn.k_proj.weight <- decoder.layers.0.self_attention.linear_qkv.weight" in probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint discovery (trainer layout) and CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_run_dir_picks_latest_complete_checkpoint(imported, work):
+    run = work / "run"
+    ckdir = run / "checkpoints"
+    for step in (3, 7, 9):
+        shutil.copytree(imported["tiny"], ckdir / f"tiny--reduced_train_loss=1.0-step={step}-consumed_samples=8.0")
+    newest = ckdir / "tiny--reduced_train_loss=1.0-step=9-consumed_samples=8.0"
+    Path(str(newest) + "-unfinished").touch()  # NeMo's marker: the save of step 9 never finished
+    (ckdir / "tiny--reduced_train_loss=1.0-step=7-consumed_samples=8.0" / "weights" / ".metadata").unlink()
+    msgs = []
+    got = resolve_checkpoint(run, echo=msgs.append)
+    assert got.name.endswith("step=3-consumed_samples=8.0")
+    assert len(msgs) == 2 and all("skipping incomplete checkpoint" in m for m in msgs)
+    with pytest.raises(UserError, match="partial or corrupt"):
+        resolve_checkpoint(newest)
+
+
+def test_export_of_missing_or_empty_source_is_user_error(work, capsys):
+    assert main(["export-hf", "--from", str(work / "does-not-exist"), "--out", str(work / "x")]) == 2
+    (work / "empty-run").mkdir()
+    assert main(["export-hf", "--from", str(work / "empty-run"), "--out", str(work / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "No checkpoint under" in err
+
+
+@pytest.mark.parametrize("cmd", ["import-hf", "export-hf"])
+def test_help(cmd, capsys):
+    assert main([cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Example:" in out and f"ellama {cmd}" in out and "--dryrun" in out
