@@ -1,18 +1,376 @@
-"""`ellama data ...`: prepare, classify, tokenize and blend training data (owned by the data pipeline)."""
+"""`ellama data ...`: prepare, classify, tokenize and blend training data (issue 3).
+
+No business logic here: every command calls into :mod:`ellama_recipes.data`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from ellama_recipes.cli.common import not_yet
+from ellama_recipes.cli.common import console, print_json
 from ellama_recipes.cli.main import app
+from ellama_recipes.errors import UserError
 
 data_app = typer.Typer(
     help="Prepare and blend domain and general data into Megatron indexed datasets.\n\n"
+    "Stages: clean -> serialize -> classify -> tokenize -> blend; `build` runs them all.\n\n"
     "Example:  ellama data build --domain raw/domain --general raw/general --tokenizer tok/ --out data/",
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 
+RECORD_SCHEMA = (
+    "Domain JSONL records: product {type:'product', id, title, category, attributes:{k:v}, description, lang}, "
+    "review {type:'review', product_id, rating, text, lang}, article {type:'article', product_ids:[...], text, lang}. "
+    "General: {text, lang?} (lang detected when absent). Each PATH is a .jsonl/.parquet file or a folder of them."
+)
 
-@data_app.command("build", help="Run every data stage.\n\nExample:  ellama data build --domain d/ --general g/ --tokenizer tok/ --out data/")
-def build() -> None:
-    not_yet("data build", "in progress")
+
+def _apply_overrides(overrides: list[str] | None, targets: dict[str, object]) -> dict[str, object]:
+    """Apply ``section.field=value`` pairs to dataclass ``targets`` (by section name); unknown keys are errors."""
+    valid = [f"{sec}.{f.name}" for sec, obj in targets.items() for f in fields(obj)]
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"Override {item!r} is not key=value. Valid keys: {', '.join(valid)}.")
+        key, raw = item.split("=", 1)
+        sec, _, name = key.partition(".")
+        obj = targets.get(sec)
+        fmap = {f.name: f for f in fields(obj)} if obj is not None else {}
+        if name not in fmap:
+            raise UserError(f"Unknown override key {key!r}. Valid keys: {', '.join(valid)}.")
+        cur = getattr(obj, name)
+        try:
+            if isinstance(cur, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val: object = raw.lower() in ("true", "1")
+            else:
+                val = type(cur)(raw)
+        except ValueError:
+            raise UserError(f"Override {key}={raw!r}: expected a {type(cur).__name__}.") from None
+        setattr(obj, name, val)
+    return {sec: {f.name: getattr(obj, f.name) for f in fields(obj)} for sec, obj in targets.items()}
+
+
+def _print_table(report: dict) -> None:
+    from ellama_recipes.data.pipeline import stage_table
+
+    console.print(stage_table(report))
+
+
+@data_app.command(
+    "build",
+    help="Run every stage: clean, serialize (graph mix), classify (mine domain text from the general corpus), "
+    "tokenize (Megatron .bin/.idx) and blend (manifest.json).\n\n"
+    f"{RECORD_SCHEMA}\n\n"
+    "Trailing key=value pairs override stage settings, e.g. clean.min_chars=20 mix.max_chars=3000 "
+    "classify.threshold=0.6 (see them with --dryrun).\n\n"
+    "Example:  ellama data build --domain raw/domain --general raw/general --tokenizer tok/ --out data/ --ratio 1:1",
+)
+def build(
+    domain: List[Path] = typer.Option(..., "--domain", help="Domain records: file(s) or folder(s) of .jsonl/.parquet."),
+    general: List[Path] = typer.Option(..., "--general", help="General documents: file(s) or folder(s)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="HF tokenizer directory or Hub id."),
+    out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
+    ratio: str = typer.Option("1:1", "--ratio", help="General:domain token ratio of the blend."),
+    non_english: float = typer.Option(0.10, "--non-english", help="Non-English share of the general side's tokens."),
+    mix: str = typer.Option("graph", "--mix", help="graph (EcomGPT-CT) or separate."),
+    workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
+    no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Check inputs and print the resolved plan; write nothing."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value stage settings, e.g. clean.min_chars=20"),
+) -> None:
+    from ellama_recipes.data import pipeline
+    from ellama_recipes.data.clean import CleanConfig
+    from ellama_recipes.data.serialize import MixConfig
+
+    ccfg, mcfg = CleanConfig(), MixConfig(mix=mix)
+    from dataclasses import dataclass
+
+    @dataclass
+    class ClassifyCfg:
+        threshold: float = 0.5
+
+    kcfg = ClassifyCfg()
+    settings = _apply_overrides(overrides, {"clean": ccfg, "mix": mcfg, "classify": kcfg})
+    if dryrun:
+        plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
+        plan["settings"] = settings
+        plan["mine"] = not no_mine
+        print_json(plan)
+        return
+    manifest = pipeline.build(domain, general, tokenizer, out, ratio=ratio, non_english=non_english, mix=mix,
+                              workers=workers, progress=True, threshold=kcfg.threshold, mine=not no_mine,
+                              clean_config=ccfg, mix_config=mcfg)
+    report = pipeline.build.last_report
+    _print_table(report)
+    r = manifest["realized"]
+    extra = ""
+    if "classify" in report:
+        c = report["classify"]
+        extra = (f"; classifier held-out precision {c['precision']:.3f} recall {c['recall']:.3f}, "
+                 f"mined {c['mined']} documents")
+    console.print(f"Wrote {out}/manifest.json: {len(manifest['sources'])} sources, general:domain "
+                  f"{r['general_to_domain_token_ratio']}, non-English {r['non_english_share_of_general']}{extra}.")
+
+
+@data_app.command(
+    "clean",
+    help="Normalise (NFKC, HTML/boilerplate strip), filter (length, quality), dedup (exact + MinHash LSH) and "
+    "language-identify records. Writes OUT/clean.jsonl, OUT/rejects.jsonl, OUT/report.json.\n\n"
+    f"{RECORD_SCHEMA}\n\n"
+    "Example:  ellama data clean --kind domain --input raw/domain --out work/clean_domain",
+)
+def clean_cmd(
+    input: List[Path] = typer.Option(..., "--input", help="File(s) or folder(s) of .jsonl/.parquet."),
+    kind: str = typer.Option(..., "--kind", help="domain (product/review/article records) or general ({text, lang?})."),
+    out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value, e.g. clean.min_chars=20"),
+) -> None:
+    from ellama_recipes.data.clean import CleanConfig
+    from ellama_recipes.data.pipeline import _Progress, atomic_dir, clean_stage
+    from ellama_recipes.data.records import expand_paths
+
+    if kind not in ("domain", "general"):
+        raise UserError(f"--kind {kind!r} must be domain or general.")
+    cfg = CleanConfig()
+    settings = _apply_overrides(overrides, {"clean": cfg})
+    files = expand_paths(input, "--input")
+    if dryrun:
+        print_json({"input_files": [str(p) for p in files], "kind": kind, "out": str(out), "settings": settings})
+        return
+    with atomic_dir(out) as tmp, _Progress(True) as prog:
+        _, stats = clean_stage(files, kind, cfg, tmp / "rejects.jsonl", tmp / "clean.jsonl", prog)
+        (tmp / "report.json").write_text(json.dumps({"stages": [stats.as_dict()]}, indent=2) + "\n")
+    _print_table({"stages": [stats.as_dict()]})
+
+
+@data_app.command(
+    "serialize",
+    help="Serialize cleaned domain records into training text: --mix graph (EcomGPT-CT: records sharing product "
+    "ids are clustered, covering as many sources as possible within a size range, shuffled, concatenated, each "
+    "used once) or --mix separate (one sample per record). Writes OUT/domain.jsonl and OUT/report.json.\n\n"
+    "Example:  ellama data serialize --input work/clean_domain/clean.jsonl --out work/serialized --mix graph",
+)
+def serialize_cmd(
+    input: List[Path] = typer.Option(..., "--input", help="Cleaned domain records (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
+    mix: str = typer.Option("graph", "--mix", help="graph or separate."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value, e.g. mix.max_chars=3000"),
+) -> None:
+    from ellama_recipes.data.clean import StageStats
+    from ellama_recipes.data.pipeline import RejectSink, _write_jsonl, atomic_dir
+    from ellama_recipes.data.records import expand_paths, iter_file
+    from ellama_recipes.data.serialize import MixConfig, mix_stats, serialize
+
+    cfg = MixConfig(mix=mix)
+    settings = _apply_overrides(overrides, {"mix": cfg})
+    files = expand_paths(input, "--input")
+    if dryrun:
+        print_json({"input_files": [str(p) for p in files], "out": str(out), "settings": settings})
+        return
+    with atomic_dir(out) as tmp:
+        stats = StageStats("serialize")
+        sink = RejectSink(tmp / "rejects.jsonl")
+        recs = []
+        for p in files:
+            for rec, rj in iter_file(p, "domain"):
+                stats.records_in += 1
+                if rj is not None:
+                    stats.rejected[rj.reason] += 1
+                    sink(rj)
+                else:
+                    recs.append(rec)
+        sink.close()
+        if not recs:
+            raise UserError(f"No valid domain record in {', '.join(map(str, files))}. Pass the clean.jsonl written by "
+                            "`ellama data clean --kind domain`.")
+        samples = serialize(recs, cfg)
+        stats.records_out = sum(len(s["records"]) for s in samples)
+        stats.check()
+        _write_jsonl(tmp / "domain.jsonl", samples)
+        report = {"stages": [stats.as_dict()], "mix": {"strategy": cfg.mix, **mix_stats(samples)}}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(report)
+    console.print(f"{report['mix']['samples']} samples, {report['mix']['mean_sources_per_sample']:.2f} sources per "
+                  f"sample ({cfg.mix}).")
+
+
+@data_app.command(
+    "classify",
+    help="Train the e-commerce domain classifier (hashed n-gram logistic regression, cross-fitted) on domain vs "
+    "general text, report held-out precision/recall, and mine general documents with p(domain) >= --threshold. "
+    "Writes OUT/mined.jsonl, OUT/general_<lang>.jsonl (the rest, one file per language, to tokenize as one source "
+    "each), OUT/classifier.npz, OUT/report.json.\n\n"
+    "Example:  ellama data classify --domain work/serialized/domain.jsonl --general raw/general --out work/classify",
+)
+def classify_cmd(
+    domain: List[Path] = typer.Option(..., "--domain", help="Domain text: serialized samples or domain records."),
+    general: List[Path] = typer.Option(..., "--general", help="General documents {text, lang?}."),
+    out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="p(domain) at or above which a document is mined."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
+) -> None:
+    from ellama_recipes.data.classify import train_and_evaluate
+    from ellama_recipes.data.pipeline import _write_jsonl, atomic_dir
+    from ellama_recipes.data.records import expand_paths, iter_text_rows
+
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold {threshold} must be between 0 and 1 (e.g. 0.5).")
+    dfiles = expand_paths(domain, "--domain")
+    gfiles = expand_paths(general, "--general")
+    if dryrun:
+        print_json({"domain_files": [str(p) for p in dfiles], "general_files": [str(p) for p in gfiles],
+                    "out": str(out), "threshold": threshold})
+        return
+
+    d_rows = [r for p in dfiles for r in iter_text_rows(p)]
+    g_rows = [r for p in gfiles for r in iter_text_rows(p)]
+    clf, rep, oof = train_and_evaluate([r["text"] for r in d_rows], [r["text"] for r in g_rows], threshold=threshold)
+    with atomic_dir(out) as tmp:
+        mined = [dict(r, p_domain=round(float(p), 4)) for r, p in zip(g_rows, oof) if p >= threshold]
+        rest: dict[str, list[dict]] = {}
+        for r, p in zip(g_rows, oof):
+            if p < threshold:
+                rest.setdefault(r["lang"], []).append(r)
+        _write_jsonl(tmp / "mined.jsonl", mined)
+        for lang, rows_l in sorted(rest.items()):
+            _write_jsonl(tmp / f"general_{lang}.jsonl", rows_l)
+        clf.save(tmp / "classifier.npz")
+        (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    console.print(f"Held-out precision {rep['precision']:.3f}, recall {rep['recall']:.3f}, F1 {rep['f1']:.3f} "
+                  f"({rep['held_out_domain']} domain / {rep['held_out_general']} general, {rep['folds']}-fold); "
+                  f"mined {len(mined)} of {len(g_rows)} general documents at p >= {threshold}.")
+
+
+@data_app.command(
+    "tokenize",
+    help="Tokenize JSONL documents ({text, lang?}) into a Megatron indexed dataset OUT.bin/OUT.idx (megatron-core's "
+    "builder, <bos> text <eod> per document, streaming, multi-process) plus OUT.source.json for `ellama data "
+    "blend`.\n\n"
+    "Example:  ellama data tokenize --input work/general_en.jsonl --tokenizer tok/ --out data/tokenized/general_en "
+    "--side general --lang en --workers 2",
+)
+def tokenize_cmd(
+    input: List[Path] = typer.Option(..., "--input", help="JSONL file(s) or folder(s) with a text field."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="HF tokenizer directory or Hub id."),
+    out: Path = typer.Option(..., "--out", help="Output prefix (writes PREFIX.bin, PREFIX.idx, PREFIX.source.json)."),
+    side: str = typer.Option(..., "--side", help="domain or general (recorded for blend and per-side validation)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Language code of the source (default: most common)."),
+    workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
+    text_key: str = typer.Option("text", "--text-key", help="JSON field holding the text."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Check inputs and tokenizer; write nothing."),
+) -> None:
+    import os
+
+    from ellama_recipes.data.pipeline import RejectSink, _Progress
+    from ellama_recipes.data.records import expand_paths
+    from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
+
+    if side not in ("domain", "general"):
+        raise UserError(f"--side {side!r} must be domain or general.")
+    files = expand_paths(input, "--input")
+    if any(p.suffix != ".jsonl" for p in files):
+        raise UserError("tokenize reads JSON Lines; convert Parquet with `ellama data clean` first.")
+    tok = load_tokenizer(tokenizer)
+    if dryrun:
+        print_json({"input_files": [str(p) for p in files], "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+                    "out": str(out), "side": side, "workers": workers})
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = out.parent / f".{out.name}.tmp{os.getpid()}"
+    sink = RejectSink(out.parent / f"{out.name}.rejects.jsonl")
+    try:
+        with _Progress(True) as prog:
+            adv = prog.task(f"tokenize {out.name}", sum(p.stat().st_size for p in files))
+            res = tokenize_files(files, tok, tmp_prefix, workers=workers, text_key=text_key, on_reject=sink,
+                                 progress=adv)
+    except BaseException:
+        for ext in (".bin", ".idx"):
+            Path(str(tmp_prefix) + ext).unlink(missing_ok=True)
+        raise
+    finally:
+        sink.close()
+    if res.documents == 0:
+        for ext in (".bin", ".idx"):
+            Path(str(tmp_prefix) + ext).unlink(missing_ok=True)
+        raise UserError(f"No valid document in {', '.join(map(str, files))} (rejected: {dict(res.rejected)}); see "
+                        f"{sink.path}.")
+    src_lang = lang or (res.langs.most_common(1)[0][0] if res.langs else "und")
+    for ext in (".bin", ".idx"):
+        os.replace(str(tmp_prefix) + ext, str(out) + ext)
+    meta = {"side": side, "lang": src_lang, "documents": res.documents, "tokens": res.tokens}
+    (out.parent / f"{out.name}.source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    console.print(f"Wrote {out}.bin/.idx: {res.documents} documents, {res.tokens} tokens"
+                  + (f"; rejected {dict(res.rejected)} (see {sink.path})" if res.rejected else "") + ".")
+
+
+@data_app.command(
+    "blend",
+    help="Compute token-aware Megatron blend weights over the tokenized sources under FOLDER (their *.source.json) "
+    "so the realised general:domain token ratio is --ratio and non-English is --non-english of the general side; "
+    "writes FOLDER/manifest.json (blend, sources, realized, rejected).\n\n"
+    "Example:  ellama data blend data/ --ratio 1:1 --non-english 0.10",
+)
+def blend_cmd(
+    folder: Path = typer.Argument(..., help="Folder holding tokenized sources (searched recursively)."),
+    ratio: str = typer.Option("1:1", "--ratio", help="General:domain token ratio."),
+    non_english: float = typer.Option(0.10, "--non-english", help="Non-English share of the general side."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Print the manifest; do not write it."),
+) -> None:
+    from ellama_recipes.data.blend import make_manifest, read_source_sidecars, write_json_atomic
+
+    if not folder.is_dir():
+        raise UserError(f"{str(folder)!r} is not a folder. Pass the folder holding the tokenized .bin/.idx files.")
+    sources = read_source_sidecars(folder)
+    rejected: dict[str, int] = {}
+    for rp in folder.rglob("*rejects*.jsonl"):
+        with open(rp, encoding="utf-8") as f:
+            for line in f:
+                reason = json.loads(line)["reason"]
+                rejected[reason] = rejected.get(reason, 0) + 1
+    manifest = make_manifest(sources, ratio, non_english, rejected)
+    if dryrun:
+        print_json(manifest)
+        return
+    write_json_atomic(folder / "manifest.json", manifest)
+    r = manifest["realized"]
+    console.print(f"Wrote {folder}/manifest.json: {len(manifest['sources'])} sources, general:domain "
+                  f"{r['general_to_domain_token_ratio']}, non-English {r['non_english_share_of_general']}.")
+
+
+@data_app.command(
+    "train-tokenizer",
+    help="Train a Llama-3-style byte-level BPE tokenizer (Llama 3.1 special tokens and chat template, exact size) "
+    "on the bundled sample (default) or on --input JSONL, and save an HF tokenizer directory.\n\n"
+    "Example:  ellama data train-tokenizer --out checkpoints/tokenizer --vocab-size 4096",
+)
+def train_tokenizer_cmd(
+    out: Path = typer.Option(..., "--out", help="Output tokenizer directory."),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="Exact tokenizer size (must equal the model's)."),
+    input: Optional[List[Path]] = typer.Option(None, "--input", help="JSONL files/folders (default: bundled sample)."),
+) -> None:
+    from ellama_recipes.data.pipeline import atomic_dir
+    from ellama_recipes.data.records import expand_paths, iter_jsonl_texts
+    from ellama_recipes.data.tokenizer_train import sample_texts, train_tokenizer
+
+    if input:
+        files = expand_paths(input, "--input")
+
+        def texts():
+            for p in files:
+                yield from iter_jsonl_texts(p)
+
+        it = texts()
+    else:
+        it = sample_texts()
+    with atomic_dir(out) as tmp:
+        train_tokenizer(it, tmp, vocab_size=vocab_size)
+    console.print(f"Wrote tokenizer ({vocab_size} tokens) to {out}.")

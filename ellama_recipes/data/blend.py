@@ -82,7 +82,8 @@ def compute_weights(sources: list[dict], ratio: float, non_english: float) -> li
     share = {"domain": 1.0 - share_g, "general_en": share_g * (1.0 - non_english), "general_x": share_g * non_english}
     if non_english > 0 and not groups["general_x"]:
         raise UserError(f"--non-english {non_english} asks for non-English general text, but every general document "
-                        "is English. Add non-English general data, or pass --non-english 0.")
+                        "is English. Add non-English general data (tokenized as its own source per language, e.g. `ellama data "
+                        "tokenize --input general_de.jsonl --side general --lang de`), or pass --non-english 0.")
     if non_english < 1 and not groups["general_en"]:
         raise UserError("There is no English general text, so the non-English share cannot be met. Add English "
                         "general data.")

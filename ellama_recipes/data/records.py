@@ -220,3 +220,17 @@ def iter_jsonl_texts(path: Path) -> Iterator[str]:
             field = TEXT_FIELD[rec["type"]]
             rec[field] = normalize_text(rec[field])
             yield render(rec)
+
+
+def iter_text_rows(path: Path) -> Iterator[dict]:
+    """``{"text", "lang"}`` rows of any valid line: domain records (by ``type``) are rendered, anything else with a
+    ``text`` field (serialized samples, general documents) is taken as is. Invalid lines are skipped."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                kind = "domain" if isinstance(obj, dict) and obj.get("type") in ("product", "review", "article") else "general"
+                rec = validate(obj, kind)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
+                continue
+            yield {"text": render(rec), "lang": rec.get("lang") or "und"}

@@ -46,7 +46,7 @@ def load_tokenizer(spec: str | Path) -> TokenizerInfo:
     looks_local = p.exists() or spec_s.startswith((".", "/", "~")) or spec_s.count("/") > 1
     if looks_local and not p.is_dir():
         raise UserError(f"Tokenizer path {spec_s!r} is not a directory. Pass a Hugging Face tokenizer directory "
-                        "(with tokenizer.json), e.g. one from `ellama data tokenizer --out DIR`, or a Hub id such as "
+                        "(with tokenizer.json), e.g. one from `ellama data train-tokenizer --out DIR`, or a Hub id such as "
                         "meta-llama/Llama-3.1-8B.")
     try:
         from transformers import AutoTokenizer
