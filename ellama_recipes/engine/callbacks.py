@@ -29,12 +29,26 @@ class MetricsJsonl(pl.Callback):
         if trainer.global_rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_after(self.path, trainer.global_step)
+        step = int(trainer.global_step)
+        resumed = bool(trainer.ckpt_path) and step > 0
+        if resumed:
+            print(f"[ellama] resumed from step {step} ({trainer.ckpt_path})", flush=True)
+        if resumed:
+            _fix_restored_batch_progress(trainer)
+        # Records after the resumed step came from the killed run past its last complete checkpoint.
+        truncate_after(self.path, step)
+        _write_json(self.path.parent / "resume.json", {"resumed_from": step if resumed else None})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.max_steps and step >= trainer.max_steps:
+            # Validate after the final step in resumed runs too. Lightning validates at the end only when its
+            # data fetcher reports the last batch (lightning/pytorch/loops/training_epoch_loop.py
+            # _should_check_val_fx); after a resume the fetcher counts from 0 against the full sampler length
+            # and never gets there. Runs on every rank (validation is collective).
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = True
         if trainer.global_rank != 0:
             return
-        step = trainer.global_step
         if step % self.log_every and step != trainer.max_steps:
             return
         metrics = trainer.callback_metrics
@@ -95,6 +109,23 @@ class MetricsJsonl(pl.Callback):
         print(f"[ellama] step {step}: {shown}", flush=True)
 
 
+def _fix_restored_batch_progress(trainer) -> None:
+    """Make Lightning's restored batch counters agree with the restored global step.
+
+    NeMo's ModelCheckpoint saves from ``on_train_batch_end``, i.e. before Lightning marks the batch completed,
+    so the restored ``batch_progress`` has ``completed = ready - 1``; on restart Lightning resets ``ready`` to
+    ``completed`` (lightning/pytorch/loops/progress.py ``_ReadyCompletedTracker.reset_on_restart``) and every
+    later ``batch_idx`` is one behind. Validation is scheduled on ``(batch_idx + 1) % val_check_interval``
+    (lightning/pytorch/loops/training_epoch_loop.py ``_should_check_val_fx``), so a resumed run would validate
+    at different steps than an uninterrupted one. Counting the saved batch as completed fixes that.
+    """
+    bp = trainer.fit_loop.epoch_loop.batch_progress
+    step = int(trainer.global_step)
+    for tracker in (bp.total, bp.current):
+        if tracker.ready == step and tracker.completed == step - 1:
+            tracker.completed = step
+
+
 def _pipeline_group():
     from megatron.core import parallel_state
 
@@ -132,6 +163,12 @@ def _num(x: Any) -> float | None:
         x = x.detach().float().item()
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _append(path: Path, rec: dict[str, Any]) -> None:

@@ -267,6 +267,7 @@ def logger(cfg: PretrainConfig) -> run.Config:
         save_top_k=cfg.checkpoint.keep_last,
         every_n_train_steps=cfg.checkpoint.save_every,
         save_on_train_epoch_end=False,
+        save_optim_on_train_end=True,  # the final checkpoint stays resumable (e.g. to extend a run)
         always_save_context=True,
         filename=f"{RUN_NAME}--{{step}}-{{consumed_samples}}",
     )
