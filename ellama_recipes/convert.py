@@ -236,6 +236,8 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
                 problems.append(f"weights/{f} is missing or empty")
         if not list(w.glob("*.distcp")):
             problems.append("weights/ has no *.distcp shard files")
+        if (w / ".metadata").is_file() and (w / ".metadata").stat().st_size:
+            problems.extend(_missing_shards(w))
         meta = w / "metadata.json"
         if meta.is_file():
             try:
@@ -247,6 +249,19 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
     elif not (c / "io.json").is_file():
         problems.append("context/io.json is missing")
     return problems
+
+
+def _missing_shards(weights: Path) -> list[str]:
+    """Shard files the torch-distributed-checkpoint index (.metadata) refers to that are absent or empty."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(str(weights)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - an unreadable index is the problem being reported
+        return [f"weights/.metadata is unreadable ({type(exc).__name__})"]
+    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()}
+    return [f"weights/{f} is missing or empty (listed in weights/.metadata)"
+            for f in sorted(x for x in files if x) if not (weights / f).is_file() or not (weights / f).stat().st_size]
 
 
 def _step_of(p: Path) -> int:

@@ -312,15 +312,18 @@ def test_verifier_reports_dropped_and_altered_tensors(imported, exported, work):
 def test_run_dir_picks_latest_complete_checkpoint(imported, work):
     run = work / "run"
     ckdir = run / "checkpoints"
-    for step in (3, 7, 9):
+    for step in (3, 5, 7, 9):
         shutil.copytree(imported["tiny"], ckdir / f"tiny--reduced_train_loss=1.0-step={step}-consumed_samples=8.0")
     newest = ckdir / "tiny--reduced_train_loss=1.0-step=9-consumed_samples=8.0"
     Path(str(newest) + "-unfinished").touch()  # NeMo's marker: the save of step 9 never finished
     (ckdir / "tiny--reduced_train_loss=1.0-step=7-consumed_samples=8.0" / "weights" / ".metadata").unlink()
+    shard = sorted((ckdir / "tiny--reduced_train_loss=1.0-step=5-consumed_samples=8.0" / "weights").glob("*.distcp"))[-1]
+    shard.write_bytes(b"")  # a truncated shard
     msgs = []
     got = resolve_checkpoint(run, echo=msgs.append)
     assert got.name.endswith("step=3-consumed_samples=8.0")
-    assert len(msgs) == 2 and all("skipping incomplete checkpoint" in m for m in msgs)
+    assert len(msgs) == 3 and all("skipping incomplete checkpoint" in m for m in msgs)
+    assert any(shard.name in m and "missing or empty" in m for m in msgs)
     with pytest.raises(UserError, match="partial or corrupt"):
         resolve_checkpoint(newest)
 
@@ -338,3 +341,12 @@ def test_help(cmd, capsys):
     assert main([cmd, "--help"]) == 0
     out = capsys.readouterr().out
     assert "Example:" in out and f"ellama {cmd}" in out and "--dryrun" in out
+
+
+def test_import_dryrun_writes_nothing(work, capsys):
+    out = work / "dry-import"
+    assert main(["import-hf", "--size", "8b", "--out", str(out), "--dryrun"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["source"] == {"kind": "hub", "repo": "meta-llama/Llama-3.1-8B", "allow_patterns": plan["source"][
+        "allow_patterns"], "token": plan["source"]["token"]}
+    assert "*.safetensors" in plan["source"]["allow_patterns"] and not out.exists()
