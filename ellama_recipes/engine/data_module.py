@@ -118,6 +118,13 @@ def load_tokenizer(tokenizer_from: str | None, vocab_size: int):
     return NullTokenizer(vocab_size - 1)
 
 
+class _Deferred:
+    """Placeholder tokenizer until :attr:`ManifestDataModule.tokenizer` is first read."""
+
+
+_DEFERRED = _Deferred()
+
+
 class ManifestDataModule(PreTrainingDataModule):
     """``PreTrainingDataModule`` over a manifest's blend, with domain / general validation sets.
 
@@ -144,10 +151,14 @@ class ManifestDataModule(PreTrainingDataModule):
         self.manifest_path = manifest
         self.manifest = load_manifest(manifest)
         self.per_source_validation = per_source_validation
+        # The checkpoint's tokenizer is loaded on first use, not here: this constructor runs inside fiddle's
+        # build of the recipe and NeMo's load_context is itself an fdl.build (nested builds are forbidden).
+        self._tokenizer_from = tokenizer_from if tokenizer is None else None
+        self._vocab_size = vocab_size
         super().__init__(
             paths=self.manifest["train_blend"],
             seq_length=seq_length,
-            tokenizer=tokenizer if tokenizer is not None else load_tokenizer(tokenizer_from, vocab_size),
+            tokenizer=tokenizer if tokenizer is not None else _DEFERRED,
             micro_batch_size=micro_batch_size,
             global_batch_size=global_batch_size,
             num_workers=num_workers,
@@ -156,6 +167,18 @@ class ManifestDataModule(PreTrainingDataModule):
             seed=seed,
             split=split,
         )
+
+    @property
+    def tokenizer(self):
+        tok = self.__dict__.get("_tokenizer")
+        if tok is None or isinstance(tok, _Deferred):
+            tok = load_tokenizer(self.__dict__.get("_tokenizer_from"), self.__dict__.get("_vocab_size", 128256))
+            self.__dict__["_tokenizer"] = tok
+        return tok
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self.__dict__["_tokenizer"] = value
 
     # ------------------------------------------------------------------ per-source validation
     def build(

@@ -273,10 +273,10 @@ def logger(cfg: PretrainConfig) -> run.Config:
     )
     return run.Config(
         nl.NeMoLogger,
+        # RUN/ is the log dir itself: RUN/checkpoints/, RUN/tb_logs/, RUN/metrics.jsonl, NeMo's logs.
+        explicit_log_dir=str(cfg.checkpoint.out_dir),
         name=RUN_NAME,
-        log_dir=str(cfg.checkpoint.out_dir),
         use_datetime_version=False,
-        version=None,
         ckpt=ckpt,
         tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=RUN_NAME),
         update_logger_directory=True,
