@@ -1,0 +1,160 @@
+"""build_pretrain_partial: the llm.pretrain partial for every size and precision, field by field (no GPU, no training).
+
+Runtime: ~25 s (one NeMo import, then config objects only).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ellama_recipes.errors import UserError
+from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, build_pretrain_config
+from ellama_recipes.sizes import SIZES
+
+PRECISIONS = [("bf16", None), ("fp8", "delayed"), ("fp8", "current")]
+
+
+@pytest.fixture(scope="module")
+def nr():
+    from ellama_recipes.engine import nemo_recipe
+
+    return nemo_recipe
+
+
+def _cfg(size, mode, recipe, **kw):
+    if mode == "fp8":
+        return build_pretrain_config(size, fp8=True, fp8_recipe=recipe, **kw)
+    return build_pretrain_config(size, **kw)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("mode,recipe", PRECISIONS)
+def test_partial_fields(nr, size, mode, recipe):
+    from megatron.core.transformer.enums import AttnBackend
+    from nemo.collections import llm
+
+    cfg = _cfg(size, mode, recipe)
+    p = nr.build_pretrain_partial(cfg)
+    assert p.__fn_or_cls__ is llm.pretrain
+
+    # model: Llama 3.1 with the size's architecture and llama3 RoPE scaling
+    mc = p.model.config
+    arch = SIZES[size].arch
+    assert p.model.__fn_or_cls__ is llm.LlamaModel
+    assert mc.__fn_or_cls__.__name__ == "Llama31Config"
+    assert (mc.num_layers, mc.hidden_size, mc.ffn_hidden_size) == (arch.num_layers, arch.hidden_size, arch.ffn_hidden_size)
+    assert (mc.num_attention_heads, mc.num_query_groups, mc.vocab_size) == (
+        arch.num_attention_heads, arch.num_query_groups, arch.vocab_size)
+    assert mc.scale_factor == arch.rope_scaling_factor and mc.rotary_base == arch.rope_theta
+    assert mc.seq_length == cfg.schedule.seq_length
+    assert mc.attention_backend == getattr(AttnBackend, cfg.model.attention_backend)
+    if size != "tiny":
+        assert mc.attention_backend == AttnBackend.flash
+
+    # parallelism
+    st = p.trainer.strategy
+    par = SIZES[size].parallelism
+    assert st.tensor_model_parallel_size == par.tensor_parallel
+    assert st.pipeline_model_parallel_size == par.pipeline_parallel
+    assert st.virtual_pipeline_model_parallel_size == par.virtual_pipeline_parallel
+    assert st.context_parallel_size == par.context_parallel
+    assert st.sequence_parallel == par.sequence_parallel
+    assert st.ckpt_async_save is False
+    assert st.ddp.use_distributed_optimizer == cfg.optimizer.distributed_optimizer
+    if size != "tiny":
+        assert st.ddp.use_distributed_optimizer is True
+        assert p.trainer.accelerator == "gpu"
+        assert p.trainer.devices == cfg.cluster.gpus_per_node and p.trainer.num_nodes == cfg.cluster.num_nodes
+
+    # precision plugin
+    plug = p.trainer.plugins
+    if size == "tiny" and mode == "bf16":
+        assert plug.precision == "32"  # tiny defaults to fp32 (CPU smoke size)
+    elif mode == "bf16":
+        assert plug.precision == "bf16-mixed" and plug.params_dtype == torch.bfloat16
+        assert getattr(plug, "fp8", None) is None
+    else:
+        assert plug.precision == "bf16-mixed" and plug.fp8 == "hybrid"
+        if recipe == "delayed":
+            assert plug.fp8_recipe == "delayed" and plug.fp8_amax_history_len == cfg.precision.fp8_amax_history_len
+            assert plug.fp8_amax_compute_algo == "max"
+        else:
+            assert plug.fp8_recipe == "tensorwise" and plug.first_last_layers_bf16 is True
+
+    # optimizer + schedule (e-Llama: 10% of the base max LR, warmup then cosine to min_lr)
+    oc, sch = p.optim.config, p.optim.lr_scheduler
+    assert oc.optimizer == "adam"
+    assert oc.lr == pytest.approx(SIZES[size].base_max_lr * 0.10)
+    assert oc.min_lr == pytest.approx(oc.lr * 0.10) and sch.min_lr == pytest.approx(oc.lr * 0.10)
+    assert (oc.adam_beta1, oc.adam_beta2, oc.weight_decay, oc.clip_grad) == (0.9, 0.95, 0.1, 1.0)
+    assert oc.bf16 == (mode != "bf16" or size != "tiny")
+    assert sch.__fn_or_cls__.__name__ == "CosineAnnealingScheduler"
+    assert sch.warmup_steps == SIZES[size].warmup_steps and sch.max_steps == SIZES[size].train_steps
+    assert p.trainer.max_steps == SIZES[size].train_steps
+
+    # data: the manifest placeholder when none was given, batch sizes from the size table
+    d = p.data
+    assert d.manifest == MANIFEST_PLACEHOLDER
+    assert (d.global_batch_size, d.micro_batch_size, d.seq_length) == (
+        SIZES[size].global_batch_size, SIZES[size].micro_batch_size, SIZES[size].seq_length)
+    # per-source validation: limit_val_batches domain batches + as many general ones
+    assert p.trainer.limit_val_batches == 2 * cfg.schedule.limit_val_batches
+
+    # checkpoints + resume + metrics
+    ck = p.log.ckpt
+    assert ck.every_n_train_steps == cfg.checkpoint.save_every and ck.save_last is True
+    assert ck.save_optim_on_train_end is True
+    assert p.log.explicit_log_dir == cfg.checkpoint.out_dir
+    assert p.resume.resume_if_exists is True and p.resume.restore_config is None
+    assert p.resume.__fn_or_cls__.__name__ == "SafeAutoResume"
+    cbs = [c.__fn_or_cls__.__name__ for c in p.trainer.callbacks]
+    assert "MetricsJsonl" in cbs
+
+
+def test_flags_reach_the_partial(nr, tmp_path):
+    cfg = build_pretrain_config(
+        "8b", num_nodes=2, restore_from=str(tmp_path / "base"), out_dir=str(tmp_path / "run"), train_steps=500,
+        save_every=50, overrides=["schedule.lr_fraction=0.05", "schedule.warmup_steps=20", "parallel.context_parallel=2"],
+    )
+    p = nr.build_pretrain_partial(cfg)
+    assert p.optim.config.lr == pytest.approx(3e-4 * 0.05)
+    assert p.optim.lr_scheduler.warmup_steps == 20 and p.optim.lr_scheduler.max_steps == 500
+    assert p.trainer.strategy.context_parallel_size == 2 and p.trainer.num_nodes == 2
+    assert p.log.ckpt.every_n_train_steps == 50
+    assert p.resume.restore_config.path == str(tmp_path / "base")
+    assert p.resume.restore_config.load_optim_state is False
+    assert p.data.tokenizer_from == str(tmp_path / "base")
+
+
+def test_partial_serializes_for_executors(nr):
+    """NeMo-Run executors ship the partial as zlib-JSON: it must round-trip."""
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    p = nr.build_pretrain_partial(build_pretrain_config("70b", fp8=True))
+    ser = ZlibJSONSerializer()
+    back = ser.deserialize(ser.serialize(p))
+    assert back.trainer.strategy.virtual_pipeline_model_parallel_size == 5
+    assert back.trainer.plugins.fp8_recipe == "delayed"
+    assert back.optim.config.lr == pytest.approx(1.5e-5)
+
+
+def test_manifest_errors_are_user_errors(tmp_path):
+    from ellama_recipes.engine.data_module import load_manifest
+
+    with pytest.raises(UserError, match="No data manifest"):
+        load_manifest(MANIFEST_PLACEHOLDER)
+    with pytest.raises(UserError, match="does not exist"):
+        load_manifest(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_manifest(bad)
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps({"blend": [0.5, "a", 0.5, "b"], "sources": [{"prefix": "a", "side": "domain"}]}))
+    with pytest.raises(UserError) as ei:
+        load_manifest(m)
+    msg = str(ei.value)
+    assert "a.bin is missing" in msg and "b.idx is missing" in msg and "'b' has no entry in `sources`" in msg
