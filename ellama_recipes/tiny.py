@@ -85,12 +85,14 @@ def build_tiny_base(
     randomize_norms: bool = True,
     arch: Architecture | None = None,
     tokenizer_dir: Path | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write a random-weight HF LlamaForCausalLM + tokenizer to ``out_dir`` (atomically) and return it.
 
     ``arch`` defaults to ``SIZES["tiny"].arch``; any Llama-3.1-architecture shape works. The tokenizer is copied
     from ``tokenizer_dir`` if given (its length must equal ``arch.vocab_size``), else trained with exactly
     ``arch.vocab_size`` tokens. RMSNorm weights are drawn from U(0.5, 1.5) unless ``randomize_norms`` is False.
+    ``dtype`` "bfloat16" stores the weights like the released Llama 3.1 checkpoints (same values, rounded).
     """
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
@@ -117,7 +119,9 @@ def build_tiny_base(
                 f"The tokenizer has {len(tok)} tokens but the architecture's vocab_size is {arch.vocab_size}; "
                 "they must be equal (export trims the vocabulary to the tokenizer). Use a matching tokenizer or arch."
             )
-        cfg = hf_config(arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        if dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be float32 or bfloat16, not {dtype!r}.")
+        cfg = hf_config(arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype=dtype)
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg).to(torch.float32)
         if randomize_norms:
@@ -126,6 +130,7 @@ def build_tiny_base(
                 for name, p in model.named_parameters():
                     if name.endswith("norm.weight"):
                         p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        model = model.to(getattr(torch, dtype))
         model.save_pretrained(tmp, safe_serialization=True)
         GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True, temperature=0.6, top_p=0.9

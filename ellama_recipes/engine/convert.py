@@ -278,8 +278,21 @@ class VerifyReport:
         return msgs
 
 
+def _same(h: torch.Tensor, e: torch.Tensor, direction: str) -> bool:
+    """Bit-exact, allowing only dtype changes that lose nothing the direction must keep.
+
+    import: the engine tensor may be a lossless widening of the HF one (bf16 norm -> fp32 local RMSNorm).
+    export: the HF tensor must be exactly the engine tensor in the export dtype (what save in that dtype means).
+    """
+    if h.dtype == e.dtype:
+        return torch.equal(h, e)
+    if direction == "import":
+        return torch.equal(h.to(e.dtype), e) and torch.equal(e.to(h.dtype), h)
+    return torch.equal(e.to(h.dtype), h)
+
+
 def compare_hf_vs_engine(hf: dict[str, torch.Tensor], engine_as_hf: dict[str, torch.Tensor],
-                         owner: dict[str, str]) -> VerifyReport:
+                         owner: dict[str, str], direction: str = "import") -> VerifyReport:
     """Bit-exact per-tensor comparison of HF tensors against engine tensors already mapped to HF names."""
     rep = VerifyReport()
     for name in sorted(set(hf) | set(engine_as_hf)):
@@ -294,9 +307,10 @@ def compare_hf_vs_engine(hf: dict[str, torch.Tensor], engine_as_hf: dict[str, to
             rep.checks.append(TensorCheck(name, owner.get(name), [list(h.shape), list(e.shape)], str(h.dtype), "shape"))
             continue
         diff = (h.float() - e.float()).abs().max().item() if h.numel() else 0.0
-        equal = h.dtype == e.dtype and torch.equal(h, e)
-        status = "equal" if equal else "mismatch"
-        rep.checks.append(TensorCheck(name, owner.get(name), list(h.shape), str(h.dtype), status, diff))
+        status = "equal" if _same(h, e, direction) else "mismatch"
+        dt = str(h.dtype) if h.dtype == e.dtype else f"{e.dtype}->{h.dtype}" if direction == "export" else \
+            f"{h.dtype}->{e.dtype}"
+        rep.checks.append(TensorCheck(name, owner.get(name), list(h.shape), dt.replace("torch.", ""), status, diff))
     return rep
 
 
@@ -397,6 +411,33 @@ def check_llama_hf_config(cfg: dict, where: Path) -> None:
         raise UserError(f"{where}/config.json is not a Llama-3.1-architecture model:", problems=problems)
 
 
+def _norm_cast_transforms(io, target_module, pairs: list[tuple[str, str]]):
+    """RMSNorm mappings as transforms that keep the target parameter's dtype.
+
+    megatron's TE-free RMSNorm (torch.nn.RMSNorm in WrappedTorchNorm) is created in float32 whatever
+    params_dtype is, while TE's fused norm and HF's follow params_dtype. NeMo's apply_transforms asserts that no
+    target dtype changes, so a bf16 HF norm must be widened (exact) on import and an fp32 engine norm rounded to
+    the export dtype on export. ``pairs`` are (source pattern, target pattern); the dtype is taken from the
+    first target parameter matching the pattern's suffix.
+    """
+    params = dict(target_module.named_parameters())
+    transforms = []
+    for src, dst in pairs:
+        suffix = dst.split("*")[-1]
+        dtype = next((p.dtype for k, p in params.items() if k.endswith(suffix)), None)
+
+        transforms.append(io.state_transform(source_key=src, target_key=dst, fn=_caster(dtype)))
+    return transforms
+
+
+def _caster(dtype):
+    # one positional parameter: NeMo's StateDictTransform matches fn parameters to source keys
+    def cast(weight: torch.Tensor) -> torch.Tensor:
+        return weight if dtype is None else weight.to(dtype)
+
+    return cast
+
+
 def _importer_class():
     from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel
     from nemo.lightning import io
@@ -439,15 +480,17 @@ def _importer_class():
             mapping = {
                 "model.embed_tokens.weight": "embedding.word_embeddings.weight",
                 "model.layers.*.self_attn.o_proj.weight": "decoder.layers.*.self_attention.linear_proj.weight",
-                "model.layers.*.input_layernorm.weight": "decoder.layers.*." + names["input"],
-                "model.layers.*.post_attention_layernorm.weight": "decoder.layers.*." + names["post_attention"],
                 "model.layers.*.mlp.down_proj.weight": "decoder.layers.*.mlp.linear_fc2.weight",
-                "model.norm.weight": "decoder.final_layernorm.weight",
                 "lm_head.weight": "output_layer.weight",
             }
             if getattr(source.config, "tie_word_embeddings", False):
                 del mapping["lm_head.weight"]
-            transforms = [
+            tmod = target.module if hasattr(target, "module") else target
+            transforms = _norm_cast_transforms(io, tmod, [
+                ("model.layers.*.input_layernorm.weight", "decoder.layers.*." + names["input"]),
+                ("model.layers.*.post_attention_layernorm.weight", "decoder.layers.*." + names["post_attention"]),
+                ("model.norm.weight", "decoder.final_layernorm.weight"),
+            ]) + [
                 io.state_transform(
                     source_key=("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
                                 "model.layers.*.self_attn.v_proj.weight"),
@@ -665,11 +708,12 @@ def _exporter_class():
             mapping = {
                 "decoder.layers.*.self_attention.linear_proj.weight": "model.layers.*.self_attn.o_proj.weight",
                 "decoder.layers.*.mlp.linear_fc2.weight": "model.layers.*.mlp.down_proj.weight",
-                "decoder.layers.*." + names["input"]: "model.layers.*.input_layernorm.weight",
-                "decoder.layers.*." + names["post_attention"]: "model.layers.*.post_attention_layernorm.weight",
-                "decoder.final_layernorm.weight": "model.norm.weight",
             }
-            transforms = [
+            transforms = _norm_cast_transforms(io, target, [
+                ("decoder.layers.*." + names["input"], "model.layers.*.input_layernorm.weight"),
+                ("decoder.layers.*." + names["post_attention"], "model.layers.*.post_attention_layernorm.weight"),
+                ("decoder.final_layernorm.weight", "model.norm.weight"),
+            ]) + [
                 io.state_transform(
                     source_key="decoder.layers.*.self_attention.linear_qkv.weight",
                     target_key=("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
@@ -727,7 +771,7 @@ def verify_export_tensors(ckpt: Path, hf_dir: Path) -> VerifyReport:
     as_hf, table = engine_tensors_as_hf(engine, s)
     owner = {h: e for e, hs in table.items() for h in hs}
     hf = read_hf_weights(hf_dir)
-    return compare_hf_vs_engine(hf, as_hf, owner)
+    return compare_hf_vs_engine(hf, as_hf, owner, direction="export")
 
 
 # float32 on both sides; the remaining differences come from op order (megatron's fused QKV GEMM and
