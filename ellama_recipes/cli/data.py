@@ -266,6 +266,7 @@ def tokenize_cmd(
     lang: Optional[str] = typer.Option(None, "--lang", help="Language code of the source (default: most common)."),
     workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
     text_key: str = typer.Option("text", "--text-key", help="JSON field holding the text."),
+    no_bos: bool = typer.Option(False, "--no-bos", help="Do not start documents with bos (Megatron-LM's default)."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Check inputs and tokenizer; write nothing."),
 ) -> None:
     import os
@@ -291,7 +292,7 @@ def tokenize_cmd(
         with _Progress(True) as prog:
             adv = prog.task(f"tokenize {out.name}", sum(p.stat().st_size for p in files))
             res = tokenize_files(files, tok, tmp_prefix, workers=workers, text_key=text_key, on_reject=sink,
-                                 progress=adv)
+                                 progress=adv, add_bos=not no_bos)
     except BaseException:
         for ext in (".bin", ".idx"):
             Path(str(tmp_prefix) + ext).unlink(missing_ok=True)

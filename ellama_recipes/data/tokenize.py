@@ -4,8 +4,8 @@ CLI: ``ellama data tokenize --input work/general_en.jsonl --tokenizer checkpoint
 
 - Tokenizer: a Hugging Face tokenizer directory, or a Hub id (downloaded through huggingface_hub when online).
 - Each document becomes ``[bos] + tokens(text) + [eod]`` where eod is the tokenizer's eos (``<|end_of_text|>`` for
-  Llama 3), the same ids Megatron-LM's ``tools/preprocess_data.py --append-eod`` writes with an HF Llama 3 tokenizer
-  (whose encode adds the bos).
+  Llama 3): Llama 3's document format. ``--no-bos`` gives ``tokens(text) + [eod]``, byte-identical to what
+  Megatron-LM's ``tools/preprocess_data.py --append-eod`` writes with its default HuggingFaceTokenizer (core 0.15).
 - Streaming in constant memory: input is read in chunks of ``chunk_docs`` lines; at most ``2 * workers`` chunks are
   in flight; each encoded chunk is written as one batch through :class:`ellama_recipes.engine.indexed.TokenWriter`
   (megatron-core's builder; per-document state is 12 bytes).
@@ -39,6 +39,36 @@ class TokenizerInfo:
     name: str
 
 
+def _special_content(v) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _load_local_fast(d: Path) -> TokenizerInfo | None:
+    """A local HF tokenizer folder read without importing transformers (tokenizer.json + tokenizer_config.json);
+    None when the folder is not in that form (then transformers is used)."""
+    tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
+    if not (tj.is_file() and tc.is_file()):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        cfg = json.loads(tc.read_text(encoding="utf-8"))
+        tok = Tokenizer.from_file(str(tj))
+    except (json.JSONDecodeError, UnicodeDecodeError, Exception) as exc:  # tokenizers raises a bare Exception
+        raise UserError(f"Cannot read the tokenizer in {str(d)!r}: {exc}. Re-save it with "
+                        "`AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`.") from None
+    bos, eos = _special_content(cfg.get("bos_token")), _special_content(cfg.get("eos_token"))
+    bos_id = tok.token_to_id(bos) if bos else None
+    eos_id = tok.token_to_id(eos) if eos else None
+    if eos_id is None:
+        return None  # let transformers resolve unusual layouts (or report the missing eos)
+    # len(tokenizer) as transformers counts it: base vocab plus added tokens beyond it
+    size = tok.get_vocab_size(with_added_tokens=True)
+    return TokenizerInfo(tok.to_str(), bos_id, eos_id, size, str(d))
+
+
 def load_tokenizer(spec: str | Path) -> TokenizerInfo:
     """Load an HF fast tokenizer from a local directory or a Hub id; UserError if it cannot be loaded."""
     spec_s = str(spec)
@@ -46,8 +76,12 @@ def load_tokenizer(spec: str | Path) -> TokenizerInfo:
     looks_local = p.exists() or spec_s.startswith((".", "/", "~")) or spec_s.count("/") > 1
     if looks_local and not p.is_dir():
         raise UserError(f"Tokenizer path {spec_s!r} is not a directory. Pass a Hugging Face tokenizer directory "
-                        "(with tokenizer.json), e.g. one from `ellama data train-tokenizer --out DIR`, or a Hub id such as "
-                        "meta-llama/Llama-3.1-8B.")
+                        "(with tokenizer.json), e.g. one from `ellama data train-tokenizer --out DIR`, or a Hub id "
+                        "such as meta-llama/Llama-3.1-8B.")
+    if p.is_dir():
+        info = _load_local_fast(p)
+        if info is not None:
+            return info
     try:
         from transformers import AutoTokenizer
 
@@ -165,12 +199,16 @@ class TokenizeResult:
 
 
 def tokenize_files(paths: list[Path], tokenizer: TokenizerInfo, prefix: str | Path, *, workers: int = 1,
-                   text_key: str = "text", chunk_docs: int = 512, on_reject: Callable[[Reject], None] | None = None,
+                   text_key: str = "text", chunk_docs: int = 512, add_bos: bool = True, on_reject: Callable[[Reject], None] | None = None,
                    progress: Callable[[int], None] | None = None) -> TokenizeResult:
     """Tokenize JSONL ``paths`` (field ``text_key``) into ``prefix.bin``/``prefix.idx``; returns counts.
 
-    ``progress(nbytes)`` is called as input bytes are consumed (for a rich progress bar).
+    ``progress(nbytes)`` is called as input bytes are consumed (for a rich progress bar). ``add_bos=False`` writes
+    ``tokens + [eod]`` only, byte-identical to Megatron-LM core_v0.15's ``tools/preprocess_data.py --append-eod``
+    with its default (non-legacy) HuggingFaceTokenizer.
     """
+    if not add_bos:
+        tokenizer = TokenizerInfo(tokenizer.json_str, None, tokenizer.eod_id, tokenizer.vocab_size, tokenizer.name)
     from ellama_recipes.engine.indexed import TokenWriter
 
     if workers < 1:
