@@ -6,7 +6,8 @@ Three Llama-3.1-architecture shapes with randomised RMSNorm weights, each throug
           (huggingface_hub.snapshot_download against a pre-populated offline cache, in a subprocess)
   wide  - 2 layers, hidden 192, MHA (KV groups = heads), vocab 5120, bfloat16 weights;
           `import_hf(..., source=<local dir>)`
-then `export_hf` of each. Runtime about 3 minutes on 2 cores (session-scoped artifacts, built once).
+then `export_hf` of each, and the export of a 2-step `ellama pretrain` run from the tiny import.
+Runtime about 4 minutes on 2 cores (session-scoped artifacts, built once).
 """
 
 from __future__ import annotations
@@ -307,6 +308,56 @@ def test_verifier_reports_dropped_and_altered_tensors(imported, exported, work):
     assert ("model.layers.2.mlp.up_proj.weight <- decoder.layers.2.mlp.linear_fc1.weight: in the engine checkpoint, "
             "absent from the HF weights (dropped)") in probs
     assert "model.layers.0.self_attn.k_proj.weight <- decoder.layers.0.self_attention.linear_qkv.weight" in probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export of a continued-pretraining run (the trainer's RUN/checkpoints/<name>-last layout)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained_run(work, imported, hf_sources) -> Path:
+    """`ellama pretrain --size tiny --from <imported tiny> --steps 2` on the bundled sample (a fresh process)."""
+    import ellama_recipes
+    from ellama_recipes.data.pipeline import build
+
+    sample = Path(ellama_recipes.__file__).parent / "sample_data"
+    build(domain=[sample / "domain"], general=[sample / "general"], tokenizer=hf_sources["tiny"], out=work / "data",
+          progress=False)
+    run = work / "run-cpt"
+    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ellama_recipes", "pretrain", "--size", "tiny", "--from", str(imported["tiny"]),
+         "--data", str(work / "data" / "manifest.json"), "--out", str(run), "--steps", "2"],
+        env={k: v for k, v in os.environ.items() if k not in drop}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return run
+
+
+def test_export_of_trained_run(trained_run, exported, work, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = work / "export-run"
+    assert main(["export-hf", "--from", str(trained_run), "--out", str(out), "--no-progress"]) == 0
+    assert "bit-exact" in capsys.readouterr().out
+    rep = json.loads((out / "ellama_export.json").read_text())
+    assert "/checkpoints/" in rep["checkpoint"]
+    assert rep["logits_ok"] and rep["max_logit_diff"] < 1e-4
+    assert all(t["status"] == "equal" for t in rep["tensors"])
+    cfg = json.loads((out / "config.json").read_text())
+    # the base's context length, not the run's training seq_length (256) that NeMo's exporter would write
+    assert cfg["max_position_embeddings"] == TINY.max_position_embeddings
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["vocab_size"] == TINY.vocab_size
+    base, trained = _weights(exported["tiny"][0]), _weights(out)
+    assert set(base) == set(trained)
+    assert any(not torch.equal(base[k], trained[k]) for k in base), "training changed no weight?"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<|start_header_id|>" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("Title: running shoes | Review:", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 10 and tok.decode(gen[0, ids["input_ids"].shape[1]:])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -438,6 +438,9 @@ def _caster(dtype):
     return cast
 
 
+SOURCE_CONFIG_NAME = "ellama_source_config.json"
+
+
 def _importer_class():
     from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel
     from nemo.lightning import io
@@ -468,7 +471,12 @@ def _importer_class():
             return super().nemo_setup(model, trainer, *args, **kwargs)
 
         def save_hf_tokenizer_assets(self, tokenizer_name_or_path, save_path=None):
-            return super().save_hf_tokenizer_assets(tokenizer_name_or_path, save_path=self.stage_dir)
+            path = super().save_hf_tokenizer_assets(tokenizer_name_or_path, save_path=self.stage_dir)
+            # The tokenizer dir travels into every checkpoint's context/ (trainer checkpoints too), so the source's
+            # HF config rides along: export needs max_position_embeddings, which NeMo conflates with the training
+            # seq_length (a CPT run at 8192 would otherwise export a 131072-context model as 8192).
+            (Path(path) / SOURCE_CONFIG_NAME).write_text(json.dumps(self.hf_config, indent=2))
+            return path
 
         def convert_state(self, source, target):
             from nemo.collections.llm.gpt.model.llama import TransformFns
@@ -650,7 +658,10 @@ def engine_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     b, s = input_ids.shape
     ids = input_ids.to(dev)
     pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), diagonal=1)[None, None]  # True = masked
+    # TE-free DotProductAttention needs an explicit causal mask (True = masked); TE's fused attention builds its
+    # own from attn_mask_type=causal and is given none, as in megatron's own training/inference paths.
+    mask = None if have_transformer_engine() else \
+        torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), diagonal=1)[None, None]
     out = gpt(input_ids=ids, position_ids=pos, attention_mask=mask)
     gpt.to(orig_dtype)
     return out.float().cpu()
@@ -696,7 +707,7 @@ def _exporter_class():
                 # The files the importer staged verbatim from the HF source (special tokens, chat template intact);
                 # re-saving through NeMo's wrapper would add cls/sep tokens and change decoding options.
                 for f in src_dir.iterdir():
-                    if f.is_file():
+                    if f.is_file() and f.name != SOURCE_CONFIG_NAME:
                         shutil.copy2(f, Path(output_path) / f.name)
             else:
                 tok.save_pretrained(output_path)
@@ -744,6 +755,10 @@ def _exporter_class():
             cfg = super().config
             src = load_model_context(Path(str(self)), "model.config")
             cfg.torch_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(src.params_dtype, "float32")
+            tok_dir = Path(getattr(getattr(self.tokenizer, "tokenizer", None), "name_or_path", "") or "/nonexistent")
+            if (tok_dir / SOURCE_CONFIG_NAME).is_file():
+                source_cfg = json.loads((tok_dir / SOURCE_CONFIG_NAME).read_text())
+                cfg.max_position_embeddings = source_cfg.get("max_position_embeddings", cfg.max_position_embeddings)
             return cfg
 
     return EllamaHFLlamaExporter
