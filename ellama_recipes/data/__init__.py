@@ -1,0 +1,19 @@
+"""The data pipeline (`ellama data ...`, issue 3): raw listings, reviews and open text to a token-exact blended
+Megatron dataset.
+
+Stages (each a module and a subcommand; :func:`ellama_recipes.data.pipeline.build` runs them all):
+
+- :mod:`~ellama_recipes.data.records`  reading JSONL/Parquet, schema validation, rendering records to text
+- :mod:`~ellama_recipes.data.clean`    NFKC, HTML/boilerplate strip, filters, exact + MinHash-LSH dedup, language id
+- :mod:`~ellama_recipes.data.serialize` EcomGPT-CT graph mix / separate samples
+- :mod:`~ellama_recipes.data.classify` domain classifier (hashed n-gram LR, cross-fitted), mining, precision/recall
+- :mod:`~ellama_recipes.data.tokenize` HF tokenizer -> Megatron .bin/.idx (streaming, multi-process)
+- :mod:`~ellama_recipes.data.blend`    token-aware weights, realized ratios via Megatron's blending index, manifest
+- :mod:`~ellama_recipes.data.tokenizer_train` the Llama-3-style tokenizer for the tiny size
+- :mod:`~ellama_recipes.data.sample`   generator of the bundled sample data (``ellama_recipes/sample_data``)
+
+Python::
+
+    from ellama_recipes.data.pipeline import build
+    manifest = build([Path("raw/domain")], [Path("raw/general")], "tok/", Path("data"), ratio="1:1")
+"""
