@@ -107,7 +107,9 @@ def test_partial_fields(nr, size, mode, recipe):
     ck = p.log.ckpt
     assert ck.every_n_train_steps == cfg.checkpoint.save_every and ck.save_last is True
     assert ck.save_optim_on_train_end is True
-    assert p.log.explicit_log_dir == cfg.checkpoint.out_dir
+    assert p.log.explicit_log_dir == cfg.checkpoint.out_dir + "/logs"
+    assert ck.dirpath == cfg.checkpoint.out_dir + "/checkpoints"
+    assert p.resume.resume_from_directory == ck.dirpath
     assert p.resume.resume_if_exists is True and p.resume.restore_config is None
     assert p.resume.__fn_or_cls__.__name__ == "SafeAutoResume"
     cbs = [c.__fn_or_cls__.__name__ for c in p.trainer.callbacks]

@@ -259,8 +259,10 @@ def logger(cfg: PretrainConfig) -> run.Config:
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
 
+    run_dir = Path(cfg.checkpoint.out_dir)
     ckpt = run.Config(
         nl.ModelCheckpoint,
+        dirpath=str(run_dir / "checkpoints"),
         monitor="step",
         mode="max",
         save_last=True,
@@ -273,8 +275,10 @@ def logger(cfg: PretrainConfig) -> run.Config:
     )
     return run.Config(
         nl.NeMoLogger,
-        # RUN/ is the log dir itself: RUN/checkpoints/, RUN/tb_logs/, RUN/metrics.jsonl, NeMo's logs.
-        explicit_log_dir=str(cfg.checkpoint.out_dir),
+        # RUN/checkpoints/, RUN/metrics.jsonl, RUN/logs/ (NeMo's text logs, TensorBoard in RUN/logs/tb_logs/).
+        # Not RUN/ itself: on every restart NeMo moves the files of its log dir into run_N/ (NeMoLogger
+        # _setup_files_to_move + ModelCheckpoint.setup), which would take metrics.jsonl with them.
+        explicit_log_dir=str(run_dir / "logs"),
         name=RUN_NAME,
         use_datetime_version=False,
         ckpt=ckpt,
@@ -299,6 +303,7 @@ def resume(cfg: PretrainConfig) -> run.Config:
         )
     return run.Config(
         SafeAutoResume,
+        resume_from_directory=str(Path(cfg.checkpoint.out_dir) / "checkpoints"),
         restore_config=restore,
         resume_if_exists=True,
         resume_ignore_no_checkpoint=True,

@@ -1,0 +1,208 @@
+"""Continued pretraining of the tiny model on CPU through the real CLI and NeMo's llm.pretrain.
+
+One session fixture builds the inputs (tiny HF base -> `import_hf` engine checkpoint; bundled sample data ->
+`data.pipeline.build` manifest), one uninterrupted 30-step run is the reference, and a second run of the same
+command is SIGKILLed after step 25 and re-run. Runtime: ~4-5 minutes on 2 CPU cores (prep ~50 s, three training
+processes of ~40-70 s each); the checks on partial/corrupt checkpoints are plain file checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STEPS = 30  # tiny defaults: save_every 20, val every 10 steps on 4 domain + 4 general batches
+KILL_AFTER = 25
+TIMEOUT = 600
+
+_PREP = """
+import sys
+from pathlib import Path
+if __name__ == "__main__":
+    from ellama_recipes.tiny import build_tiny_base
+    from ellama_recipes.convert import import_hf
+    from ellama_recipes.data.pipeline import build
+    from ellama_recipes.data.sample import sample_dir
+    root, s = Path(sys.argv[1]), sample_dir()
+    build_tiny_base(root / "base_hf", seed=0)
+    import_hf("tiny", root / "base", source=root / "base_hf", progress=False)
+    build(domain=[s / "domain"], general=[s / "general"], tokenizer=root / "base_hf", out=root / "data",
+          ratio="1:1", non_english=0.10, mix="graph", progress=False)
+"""
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _cmd(inputs: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "ellama_recipes", "pretrain", "--size", "tiny",
+        "--from", str(inputs / "base"), "--data", str(inputs / "data" / "manifest.json"),
+        "--out", str(out), "--steps", str(STEPS),
+    ]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _run(cmd, log: Path) -> subprocess.CompletedProcess:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=TIMEOUT)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cpt_inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cpt_inputs")
+    script = root / "prep.py"
+    script.write_text(_PREP)
+    proc = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, env=_env(),
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (root / "base" / "weights").is_dir() and (root / "data" / "manifest.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_run(cpt_inputs, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("cpt_ref") / "run"
+    log = out.parent / "log.txt"
+    proc = _run(_cmd(cpt_inputs, out), log)
+    assert proc.returncode == 0, log.read_text()[-5000:]
+    return out
+
+
+def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
+    recs = _metrics(reference_run)
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    for r in recs:
+        assert r["train_loss"] is not None and r["lr"] is not None
+    val = [r for r in recs if "val_loss_domain" in r]
+    assert [r["step"] for r in val] == [10, 20, 30]
+    assert all("val_loss_general" in r for r in val)
+    dom = [r["val_loss_domain"] for r in val]
+    assert dom[0] > dom[1] > dom[2], dom
+    assert dom[0] - dom[2] > 0.1, dom
+    # train loss falls too (mean of the last 5 steps vs the first 5)
+    first = sum(r["train_loss"] for r in recs[:5]) / 5
+    last = sum(r["train_loss"] for r in recs[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+    # LR: linear warmup to the peak, then cosine decay towards min_lr (tiny: 3e-3 x 0.10 = 3e-4; min 3e-5)
+    lrs = [r["lr"] for r in recs]
+    peak = max(lrs)
+    assert peak == pytest.approx(3e-4, rel=1e-3)
+    assert lrs[-1] < lrs[lrs.index(peak) + 1] and lrs[-1] >= 3e-5 * (1 - 1e-3)
+    # checkpoints every 20 steps + the final one; TensorBoard events
+    names = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert any("step=19-" in n for n in names) and any("step=29-" in n for n in names), names
+    assert list((reference_run / "logs").rglob("events.out.tfevents.*"))
+    assert json.loads((reference_run / "resume.json").read_text()) == {"resumed_from": None}
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(cpt_inputs, reference_run, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cmd(cpt_inputs, out)
+    log1 = tmp_path / "log1.txt"
+    with open(log1, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + TIMEOUT
+    try:
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= KILL_AFTER for r in _metrics(out)):
+                break
+            assert proc.poll() is None, "the run ended before it could be killed:\n" + log1.read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("timed out waiting for step %d" % KILL_AFTER)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(r["step"] for r in _metrics(out))
+    assert KILL_AFTER <= killed_at < STEPS
+
+    # Plant a newer half-written checkpoint (NeMo's -unfinished marker) and a newer corrupt one (truncated
+    # shard): resume must skip both, say so, and continue from the last complete checkpoint (step 20).
+    ckpts = out / "checkpoints"
+    good = next(p for p in ckpts.iterdir() if p.is_dir() and p.name.endswith("step=19-consumed_samples=160.0"))
+    partial = ckpts / "cpt--step=22-consumed_samples=184.0"
+    shutil.copytree(good, partial)
+    Path(str(partial) + "-unfinished").touch()
+    corrupt = ckpts / "cpt--step=23-consumed_samples=192.0-last"
+    shutil.copytree(good, corrupt)
+    shard = sorted((corrupt / "weights").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+
+    log2 = tmp_path / "log2.txt"
+    proc2 = _run(cmd, log2)
+    text = log2.read_text()
+    assert proc2.returncode == 0, text[-5000:]
+    assert f"skipping checkpoint {corrupt}: corrupt: weights/{shard.name} is truncated" in text
+    assert f"skipping checkpoint {partial}: partial" in text
+    assert "resumed from step 20" in text
+    assert json.loads((out / "resume.json").read_text()) == {"resumed_from": 20}
+
+    ref, got = _metrics(reference_run), _metrics(out)
+    # appended, never duplicated: steps 1..30 exactly once
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    # Same seed, same data order, restored optimizer + LR schedule: on CPU (one process, fp32, deterministic
+    # kernels) the resumed run reproduces the uninterrupted one bit for bit; the tolerance only absorbs printing.
+    for a, b in zip(ref, got):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-7), (a, b)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-6), (a, b)
+        for k in ("val_loss_domain", "val_loss_general"):
+            assert (k in a) == (k in b), (a, b)
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), (a, b)
+    assert got[-1]["train_loss"] == pytest.approx(ref[-1]["train_loss"], rel=1e-6, abs=1e-7)
+
+
+def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, tmp_path, capsys):
+    from ellama_recipes.engine.resume import checkpoint_problem, find_resumable
+
+    src = reference_run / "checkpoints"
+    good = next(p for p in src.iterdir() if p.name.endswith("step=19-consumed_samples=160.0"))
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    shutil.copytree(good, d / good.name)
+    assert checkpoint_problem(d / good.name) is None
+
+    def plant(step: int, damage) -> Path:
+        p = d / f"cpt--step={step}-consumed_samples={8.0 * (step + 1)}"
+        shutil.copytree(good, p)
+        damage(p)
+        return p
+
+    cases = {
+        plant(21, lambda p: Path(str(p) + "-unfinished").touch()): "partial",
+        plant(22, lambda p: (p / "context" / "io.json").unlink()): "context/io.json is missing",
+        plant(23, lambda p: (p / "weights" / ".metadata").unlink()): "weights/.metadata is missing",
+        plant(24, lambda p: (p / "weights" / ".metadata").write_bytes(b"\x80garbage")): "cannot be read",
+        plant(25, lambda p: sorted((p / "weights").glob("*.distcp"))[-1].unlink()): ".distcp is missing",
+        plant(26, lambda p: shutil.rmtree(p / "weights")): "weights/metadata.json is missing",
+    }
+    (d / "cpt--step=27-consumed_samples=224.0").mkdir()  # an empty directory
+    for path, why in cases.items():
+        problem = checkpoint_problem(path)
+        assert problem is not None and why in problem, (path.name, problem)
+
+    lines: list[str] = []
+    assert find_resumable(d, report=lines.append) == d / good.name
+    assert len(lines) == len(cases) + 1 and all(line.startswith("[ellama] skipping checkpoint") for line in lines)
+    assert find_resumable(tmp_path / "nothing-here") is None
