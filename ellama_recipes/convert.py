@@ -95,7 +95,7 @@ def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | 
     try:
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, token=token,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=["original/*"],  # Meta's consolidated .pth copy
         )
     except GatedRepoError as exc:
         raise UserError(

@@ -680,7 +680,18 @@ def _exporter_class():
         def apply(self, output_path: Path) -> Path:
             from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
 
-            source, _trainer = load_engine_model(Path(str(self)))
+            source, trainer = load_engine_model(Path(str(self)))
+            try:
+                return self._convert_and_save(source, output_path)
+            finally:
+                from nemo.lightning import teardown
+
+                # destroys the process group / model-parallel state so later work in this process starts clean
+                teardown(trainer, source)
+
+        def _convert_and_save(self, source, output_path: Path) -> Path:
+            from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
+
             target = self.init(torch_dtype_from_mcore_config(source.config))
             target = self.convert_state(source, target, source.config)
             hf_cfg = self.config
@@ -827,6 +838,11 @@ def export_mapping_table(ckpt: Path) -> list[dict]:
 
     cfg = load_model_context(ckpt, "model.config")
     tok = load_model_context(ckpt, "model.tokenizer")
+    if not hasattr(getattr(tok, "tokenizer", None), "save_pretrained"):
+        raise UserError(
+            f"{ckpt} carries a {type(tok).__name__}, not a Hugging Face tokenizer, so an export would have no "
+            "tokenizer files (a run started without --from?). Export runs that continued from `ellama import-hf`."
+        )
     s = Shape(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
