@@ -15,8 +15,8 @@ import torch
 class MetricsJsonl(pl.Callback):
     """Append one JSON object per logged step to ``RUN/metrics.jsonl``.
 
-    Keys: ``step``, ``train_loss``, ``lr``, and ``val_loss_domain`` / ``val_loss_general`` on steps where
-    validation ran. On resume the file is appended to; lines for steps at or after the resumed step (written
+    Keys: ``step`` (optimizer steps completed, 1-based), ``train_loss``, ``lr``, ``step_time_s`` (NeMo's
+    TimingCallback), and ``val_loss_domain`` / ``val_loss_general`` on steps where validation ran. On resume the file is appended to; lines for steps at or after the resumed step (written
     by the killed run after its last complete checkpoint) are dropped first, so no step appears twice.
     """
 
@@ -57,6 +57,9 @@ class MetricsJsonl(pl.Callback):
         if lr is None and trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
         rec = {"step": int(step), "train_loss": _num(loss), "lr": _num(lr)}
+        step_time = metrics.get("train_step_timing in s")
+        if step_time is not None:
+            rec["step_time_s"] = _num(step_time)
         _append(self.path, rec)
 
     # ---------------------------------------------------------------- per-source validation

@@ -151,6 +151,14 @@ class ManifestDataModule(PreTrainingDataModule):
         self.manifest_path = manifest
         self.manifest = load_manifest(manifest)
         self.per_source_validation = per_source_validation
+        if per_source_validation:
+            missing = [side for side in SIDES if not self.manifest["side_prefixes"][side]]
+            if missing:
+                raise UserError(
+                    f"The data manifest {self.manifest['path']} has no {' and no '.join(missing)} source, so "
+                    f"per-source validation (val_loss_domain / val_loss_general) cannot be computed. Fix: build the "
+                    f"data with both --domain and --general inputs (`ellama data build`)."
+                )
         # The checkpoint's tokenizer is loaded on first use, not here: this constructor runs inside fiddle's
         # build of the recipe and NeMo's load_context is itself an fdl.build (nested builds are forbidden).
         self._tokenizer_from = tokenizer_from if tokenizer is None else None

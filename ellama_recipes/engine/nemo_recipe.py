@@ -206,7 +206,10 @@ def trainer(cfg: PretrainConfig) -> run.Config:
             use_distributed_optimizer=cfg.optimizer.distributed_optimizer,
         ),
     )
+    from nemo.utils.exp_manager import TimingCallback
+
     callbacks = [
+        run.Config(TimingCallback),  # "train_step_timing in s" (before MetricsJsonl, which records it)
         run.Config(
             MetricsJsonl,
             path=str(Path(cfg.checkpoint.out_dir) / "metrics.jsonl"),
