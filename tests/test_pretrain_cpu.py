@@ -110,7 +110,16 @@ def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
     # checkpoints every 20 steps + the final one; TensorBoard events
     names = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     assert any("step=19-" in n for n in names) and any("step=29-" in n for n in names), names
-    assert list((reference_run / "logs").rglob("events.out.tfevents.*"))
+    events = list((reference_run / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(events[0]))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"reduced_train_loss", "lr", "val_loss_domain", "val_loss_general"} <= tags, tags
+    assert len(ea.Scalars("val_loss_domain")) == 3
+    assert all(r.get("step_time_s", 0) > 0 for r in recs)
     assert json.loads((reference_run / "resume.json").read_text()) == {"resumed_from": None}
 
 

@@ -160,3 +160,18 @@ def test_manifest_errors_are_user_errors(tmp_path):
         load_manifest(m)
     msg = str(ei.value)
     assert "a.bin is missing" in msg and "b.idx is missing" in msg and "'b' has no entry in `sources`" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path is only taken without CUDA")
+def test_cpu_path_refuses_bf16_and_adapts_fp32(nr):
+    from ellama_recipes.engine import cpu_compat
+
+    p = nr.build_pretrain_partial(build_pretrain_config("tiny", overrides=["precision.mode=bf16"]))
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        cpu_compat.adapt_pretrain_partial(p)
+    p = nr.build_pretrain_partial(build_pretrain_config("tiny"))
+    cpu_compat.adapt_pretrain_partial(p)
+    assert p.trainer.accelerator == "cpu" and p.trainer.devices == 1
+    assert p.model.config.apply_rope_fusion is False and p.model.config.use_cpu_initialization is True
+    assert p.model.config.data_step_fn is cpu_compat.cpu_gpt_data_step
+    assert p.optim.config.clip_grad == 1.0  # clipping stays on: the CPU redirect implements it
