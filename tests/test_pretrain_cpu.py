@@ -215,3 +215,20 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
     assert find_resumable(d, report=lines.append) == d / good.name
     assert len(lines) == len(cases) + 1 and all(line.startswith("[ellama] skipping checkpoint") for line in lines)
     assert find_resumable(tmp_path / "nothing-here") is None
+
+
+def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
+    """`--size` picks the recipe defaults; the model shape is the `--from` checkpoint's (here: tiny under 8b)."""
+    from ellama_recipes.engine.nemo_recipe import build_pretrain_partial, model_spec_from_checkpoint
+    from ellama_recipes.recipe import build_pretrain_config
+    from ellama_recipes.sizes import SIZES
+
+    cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs / "base"))
+    mc = build_pretrain_partial(cfg).model.config
+    tiny = SIZES["tiny"].arch
+    assert (mc.num_layers, mc.hidden_size, mc.num_query_groups, mc.vocab_size) == (
+        tiny.num_layers, tiny.hidden_size, tiny.num_query_groups, tiny.vocab_size)
+    assert mc.old_context_len == tiny.original_max_position_embeddings
+    assert mc.seq_length == SIZES["8b"].seq_length  # the recipe's, not the checkpoint's
+    spec = model_spec_from_checkpoint(cpt_inputs / "base")
+    assert spec["num_layers"] == tiny.num_layers and spec["rope_theta"] == tiny.rope_theta

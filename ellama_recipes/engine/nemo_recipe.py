@@ -68,6 +68,35 @@ def checkpoint_model_config(path: str | Path) -> dict[str, Any] | None:
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 
+_SPEC_FROM_NEMO = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "vocab_size": "vocab_size",
+    "rotary_base": "rope_theta",
+    "layernorm_epsilon": "norm_eps",
+    "share_embeddings_and_output_weights": "tie_word_embeddings",
+    "scale_factor": "rope_scaling_factor",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "old_context_len": "original_max_position_embeddings",
+}
+
+
+def model_spec_from_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The `--from` checkpoint's architecture as :class:`ellama_recipes.recipe.ModelSpec` field values.
+
+    None when ``path`` is not a readable engine checkpoint here. Lets the recipe validate (heads vs TP, layers
+    vs PP) and summarise the model that will really be trained rather than the size table's.
+    """
+    saved = checkpoint_model_config(path)
+    if saved is None:
+        return None
+    return {spec: saved[nemo] for nemo, spec in _SPEC_FROM_NEMO.items() if saved.get(nemo) is not None}
+
+
 def model_config(cfg: PretrainConfig) -> run.Config:
     """``run.Config(Llama31Config)`` for this recipe (from the `--from` checkpoint when it is readable here)."""
     from nemo.collections.llm.gpt.model.llama import Llama31Config
