@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ellama_recipes.errors import UserError
 from ellama_recipes.recipe import PretrainConfig
 
 
@@ -21,13 +22,24 @@ def run_local(cfg: PretrainConfig) -> dict[str, Any]:
     """Train ``cfg`` in-process and return a summary.
 
     Returns ``{"final_step", "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from",
-    "out_dir", "metrics", "checkpoint"}`` (``resumed_from`` is None for a fresh start).
+    "out_dir", "metrics"}`` (``resumed_from`` is None for a fresh start). Without CUDA the CPU path of
+    :mod:`ellama_recipes.engine.cpu_compat` is applied first (fp32 only; bf16/fp8 are a UserError there).
+
+    Layout of ``cfg.checkpoint.out_dir`` (RUN): ``checkpoints/`` (every ``save_every`` steps + the final one),
+    ``metrics.jsonl``, ``resume.json``, ``logs/`` (NeMo text logs; TensorBoard under ``logs/tb_logs``).
+    Re-running the same command after a crash resumes from the newest complete checkpoint.
     """
     import fiddle as fdl
 
     from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
 
     cfg.validate(at_launch=True, gpu_capability=_gpu_capability())
+    src = cfg.checkpoint.restore_from
+    if src and not ((Path(src) / "weights").is_dir() and (Path(src) / "context").is_dir()):
+        raise UserError(
+            f"--from {src} is not an engine checkpoint (expected weights/ and context/ inside). "
+            f"Fix: create one with `ellama import-hf --size {cfg.size} --out DIR` and pass --from DIR."
+        )
     out = Path(cfg.checkpoint.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = build_pretrain_partial(cfg)
