@@ -27,8 +27,8 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -332,6 +332,28 @@ def verify_engine_against_hf(ckpt: Path, hf_dir: Path, hf_weights: dict[str, tor
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@contextmanager
+def _scoped_dist_env():
+    """Restore the torch.distributed rendezvous variables Lightning sets for its single-process group.
+
+    Lightning exports MASTER_ADDR/MASTER_PORT into os.environ and the c10d TCPStore keeps listening on that port
+    after the group is destroyed, so a child process started later by the caller (e.g. `ellama pretrain` launched
+    from the same Python process) would inherit a port that is in use (EADDRINUSE).
+    """
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
@@ -538,7 +560,8 @@ def import_hf_to_engine(hf_dir: Path, out: Path, *, norm_mapping: str = "auto") 
         importer.hf_config = cfg
         importer.stage_dir = os.path.join(stage, "nemo_tokenizer")
         importer.norm_mapping = norm_mapping
-        importer(output_path=out, overwrite=False)
+        with _scoped_dist_env():
+            importer(output_path=out, overwrite=False)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     rep = verify_engine_against_hf(out, hf_dir)
@@ -678,8 +701,6 @@ def _exporter_class():
         batch: torch.Tensor | None = None
 
         def apply(self, output_path: Path) -> Path:
-            from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
-
             source, trainer = load_engine_model(Path(str(self)))
             try:
                 return self._convert_and_save(source, output_path)
@@ -695,7 +716,7 @@ def _exporter_class():
             target = self.init(torch_dtype_from_mcore_config(source.config))
             target = self.convert_state(source, target, source.config)
             hf_cfg = self.config
-            self.batch = fixed_batch(hf_cfg.vocab_size, min(hf_cfg.max_position_embeddings, 1 << 20))
+            self.batch = fixed_batch(hf_cfg.vocab_size, source.config.seq_length)
             self.engine_batch_logits = engine_logits(source, self.batch)
             target = target.cpu()
             gen = getattr(source.config, "generation_config", None)
@@ -782,7 +803,8 @@ def export_engine_to_hf(ckpt: Path, out: Path) -> dict:
     """
     cls = _exporter_class()
     exporter = cls(str(Path(ckpt).resolve()))
-    exporter.apply(Path(out))
+    with _scoped_dist_env():
+        exporter.apply(Path(out))
     return {"batch": exporter.batch, "engine_logits": exporter.engine_batch_logits}
 
 
