@@ -6,6 +6,7 @@ Runtime: ~25 s (one NeMo import, then config objects only).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,8 +108,9 @@ def test_partial_fields(nr, size, mode, recipe):
     ck = p.log.ckpt
     assert ck.every_n_train_steps == cfg.checkpoint.save_every and ck.save_last is True
     assert ck.save_optim_on_train_end is True
-    assert p.log.explicit_log_dir == cfg.checkpoint.out_dir + "/logs"
-    assert ck.dirpath == cfg.checkpoint.out_dir + "/checkpoints"
+    run_dir = Path(cfg.checkpoint.out_dir).absolute()
+    assert p.log.explicit_log_dir == str(run_dir / "logs")
+    assert ck.dirpath == str(run_dir / "checkpoints")
     assert p.resume.resume_from_directory == ck.dirpath
     assert p.resume.resume_if_exists is True and p.resume.restore_config is None
     assert p.resume.__fn_or_cls__.__name__ == "SafeAutoResume"
@@ -126,7 +128,7 @@ def test_flags_reach_the_partial(nr, tmp_path):
     assert p.optim.lr_scheduler.warmup_steps == 20 and p.optim.lr_scheduler.max_steps == 500
     assert p.trainer.strategy.context_parallel_size == 2 and p.trainer.num_nodes == 2
     assert p.log.ckpt.every_n_train_steps == 50
-    assert p.resume.restore_config.path == str(tmp_path / "base")
+    assert p.resume.restore_config.path == str(tmp_path / "base")  # tmp_path is absolute already
     assert p.resume.restore_config.load_optim_state is False
     assert p.data.tokenizer_from == str(tmp_path / "base")
 

@@ -35,6 +35,11 @@ from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, PretrainConfig
 RUN_NAME = "cpt"
 
 
+def _abs(path: str | Path) -> Path:
+    """Paths in the partial are absolute: executors (torchrun via NeMo-Run, Slurm) run it from another cwd."""
+    return Path(path).expanduser().absolute()
+
+
 # ----------------------------------------------------------------------------- model
 def checkpoint_model_config(path: str | Path) -> dict[str, Any] | None:
     """The architecture saved in an engine checkpoint's ``context/`` (None when ``path`` is not one here).
@@ -241,7 +246,7 @@ def trainer(cfg: PretrainConfig) -> run.Config:
         run.Config(TimingCallback),  # "train_step_timing in s" (before MetricsJsonl, which records it)
         run.Config(
             MetricsJsonl,
-            path=str(Path(cfg.checkpoint.out_dir) / "metrics.jsonl"),
+            path=str(_abs(cfg.checkpoint.out_dir) / "metrics.jsonl"),
             log_every=cfg.checkpoint.log_every,
         )
     ]
@@ -274,14 +279,14 @@ def data_module(cfg: PretrainConfig) -> run.Config:
     s, d = cfg.schedule, cfg.data
     return run.Config(
         ManifestDataModule,
-        manifest=d.manifest or MANIFEST_PLACEHOLDER,
+        manifest=str(_abs(d.manifest)) if d.manifest and d.manifest != MANIFEST_PLACEHOLDER else MANIFEST_PLACEHOLDER,
         seq_length=s.seq_length,
         micro_batch_size=s.micro_batch_size,
         global_batch_size=s.global_batch_size,
         num_workers=d.num_workers,
         seed=d.seed,
         split=d.split,
-        tokenizer_from=cfg.checkpoint.restore_from,
+        tokenizer_from=str(_abs(cfg.checkpoint.restore_from)) if cfg.checkpoint.restore_from else None,
         vocab_size=cfg.model.vocab_size,
     )
 
@@ -291,7 +296,7 @@ def logger(cfg: PretrainConfig) -> run.Config:
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
 
-    run_dir = Path(cfg.checkpoint.out_dir)
+    run_dir = _abs(cfg.checkpoint.out_dir)
     ckpt = run.Config(
         nl.ModelCheckpoint,
         dirpath=str(run_dir / "checkpoints"),
@@ -328,14 +333,14 @@ def resume(cfg: PretrainConfig) -> run.Config:
     if cfg.checkpoint.restore_from:
         restore = run.Config(
             nl.RestoreConfig,
-            path=str(cfg.checkpoint.restore_from),
+            path=str(_abs(cfg.checkpoint.restore_from)),
             load_model_state=True,
             load_optim_state=False,
             load_artifacts=True,
         )
     return run.Config(
         SafeAutoResume,
-        resume_from_directory=str(Path(cfg.checkpoint.out_dir) / "checkpoints"),
+        resume_from_directory=str(_abs(cfg.checkpoint.out_dir) / "checkpoints"),
         restore_config=restore,
         resume_if_exists=True,
         resume_ignore_no_checkpoint=True,
