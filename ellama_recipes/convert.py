@@ -314,9 +314,12 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
     (per-tensor results), ``max_logit_diff`` and ``logit_tolerance``. With ``dryrun`` only the mapping is
     computed and nothing is written. A failed verification raises UserError and leaves no ``out``.
     """
+    if not dryrun and Path(out).exists():
+        raise UserError(f"Output {out} already exists; choose a new --out or remove it first.")
+    src = resolve_checkpoint(ckpt, echo=echo)
+
     from ellama_recipes.engine import convert as engine
 
-    src = resolve_checkpoint(ckpt, echo=echo)
     mapping = engine.export_mapping_table(src)
     report: dict = {"checkpoint": str(src), "out": str(out), "mapping": mapping}
     if dryrun:

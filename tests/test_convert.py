@@ -388,8 +388,9 @@ def test_export_of_missing_or_empty_source_is_user_error(work, capsys):
     assert main(["export-hf", "--from", str(work / "does-not-exist"), "--out", str(work / "x")]) == 2
     (work / "empty-run").mkdir()
     assert main(["export-hf", "--from", str(work / "empty-run"), "--out", str(work / "x")]) == 2
+    assert main(["export-hf", "--from", str(work / "empty-run"), "--out", str(work / "empty-run")]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and "No checkpoint under" in err
+    assert "does not exist" in err and "No checkpoint under" in err and "already exists" in err
 
 
 @pytest.mark.parametrize("cmd", ["import-hf", "export-hf"])
