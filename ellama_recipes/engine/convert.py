@@ -791,6 +791,10 @@ def _exporter_class():
             if (tok_dir / SOURCE_CONFIG_NAME).is_file():
                 source_cfg = json.loads((tok_dir / SOURCE_CONFIG_NAME).read_text())
                 cfg.max_position_embeddings = source_cfg.get("max_position_embeddings", cfg.max_position_embeddings)
+                # Llama 3.1 Instruct lists several eos ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>); keep them
+                for key in ("bos_token_id", "eos_token_id"):
+                    if source_cfg.get(key) is not None:
+                        setattr(cfg, key, source_cfg[key])
             return cfg
 
     return EllamaHFLlamaExporter
