@@ -232,3 +232,21 @@ def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     assert mc.seq_length == SIZES["8b"].seq_length  # the recipe's, not the checkpoint's
     spec = model_spec_from_checkpoint(cpt_inputs / "base")
     assert spec["num_layers"] == tiny.num_layers and spec["rope_theta"] == tiny.rope_theta
+
+
+def test_dangling_last_link_is_skipped(reference_run, tmp_path):
+    from ellama_recipes.engine.resume import checkpoint_problem, find_resumable
+
+    good = next(p for p in (reference_run / "checkpoints").iterdir() if p.name.endswith("step=19-consumed_samples=160.0"))
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    shutil.copytree(good, d / good.name)
+    link = d / "cpt--step=29-consumed_samples=240.0-last"
+    link.symlink_to("cpt--step=29-consumed_samples=240.0")  # its target was never written
+    assert "does not exist" in checkpoint_problem(link)
+    ok_link = d / (good.name + "-last")
+    ok_link.symlink_to(good.name)
+    assert checkpoint_problem(ok_link) is None
+    lines: list[str] = []
+    assert find_resumable(d, report=lines.append) in (ok_link, d / good.name)
+    assert len(lines) == 1 and str(link) in lines[0]

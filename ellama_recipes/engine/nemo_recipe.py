@@ -302,7 +302,7 @@ def logger(cfg: PretrainConfig) -> run.Config:
         dirpath=str(run_dir / "checkpoints"),
         monitor="step",
         mode="max",
-        save_last=True,
+        save_last="link",  # the -last entry is a symlink to the step checkpoint, not a second full copy
         save_top_k=cfg.checkpoint.keep_last,
         every_n_train_steps=cfg.checkpoint.save_every,
         save_on_train_epoch_end=False,

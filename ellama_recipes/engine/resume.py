@@ -36,11 +36,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
     from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 
     p = Path(path)
-    if ModelCheckpoint.is_checkpoint_unfinished(p):
+    real = p.resolve()  # `-last` entries are symlinks to the step checkpoint (save_last="link")
+    if ModelCheckpoint.is_checkpoint_unfinished(p) or ModelCheckpoint.is_checkpoint_unfinished(real):
         return "partial: the save did not finish (its -unfinished marker is still there)"
     if checkpoint_step(p) is None:
         return "not a checkpoint directory name (no --step=N-)"
-    weights, context = p / "weights", p / "context"
+    if not real.is_dir():
+        return f"missing: it points to {real}, which does not exist"
+    weights, context = real / "weights", real / "context"
     if not (context / "io.json").is_file():
         return "corrupt: context/io.json is missing"
     for name in ("metadata.json", "common.pt", ".metadata"):
@@ -75,7 +78,7 @@ def find_resumable(checkpoint_dir: str | Path, *, report=print) -> Path | None:
     if not d.is_dir():
         return None
     candidates = sorted(
-        (c for c in d.iterdir() if c.is_dir() and checkpoint_step(c) is not None),
+        (c for c in d.iterdir() if (c.is_dir() or c.is_symlink()) and checkpoint_step(c) is not None),
         key=lambda c: (checkpoint_step(c), c.name.endswith("-last")),
         reverse=True,
     )
