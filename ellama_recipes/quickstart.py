@@ -114,14 +114,13 @@ def run_quickstart(
     cfg = build_pretrain_config(
         "tiny", manifest=str(data / "manifest.json"), restore_from=str(base), out_dir=str(cpt), train_steps=steps
     )
-    target = cfg.schedule.train_steps
-
     def do_pretrain() -> dict:
         from ellama_recipes.engine.train import run_local
 
         return run_local(cfg)
 
-    _stage(results, "pretrain (CPU)", cpt, _finished_steps(cpt) >= target, do_pretrain, echo)
+    # Always enter the trainer: it resumes from the last complete checkpoint, and returns at once when done.
+    _stage(results, "pretrain (CPU)", cpt, False, do_pretrain, echo)
 
     def do_export() -> dict:
         from ellama_recipes.convert import export_hf
@@ -140,15 +139,6 @@ def run_quickstart(
         "generation": {"prompt": prompt, "text": sample_text},
         "hf_dir": str(hf),
     }
-
-
-def _finished_steps(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return -1
-    steps = [json.loads(x).get("step", -1) for x in metrics.read_text().splitlines() if x.strip()]
-    done = max(steps, default=-1) + 1  # steps are 0-based in Lightning's global_step
-    return done if (run_dir / "checkpoints").is_dir() else -1
 
 
 def _metrics_summary(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import difflib
 import json
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,6 +80,7 @@ class ScheduleSpec:
     micro_batch_size: int = 1
     seq_length: int = 8192
     val_check_interval: int = 500
+    # batches per validation source: the domain set, then the general set (the trainer runs 2x this many)
     limit_val_batches: int = 32
 
     @property
@@ -154,8 +156,7 @@ class CheckpointSpec:
     out_dir: str = "runs/cpt"  # `--out`
     save_every: int = 1000  # `--save-every`
     keep_last: int = 2
-    seed: int = 1234
-    log_every: int = 10
+    log_every: int = 10  # seeds: data order is data.seed; NeMo fixes the model-parallel RNG seed (1234)
 
 
 @dataclass
@@ -439,6 +440,13 @@ def build_pretrain_config(
         cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(train_steps // 10, 0))
     if save_every is not None:
         cfg.checkpoint.save_every = save_every
+    if restore_from is not None and Path(restore_from).is_dir():
+        # The model really trained is the `--from` checkpoint's (any Llama-3.1 architecture); --size only picks the
+        # recipe defaults. Validate and summarise that one.
+        from ellama_recipes.engine.nemo_recipe import model_spec_from_checkpoint
+
+        for key, value in (model_spec_from_checkpoint(restore_from) or {}).items():
+            setattr(cfg.model, key, value)
     apply_overrides(cfg, overrides or [])
     return cfg
 
