@@ -221,60 +221,43 @@ def import_hf(size: str, out: Path, source: str | Path | None = None, progress: 
 
 
 def checkpoint_problems(ckpt: Path) -> list[str]:
-    """Why ``ckpt`` is not a complete NeMo 2 checkpoint (empty list when it is)."""
+    """Why ``ckpt`` is not a complete engine checkpoint (empty list when it is).
+
+    The same checks resume uses (:func:`ellama_recipes.engine.resume.checkpoint_content_problem`: context,
+    weights metadata, every listed shard present and long enough), plus the trainer's ``-unfinished`` marker.
+    """
+    from ellama_recipes.engine.resume import checkpoint_content_problem
+
     ckpt = Path(ckpt)
     problems = []
     marker = Path(str(ckpt) + UNFINISHED_SUFFIX)
     if marker.exists():
         problems.append(f"the trainer's unfinished marker {marker.name} exists (save was interrupted)")
-    w, c = ckpt / "weights", ckpt / "context"
-    if not w.is_dir():
-        problems.append("weights/ is missing")
+    if not ckpt.resolve().is_dir():
+        problems.append(f"it points to {ckpt.resolve()}, which does not exist")
     else:
-        for f in (".metadata", "metadata.json"):
-            if not (w / f).is_file() or (w / f).stat().st_size == 0:
-                problems.append(f"weights/{f} is missing or empty")
-        if not list(w.glob("*.distcp")):
-            problems.append("weights/ has no *.distcp shard files")
-        if (w / ".metadata").is_file() and (w / ".metadata").stat().st_size:
-            problems.extend(_missing_shards(w))
-        meta = w / "metadata.json"
-        if meta.is_file():
-            try:
-                json.loads(meta.read_text())
-            except json.JSONDecodeError:
-                problems.append("weights/metadata.json is not valid JSON")
-    if not c.is_dir():
-        problems.append("context/ is missing")
-    elif not (c / "io.json").is_file():
-        problems.append("context/io.json is missing")
+        content = checkpoint_content_problem(ckpt.resolve())
+        if content:
+            problems.append(content)
     return problems
 
 
-def _missing_shards(weights: Path) -> list[str]:
-    """Shard files the torch-distributed-checkpoint index (.metadata) refers to that are absent or empty."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        meta = dcp.FileSystemReader(str(weights)).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - an unreadable index is the problem being reported
-        return [f"weights/.metadata is unreadable ({type(exc).__name__})"]
-    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()}
-    return [f"weights/{f} is missing or empty (listed in weights/.metadata)"
-            for f in sorted(x for x in files if x) if not (weights / f).is_file() or not (weights / f).stat().st_size]
-
-
-def _step_of(p: Path) -> int:
-    m = re.search(r"step=(\d+)", p.name)
-    return int(m.group(1)) if m else -1
+def _is_checkpoint_dir(p: Path) -> bool:
+    return (p / "weights").exists() or (p / "context").exists()
 
 
 def resolve_checkpoint(path: Path, *, echo=None) -> Path:
-    """A checkpoint dir, or a run dir -> its latest COMPLETE checkpoint. Incomplete ones are skipped with a message."""
+    """A checkpoint dir, or a run dir -> its latest COMPLETE checkpoint. Incomplete ones are skipped with a message.
+
+    A run dir is searched one level deep only: ``RUN/checkpoints/*`` (the trainer's layout) and ``RUN/*``; never an
+    arbitrary tree, so a stray checkpoint elsewhere is never exported by accident.
+    """
+    from ellama_recipes.engine.resume import checkpoint_step
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"--from {path} does not exist; pass an engine checkpoint dir (weights/ + context/) or a run dir.")
-    if (path / "weights").exists() or (path / "context").exists():
+    if _is_checkpoint_dir(path):
         problems = checkpoint_problems(path)
         if problems:
             raise UserError(
@@ -282,11 +265,19 @@ def resolve_checkpoint(path: Path, *, echo=None) -> Path:
                 "latest complete one) or re-run the step that wrote it.", problems=problems,
             )
         return path
-    candidates = [p.parent for p in path.rglob("weights") if p.is_dir()]
+    seen, candidates = set(), []
+    for parent in (path / "checkpoints", path):
+        if not parent.is_dir():
+            continue
+        for c in sorted(parent.iterdir()):
+            key = c.resolve()
+            if (c.is_dir() or c.is_symlink()) and key not in seen and (_is_checkpoint_dir(c) or c.is_symlink()):
+                seen.add(key)
+                candidates.append(c)
     if not candidates:
         raise UserError(
-            f"No checkpoint under {path}: expected weights/ + context/ here or under {path}/checkpoints/. "
-            "Pass the directory written by `ellama import-hf` or `ellama pretrain`."
+            f"No checkpoint under {path}: expected weights/ + context/ here, under {path}/checkpoints/<name>/ or "
+            f"{path}/<name>/. Pass the directory written by `ellama import-hf` or `ellama pretrain`."
         )
     complete, skipped = [], []
     for c in candidates:
@@ -298,7 +289,7 @@ def resolve_checkpoint(path: Path, *, echo=None) -> Path:
     if not complete:
         raise UserError(f"Every checkpoint under {path} is partial or corrupt:",
                         problems=[f"{c}: {'; '.join(p)}" for c, p in skipped])
-    complete.sort(key=lambda cp: (_step_of(cp[0]), (cp[0] / "weights" / ".metadata").stat().st_mtime))
+    complete.sort(key=lambda cp: (checkpoint_step(cp[0]) or -1, (cp[0] / "weights" / ".metadata").stat().st_mtime))
     return complete[-1][0]
 
 

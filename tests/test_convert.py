@@ -379,7 +379,7 @@ def test_run_dir_picks_latest_complete_checkpoint(imported, work):
     got = resolve_checkpoint(run, echo=msgs.append)
     assert got.name.endswith("step=3-consumed_samples=8.0")
     assert len(msgs) == 3 and all("skipping incomplete checkpoint" in m for m in msgs)
-    assert any(shard.name in m and "missing or empty" in m for m in msgs)
+    assert any(shard.name in m and "truncated" in m for m in msgs)
     with pytest.raises(UserError, match="partial or corrupt"):
         resolve_checkpoint(newest)
 
@@ -407,3 +407,11 @@ def test_import_dryrun_writes_nothing(work, capsys):
     assert plan["source"] == {"kind": "hub", "repo": "meta-llama/Llama-3.1-8B", "allow_patterns": plan["source"][
         "allow_patterns"], "token": plan["source"]["token"]}
     assert "*.safetensors" in plan["source"]["allow_patterns"] and not out.exists()
+
+
+def test_run_dir_search_is_one_level_deep(tmp_path):
+    """A stray checkpoint deep inside an unrelated tree is never picked (only RUN/checkpoints/* and RUN/*)."""
+    (tmp_path / "a" / "b" / "ckpt" / "weights").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "ckpt" / "context").mkdir()
+    with pytest.raises(UserError, match="No checkpoint under"):
+        resolve_checkpoint(tmp_path)

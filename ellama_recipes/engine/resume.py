@@ -11,6 +11,7 @@ resumes from the one with the highest step that is complete. With no usable chec
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -43,12 +44,27 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return "not a checkpoint directory name (no --step=N-)"
     if not real.is_dir():
         return f"missing: it points to {real}, which does not exist"
+    return checkpoint_content_problem(real)
+
+
+def checkpoint_content_problem(real: str | Path) -> str | None:
+    """Why the checkpoint directory ``real`` is incomplete (None when complete); no naming rules.
+
+    Shared by resume (trainer checkpoints) and ``ellama export-hf`` (any checkpoint this package writes, imported
+    ones included): ``context/io.json``; ``weights/`` with ``metadata.json``, ``common.pt`` and ``.metadata``;
+    every shard ``.metadata`` lists exists and is long enough for its byte ranges.
+    """
+    real = Path(real)
     weights, context = real / "weights", real / "context"
     if not (context / "io.json").is_file():
         return "corrupt: context/io.json is missing"
     for name in ("metadata.json", "common.pt", ".metadata"):
         if not (weights / name).is_file():
             return f"corrupt: weights/{name} is missing"
+    try:
+        json.loads((weights / "metadata.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "corrupt: weights/metadata.json is not valid JSON"
     try:
         with open(weights / ".metadata", "rb") as f:
             meta = pickle.load(f)
