@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from ellama_recipes.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
 from ellama_recipes.sizes import SIZES, get_size
 
@@ -38,23 +35,9 @@ UNFINISHED_SUFFIX = "-unfinished"  # nemo.lightning.pytorch.callbacks.ModelCheck
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a hidden temp dir next to ``out``; rename it to ``out`` on success, delete it on any failure."""
-    out = Path(out)
-    if out.exists():
-        raise UserError(f"Output {out} already exists; choose a new --out or remove it first.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            raise UserError(f"Output {out} appeared while converting (another process?); nothing was overwritten.")
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def atomic_dir(out: Path):
+    """The output folder written atomically; an existing ``out`` is an error (an export never overwrites)."""
+    return _atomic_dir(out, replace=False)
 
 
 def _progress(enabled: bool):

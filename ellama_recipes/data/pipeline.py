@@ -21,11 +21,7 @@ Every stage checks records in == records out + rejected and raises if not.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +31,7 @@ from ellama_recipes.data.clean import CleanConfig, StageStats, clean
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
+from ellama_recipes.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
 
 CLASSIFY_MAX_TRAIN = 20_000  # general docs used for cross-fitted training; the rest are scored by the final model
@@ -120,30 +117,9 @@ def _read_jsonl(path: Path):
             yield json.loads(line)
 
 
-@contextlib.contextmanager
 def atomic_dir(out: Path):
-    """Yield a fresh temp folder beside ``out``; on success it replaces ``out`` (old content removed only after the
-    new folder is in place); on failure it is deleted and ``out`` is untouched."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is a file. Pass a folder path.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """The output folder written atomically; an existing one is replaced only once the new one is complete."""
+    return _atomic_dir(out, replace=True)
 
 
 def clean_stage(paths: list[Path], kind: str, cfg: CleanConfig, rejects_path: Path, out_path: Path | None,
