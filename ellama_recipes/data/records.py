@@ -154,13 +154,17 @@ def iter_file(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject | Non
             except json.JSONDecodeError as exc:
                 yield None, Reject(MALFORMED_JSON, src, f"{exc.msg} at column {exc.colno}")
                 continue
-            try:
-                rec = validate(obj, kind)
-            except RecordError as exc:
-                yield None, Reject(exc.reason, src, exc.detail)
-                continue
-            rec["_src"] = src
-            yield rec, None
+            yield _validated(obj, kind, src)
+
+
+def _validated(obj: object, kind: str, src: str) -> tuple[dict | None, Reject | None]:
+    """(record tagged with its source line, None), or (None, the reject) when ``obj`` fails the schema."""
+    try:
+        rec = validate(obj, kind)
+    except RecordError as exc:
+        return None, Reject(exc.reason, src, exc.detail)
+    rec["_src"] = src
+    return rec, None
 
 
 def _iter_parquet(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject | None]]:
@@ -178,13 +182,7 @@ def _iter_parquet(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject |
             obj = {k: v for k, v in obj.items() if v is not None}
             if kind == "domain" and isinstance(obj.get("attributes"), list):  # parquet map type -> list of pairs
                 obj["attributes"] = dict(obj["attributes"])
-            try:
-                rec = validate(obj, kind)
-            except RecordError as exc:
-                yield None, Reject(exc.reason, src, exc.detail)
-                continue
-            rec["_src"] = src
-            yield rec, None
+            yield _validated(obj, kind, src)
 
 
 def render(rec: dict) -> str:

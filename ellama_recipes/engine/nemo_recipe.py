@@ -141,23 +141,18 @@ def precision_plugin(cfg: PretrainConfig) -> run.Config:
     from nemo.lightning.pytorch.plugins.mixed_precision import MegatronMixedPrecision
 
     pr = cfg.precision
-    if pr.mode == "fp32":
-        return run.Config(
-            MegatronMixedPrecision,
-            precision="32",
-            params_dtype=torch.float32,
-            pipeline_dtype=torch.float32,
-            autocast_enabled=False,
-            grad_reduce_in_fp32=True,
-        )
+    full = pr.mode == "fp32"
+    dtype = torch.float32 if full else torch.bfloat16
     plugin = run.Config(
         MegatronMixedPrecision,
-        precision="bf16-mixed",
-        params_dtype=torch.bfloat16,
-        pipeline_dtype=torch.bfloat16,
+        precision="32" if full else "bf16-mixed",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         autocast_enabled=False,
         grad_reduce_in_fp32=True,
     )
+    if full:
+        return plugin
     if pr.mode == "fp8":
         plugin.fp8 = "hybrid"
         plugin.fp8_param_gather = pr.fp8_param_gather
