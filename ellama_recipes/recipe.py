@@ -378,6 +378,15 @@ class PretrainConfig:
         return _from_dict(cls, d)
 
 
+def local_gpu_capability() -> tuple[int, int] | None:
+    """Compute capability of this host's first CUDA device (None without one): the FP8 launch check's input."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------- build
 def build_pretrain_config(
     size: str,

@@ -82,14 +82,6 @@ def pretrain(
     _launch(cfg)
 
 
-def _gpu_capability() -> tuple[int, int] | None:
-    import torch
-
-    if torch.cuda.is_available():
-        return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
-    return None
-
-
 def _check_inputs(cfg) -> None:
     from ellama_recipes.errors import UserError
 
@@ -106,9 +98,10 @@ def _check_inputs(cfg) -> None:
 
 def _launch(cfg) -> None:
     from ellama_recipes import launch
+    from ellama_recipes.recipe import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
-    cfg.validate(at_launch=True, gpu_capability=_gpu_capability())
+    cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
     _check_inputs(cfg)
     partial = None if launch.in_process(cfg) else get_recipe("pretrain")(cfg)
     result = launch.launch(cfg, partial)

@@ -342,9 +342,7 @@ def apply_training_redirects() -> None:
     """Every runtime redirect ``llm.pretrain`` needs in one CPU process (idempotent; no-op with CUDA)."""
     if torch.cuda.is_available():
         return
-    redirect_cuda_synchronize()
-    redirect_cuda_current_device()
-    redirect_fix_tensors_device()
+    apply_conversion_redirects()  # loading/saving checkpoints happens in training too
     redirect_cuda_stream()
     redirect_fp32_optimizer_scale()
     redirect_grad_clipping()

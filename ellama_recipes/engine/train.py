@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import PretrainConfig
+from ellama_recipes.recipe import PretrainConfig, local_gpu_capability
 
 
 def run_local(cfg: PretrainConfig) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def run_local(cfg: PretrainConfig) -> dict[str, Any]:
 
     from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
 
-    cfg.validate(at_launch=True, gpu_capability=_gpu_capability())
+    cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
     src = cfg.checkpoint.restore_from
     if src and not ((Path(src) / "weights").is_dir() and (Path(src) / "context").is_dir()):
         raise UserError(
@@ -70,9 +70,3 @@ def summarize(out: str | Path) -> dict[str, Any]:
         "out_dir": str(out),
         "metrics": str(metrics),
     }
-
-
-def _gpu_capability() -> tuple[int, int] | None:
-    if not torch.cuda.is_available():
-        return None
-    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
