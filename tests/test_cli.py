@@ -12,7 +12,7 @@ REQUIRED = {"pretrain", "align", "export-hf", "import-hf", "data", "eval", "plan
 
 
 def _all_commands():
-    from ellama_recipes.cli.main import app
+    from ellama_recipes.cli.app import app
 
     root = typer.main.get_command(app)
     paths = []

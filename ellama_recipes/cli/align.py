@@ -1,7 +1,7 @@
 """`ellama align`: SFT then DPO (not yet available)."""
 
 from ellama_recipes.cli.common import not_yet
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 
 
 @app.command(

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ellama_recipes.cli.common import console, err_console, print_json
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 
 
 def _reflow(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from ellama_recipes.cli.common import console, print_json
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 from ellama_recipes.errors import UserError
 
 data_app = typer.Typer(

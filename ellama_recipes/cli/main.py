@@ -1,6 +1,7 @@
 """Entry point of the `ellama` console script.
 
-Every command group lives in its own module and registers itself on ``app``. User mistakes raise
+Every command group lives in its own module and registers itself on ``app``
+(:mod:`ellama_recipes.cli.app`). User mistakes raise
 :class:`ellama_recipes.errors.UserError`; :func:`main` prints them as one paragraph on stderr and exits 2.
 """
 
@@ -15,34 +16,8 @@ try:  # typer >= 0.2x vendors its own click
 except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import ClickException
 
-from ellama_recipes import __version__
+from ellama_recipes.cli.app import app
 from ellama_recipes.errors import EXIT_USAGE, UserError
-
-app = typer.Typer(
-    name="ellama",
-    help=(
-        "Domain-adapt Llama 3.1 the e-Llama way: prepare and blend data, continued pretraining on NeMo/Megatron, "
-        "SFT + DPO, export to Hugging Face.\n\n"
-        "Example:  ellama pretrain --size 70b --nodes 60 --dryrun"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"ellama-recipes {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-) -> None:
-    pass
 
 
 def _register() -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ellama_recipes.cli.common import console, print_json
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 
 HELP = """Tokens, steps, per-GPU memory, GPU-hours and wall-clock for a size, GPU count and token budget.
 

@@ -13,7 +13,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ellama_recipes.cli.common import console, print_json
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 
 HELP = """Continued pretraining of Llama 3.1 on NeMo/Megatron (e-Llama recipe).
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ellama_recipes.cli.common import console, print_json
-from ellama_recipes.cli.main import app
+from ellama_recipes.cli.app import app
 
 HELP = """The whole chain on the tiny model and the bundled sample data, on CPU, in minutes.
 
