@@ -13,7 +13,7 @@ import pytest
 from ellama_recipes.data import records as R
 from ellama_recipes.data.blend import make_manifest, parse_ratio
 from ellama_recipes.data.clean import CleanConfig, StageStats, clean, normalize_text
-from ellama_recipes.data.sample import sample_dir
+from ellama_recipes.data.bundled import sample_dir
 from ellama_recipes.data.serialize import MixConfig, product_ids, serialize
 from ellama_recipes.data.tokenizer_train import sample_texts, train_tokenizer
 from ellama_recipes.errors import UserError

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from ellama_recipes.data import sample
+from ellama_recipes.data.bundled import sample_dir
 from ellama_recipes.data.tokenizer_train import SPECIAL_TOKENS, sample_texts, train_tokenizer
 from ellama_recipes.sizes import get_size
 
@@ -18,14 +23,44 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*.jsonl"))}
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _generator():
+    """tools/make_sample.py (not part of the installed package), loaded from the checkout."""
+    spec = importlib.util.spec_from_file_location("make_sample", REPO / "tools/make_sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_sample_generator_is_deterministic_and_matches_bundled(tmp_path):
-    sample.generate(tmp_path)
-    assert _digest(tmp_path) == _digest(sample.sample_dir()), \
-        "bundled sample_data differs from `python -m ellama_recipes.data.sample`; regenerate and commit it"
+    _generator().generate(tmp_path)
+    assert _digest(tmp_path) == _digest(sample_dir()), \
+        "bundled sample_data differs from `python tools/make_sample.py`; regenerate and commit it"
+
+
+def test_sample_data_is_package_data_and_generator_is_not(tmp_path):
+    """The wheel ships sample_data/ (found through importlib.resources) and no generator code."""
+    src = tmp_path / "src"  # build a copy: setuptools writes build/ and *.egg-info next to pyproject.toml
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for name in ("ellama_recipes", "tools"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = (tmp_path / "dist").glob("ellama_recipes-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    bundled = {str(p.relative_to(sample_dir().parent.parent)) for p in sample_dir().rglob("*.jsonl")}
+    assert bundled and bundled <= names, sorted(bundled - names)[:5]
+    assert "ellama_recipes/data/bundled.py" in names
+    assert not [n for n in names if n.startswith("tools/") or n.endswith("make_sample.py")]
 
 
 def test_sample_shape():
-    root = sample.sample_dir()
+    root = sample_dir()
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert 1_000_000 < total < 5_000_000
     products = [json.loads(x) for x in (root / "domain/products.jsonl").read_text().splitlines()]

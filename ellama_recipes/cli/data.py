@@ -271,6 +271,7 @@ def tokenize_cmd(
 ) -> None:
     import os
 
+    from ellama_recipes.data.manifest import write_source_sidecar
     from ellama_recipes.data.pipeline import RejectSink, _Progress
     from ellama_recipes.data.records import expand_paths
     from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
@@ -307,8 +308,7 @@ def tokenize_cmd(
     src_lang = lang or (res.langs.most_common(1)[0][0] if res.langs else "und")
     for ext in (".bin", ".idx"):
         os.replace(str(tmp_prefix) + ext, str(out) + ext)
-    meta = {"side": side, "lang": src_lang, "documents": res.documents, "tokens": res.tokens}
-    (out.parent / f"{out.name}.source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_source_sidecar(out, side, src_lang, res.documents, res.tokens)
     console.print(f"Wrote {out}.bin/.idx: {res.documents} documents, {res.tokens} tokens"
                   + (f"; rejected {dict(res.rejected)} (see {sink.path})" if res.rejected else "") + ".")
 
@@ -326,7 +326,8 @@ def blend_cmd(
     non_english: float = typer.Option(0.10, "--non-english", help="Non-English share of the general side."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the manifest; do not write it."),
 ) -> None:
-    from ellama_recipes.data.blend import make_manifest, read_source_sidecars, write_json_atomic
+    from ellama_recipes.data.blend import make_manifest
+    from ellama_recipes.data.manifest import read_source_sidecars, write_json_atomic
 
     if not folder.is_dir():
         raise UserError(f"{str(folder)!r} is not a folder. Pass the folder holding the tokenized .bin/.idx files.")
@@ -359,7 +360,8 @@ def train_tokenizer_cmd(
     input: Optional[List[Path]] = typer.Option(None, "--input", help="JSONL files/folders (default: bundled sample)."),
 ) -> None:
     from ellama_recipes.data.pipeline import atomic_dir
-    from ellama_recipes.data.records import expand_paths, iter_jsonl_texts
+    from ellama_recipes.data.clean import iter_jsonl_texts
+    from ellama_recipes.data.records import expand_paths
     from ellama_recipes.data.tokenizer_train import sample_texts, train_tokenizer
 
     if input:

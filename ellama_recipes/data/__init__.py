@@ -5,12 +5,14 @@ Stages (each a module and a subcommand; :func:`ellama_recipes.data.pipeline.buil
 
 - :mod:`~ellama_recipes.data.records`  reading JSONL/Parquet, schema validation, rendering records to text
 - :mod:`~ellama_recipes.data.clean`    NFKC, HTML/boilerplate strip, filters, exact + MinHash-LSH dedup, language id
+  (imports records; records imports nothing of the pipeline)
 - :mod:`~ellama_recipes.data.serialize` EcomGPT-CT graph mix / separate samples
 - :mod:`~ellama_recipes.data.classify` domain classifier (hashed n-gram LR, cross-fitted), mining, precision/recall
 - :mod:`~ellama_recipes.data.tokenize` HF tokenizer -> Megatron .bin/.idx (streaming, multi-process)
-- :mod:`~ellama_recipes.data.blend`    token-aware weights, realized ratios via Megatron's blending index, manifest
+- :mod:`~ellama_recipes.data.blend`    token-aware weights, realized ratios via Megatron's blending index
+- :mod:`~ellama_recipes.data.manifest` ``manifest.json`` and ``*.source.json``: write, read, validate
 - :mod:`~ellama_recipes.data.tokenizer_train` the Llama-3-style tokenizer for the tiny size
-- :mod:`~ellama_recipes.data.sample`   generator of the bundled sample data (``ellama_recipes/sample_data``)
+- :mod:`~ellama_recipes.data.bundled`  where the bundled sample lives (``sample_dir()``; generator: ``tools/make_sample.py``)
 
 Python::
 

@@ -23,15 +23,10 @@ counts are token counts.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 
+from ellama_recipes.data.manifest import SOURCE_KEYS
 from ellama_recipes.errors import UserError
-
-MANIFEST_KEYS = ("blend", "sources", "realized", "rejected")
-SOURCE_KEYS = ("prefix", "side", "lang", "documents", "tokens")
 
 
 def parse_ratio(ratio: str | float) -> float:
@@ -133,22 +128,3 @@ def make_manifest(sources: list[dict], ratio: float | str, non_english: float, r
         "realized": realized(srcs, ws, num_samples),
         "rejected": dict(sorted(rejected.items())),
     }
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_source_sidecars(folder: Path) -> list[dict]:
-    """Sources described by ``*.source.json`` sidecars (written by ``ellama data tokenize``) under ``folder``."""
-    out = []
-    for p in sorted(folder.rglob("*.source.json")):
-        d = json.loads(p.read_text())
-        prefix = str(p.with_name(p.name[: -len(".source.json")]).relative_to(folder))
-        out.append({"prefix": prefix, **{k: d[k] for k in ("side", "lang", "documents", "tokens")}})
-    if not out:
-        raise UserError(f"No tokenized sources (*.source.json beside .bin/.idx) under {str(folder)!r}. Run "
-                        "`ellama data tokenize ... --out FOLDER/NAME --side domain|general` first.")
-    return out

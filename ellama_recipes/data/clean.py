@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ellama_recipes.data.records import TEXT_FIELD, Reject, render
+from ellama_recipes.data.records import TEXT_FIELD, RecordError, Reject, render, validate
 
 # Filter / dedup reasons.
 TOO_SHORT = "too_short"
@@ -67,6 +69,21 @@ def normalize_text(text: str) -> str:
     text = _WS.sub(" ", text)
     text = _NL.sub("\n", text)
     return text.strip()
+
+
+def iter_jsonl_texts(path: Path) -> Iterator[str]:
+    """Rendered text of every valid record in ``path`` (domain or general, by the presence of ``type``), with
+    HTML stripped; invalid lines are skipped (used for tokenizer training only, not for the accounted pipeline)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                rec = validate(obj, "domain" if isinstance(obj, dict) and "type" in obj else "general")
+            except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
+                continue
+            fld = TEXT_FIELD[rec["type"]]
+            rec[fld] = normalize_text(rec[fld])
+            yield render(rec)
 
 
 def quality_problem(text: str, min_chars: int, max_chars: int) -> tuple[str, str] | None:

@@ -25,9 +25,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio, write_json_atomic
+from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio
 from ellama_recipes.data.classify import train_and_evaluate
 from ellama_recipes.data.clean import CleanConfig, StageStats, clean
+from ellama_recipes.data.manifest import write_json_atomic
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files

@@ -203,23 +203,6 @@ def render(rec: dict) -> str:
     return rec["text"]
 
 
-def iter_jsonl_texts(path: Path) -> Iterator[str]:
-    """Rendered text of every valid record in ``path`` (domain or general, by the presence of ``type``), with
-    HTML stripped; invalid lines are skipped (used for tokenizer training only, not for the accounted pipeline)."""
-    from ellama_recipes.data.clean import normalize_text
-
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                rec = validate(obj, "domain" if isinstance(obj, dict) and "type" in obj else "general")
-            except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
-                continue
-            field = TEXT_FIELD[rec["type"]]
-            rec[field] = normalize_text(rec[field])
-            yield render(rec)
-
-
 def iter_text_rows(path: Path) -> Iterator[dict]:
     """``{"text", "lang"}`` rows of any valid line: domain records (by ``type``) are rendered, anything else with a
     ``text`` field (serialized samples, general documents) is taken as is. Invalid lines are skipped."""

@@ -138,8 +138,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 4096)
 def sample_texts() -> Iterator[str]:
     """Texts of the bundled sample, deterministic order: serialized domain records (products with their reviews and
     articles, the way ``serialize`` renders them, HTML stripped) then the general documents."""
-    from ellama_recipes.data.records import iter_jsonl_texts
-    from ellama_recipes.data.sample import sample_dir
+    from ellama_recipes.data.bundled import sample_dir
+    from ellama_recipes.data.clean import iter_jsonl_texts
 
     root = sample_dir()
     for sub in ("domain", "general"):

@@ -1,11 +1,12 @@
-"""Generator of the bundled sample data (``ellama_recipes/sample_data/``).
+"""Generator of the bundled sample data (``ellama_recipes/sample_data/``). Not installed: the package ships the
+generated files (package data) and finds them with ``ellama_recipes.data.bundled.sample_dir()``.
 
 Everything here is authored for this project (word lists and sentence templates below), so the output is
 license-clean (Apache-2.0 like the package). The output is deterministic: the same seed gives byte-identical
 files. Regenerate with::
 
-    python -m ellama_recipes.data.sample            # writes ellama_recipes/sample_data/
-    python -m ellama_recipes.data.sample --out /tmp/s --scale 2
+    python tools/make_sample.py            # writes ellama_recipes/sample_data/
+    python tools/make_sample.py --out /tmp/s --scale 2
 
 Layout written:
 
@@ -659,8 +660,8 @@ def generate(out_dir: Path, *, seed: int = 1234, scale: float = 1.0) -> dict[str
 
 
 def sample_dir() -> Path:
-    """Folder of the bundled sample (inside the installed package)."""
-    return Path(__file__).resolve().parent.parent / "sample_data"
+    """The bundled sample folder in this checkout (the generator's default output)."""
+    return Path(__file__).resolve().parent.parent / "ellama_recipes" / "sample_data"
 
 
 def main(argv: list[str] | None = None) -> None:
