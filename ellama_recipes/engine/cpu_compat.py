@@ -9,6 +9,45 @@ from __future__ import annotations
 
 import torch
 
+# The versions every patch below was written against and is tested against (tests/test_cpu_compat.py checks that
+# the upstream code each one replaces still looks the way it assumes). Another version: refuse, never guess.
+WRITTEN_FOR = {"nemo_toolkit": "2.7.3", "megatron-core": "0.15.3"}
+_checked = False
+
+
+def _installed_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def check_engine_versions() -> None:
+    """Refuse (UserError) unless the installed NeMo / megatron-core are the versions these patches were written for.
+
+    Called by every function here that patches something (only on CUDA-less hosts: with CUDA nothing is patched).
+    """
+    global _checked
+    if _checked:
+        return
+    found = {dist: _installed_version(dist) for dist in WRITTEN_FOR}
+    wrong = {d: v for d, v in found.items() if v != WRITTEN_FOR[d]}
+    if wrong:
+        from ellama_recipes.errors import UserError
+
+        have = ", ".join(f"{d} {v or 'not installed'}" for d, v in found.items())
+        want = ", ".join(f"{d} {v}" for d, v in WRITTEN_FOR.items())
+        raise UserError(
+            f"The CPU path (ellama_recipes/engine/cpu_compat.py) patches NeMo and megatron-core internals and was "
+            f"written for {want}; this environment has {have}. On other versions the patches could silently do the "
+            f"wrong thing, so nothing was run. Fix: install the pinned versions (pip install -c constraints.txt -e .), "
+            f"or run on a CUDA GPU (nothing is patched there), or port cpu_compat.py and its upstream-shape checks in "
+            f"tests/test_cpu_compat.py to the new versions and update WRITTEN_FOR."
+        )
+    _checked = True
+
 
 def redirect_cuda_synchronize() -> None:
     """``torch.cuda.synchronize()`` -> no-op without CUDA.
@@ -19,6 +58,7 @@ def redirect_cuda_synchronize() -> None:
     """
     if torch.cuda.is_available() or getattr(torch.cuda.synchronize, "_ellama_cpu", False):
         return
+    check_engine_versions()
 
     def synchronize(device=None) -> None:  # noqa: ARG001
         return None
@@ -36,6 +76,7 @@ def redirect_cuda_current_device() -> None:
     """
     if torch.cuda.is_available() or getattr(torch.cuda.current_device, "_ellama_cpu", False):
         return
+    check_engine_versions()
 
     def current_device() -> str:
         return "cpu"
@@ -54,6 +95,7 @@ def redirect_fix_tensors_device() -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from nemo.lightning.io import pl as nemo_io_pl
 
     if getattr(nemo_io_pl._fix_tensors_device, "_ellama_cpu", False):
@@ -70,6 +112,7 @@ def apply_conversion_redirects() -> None:
     """Redirects the HF import/export path needs on a CUDA-less host (idempotent; no-op with CUDA)."""
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     redirect_cuda_synchronize()
     redirect_cuda_current_device()
     redirect_fix_tensors_device()
@@ -104,6 +147,7 @@ def adapt_pretrain_partial(partial) -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from ellama_recipes.errors import UserError
 
     plugin = partial.trainer.plugins
@@ -211,6 +255,7 @@ def redirect_cuda_stream() -> None:
     """
     if torch.cuda.is_available() or getattr(torch.cuda.Stream, "_ellama_cpu", False):
         return
+    check_engine_versions()
 
     def Stream(*args, **kwargs):  # noqa: N802, ARG001
         return None
@@ -224,6 +269,7 @@ def redirect_fp32_optimizer_scale() -> None:
     ``device='cuda'``; this runs the same constructor with the scale on the CPU."""
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from megatron.core.optimizer import optimizer as mo
 
     if getattr(mo.FP32Optimizer.__init__, "_ellama_cpu", False):
@@ -248,6 +294,7 @@ def redirect_grad_clipping() -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from megatron.core.optimizer import optimizer as mo
     from megatron.core.utils import to_local_if_dtensor
 
@@ -290,6 +337,7 @@ def redirect_schedule_buffers() -> None:
     allocate ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")``: CPU there."""
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from megatron.core.pipeline_parallel import schedules
 
     _redirect_module_cuda_factories(schedules)
@@ -304,6 +352,7 @@ def redirect_step_logging() -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from nemo.lightning.pytorch.plugins import data_sampler
     from nemo.lightning.pytorch.strategies import megatron_strategy
 
@@ -322,6 +371,7 @@ def redirect_rng_tracker() -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from nemo.lightning import megatron_init
 
     if getattr(megatron_init._set_random_seed, "_ellama_cpu", False):
@@ -342,6 +392,7 @@ def apply_training_redirects() -> None:
     """Every runtime redirect ``llm.pretrain`` needs in one CPU process (idempotent; no-op with CUDA)."""
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     apply_conversion_redirects()  # loading/saving checkpoints happens in training too
     redirect_cuda_stream()
     redirect_fp32_optimizer_scale()
@@ -349,3 +400,17 @@ def apply_training_redirects() -> None:
     redirect_schedule_buffers()
     redirect_step_logging()
     redirect_rng_tracker()
+
+
+def prepare_cpu_process() -> None:
+    """Everything a CPU run needs in THIS process, in one call: the version guard, then every runtime redirect
+    (training + checkpoint load/save). Call it first thing in each process that runs engine code on a CUDA-less
+    host, e.g. in every torchrun-launched rank before the partial is built and run; idempotent; a no-op with CUDA.
+
+    The partial's own CPU changes (fusions off, CPU init, the device-aware data step, cpu accelerator) are
+    :func:`adapt_pretrain_partial`, applied once where the partial is built; they travel inside it.
+    """
+    if torch.cuda.is_available():
+        return
+    check_engine_versions()
+    apply_training_redirects()
