@@ -1,24 +1,35 @@
-"""Launching a built recipe on a NeMo-Run executor (separate from building it: DESIGN.md practice 5).
+"""Launching a stage's partial on a NeMo-Run executor (separate from building it: DESIGN.md practice 5).
 
-- ``local``: one node. World size 1 runs in this process (the tiny CPU run); more GPUs run under torchrun through
-  ``nemo_run.LocalExecutor(launcher="torchrun")``. With ``--nodes N > 1`` the dry run prints the torchrun command to
-  start on every node (set NODE_RANK, MASTER_ADDR, MASTER_PORT there), e.g. from your own scheduler.
+Stage-agnostic: the recipe comes from the registry (``get_recipe(cfg.stage)``), the partial from its
+``build_partial``; names (experiment ``ellama-<run_name>-<size>``, task ``<stage>``) from the recipe.
+
+- ``local``: one node. World size 1 runs in this process. More ranks run under torchrun through
+  ``nemo_run.LocalExecutor(launcher="torchrun")``; ``torchrun`` is the one next to this interpreter
+  (``sys.executable``'s bin folder, put first on the launched command's PATH), never whatever PATH holds.
+  On a host without CUDA, a size with ``cluster.cpu_fallback`` runs its ranks as CPU processes over gloo (the same
+  partial; :func:`ellama_recipes.engine.train.prepare_rank` applies the CPU redirects in every rank).
+  With ``--nodes N > 1`` the command has to be started on every node: NeMo-Run reads NODE_RANK, MASTER_ADDR and
+  MASTER_PORT from the environment, so a real launch refuses to start without them.
 - ``slurm``: ``nemo_run.SlurmExecutor`` with torchrun inside a NeMo container (``cluster.container_image``), one
-  sbatch job for all nodes. The dry run prints the sbatch script NeMo-Run would submit.
+  sbatch job for all nodes.
+
+:func:`render` (the dry run) and :func:`launch` build the same executor and experiment through :func:`_experiment`;
+the dry run prints the command / sbatch script NeMo-Run materializes from them, unedited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shlex
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import PretrainConfig
+from ellama_recipes.recipe import TrainConfig
+
+MULTI_NODE_ENV = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -26,26 +37,66 @@ class LaunchPlan:
     executor: str  # "in-process", "local" or "slurm"
     command: str | None = None  # torchrun command line (local)
     script: str | None = None  # sbatch script (slurm)
+    script_file: str | None = None  # where the sbatch script was written (slurm)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"executor": self.executor, "command": self.command, "script": self.script, "notes": self.notes}
+        return {
+            "executor": self.executor,
+            "command": self.command,
+            "script": self.script,
+            "script_file": self.script_file,
+            "notes": self.notes,
+        }
 
 
-def in_process(cfg: PretrainConfig) -> bool:
+def in_process(cfg: TrainConfig) -> bool:
     return cfg.cluster.executor == "local" and cfg.cluster.world_size == 1
 
 
-def job_dir(cfg: PretrainConfig) -> str:
-    return cfg.cluster.job_dir or str(Path(cfg.checkpoint.out_dir).absolute() / "launch")
+def job_dir(cfg: TrainConfig) -> str:
+    """Where NeMo-Run writes the launch (serialized task, torchrun / sbatch scripts, logs): ``RUN/launch``."""
+    return cfg.cluster.job_dir or str(Path(cfg.checkpoint.out_dir).expanduser().absolute() / "launch")
 
 
-def make_executor(cfg: PretrainConfig, *, job_dir_override: str | None = None) -> Any:
+def torchrun_path() -> Path:
+    """The ``torchrun`` of this interpreter's environment (never looked up on PATH)."""
+    path = Path(sys.executable).parent / "torchrun"
+    if not path.is_file():
+        raise UserError(
+            f"torchrun was not found next to this Python ({sys.executable}): expected {path}. "
+            "Fix: install torch into this environment (`pip install -c constraints.txt -e .`)."
+        )
+    return path
+
+
+def launch_problems(cfg: TrainConfig) -> list[str]:
+    """Launch-time checks that depend on this host's environment, not on the config."""
+    c = cfg.cluster
+    if c.executor == "local" and c.num_nodes > 1:
+        missing = [k for k in MULTI_NODE_ENV if not os.environ.get(k)]
+        if missing:
+            return [
+                f"--nodes {c.num_nodes} with the local executor starts torchrun on THIS node only, and "
+                f"{', '.join(missing)} is not set. Fix: start the same command on each node with NODE_RANK=0.."
+                f"{c.num_nodes - 1}, MASTER_ADDR=<node 0 address> and MASTER_PORT=29500 set, or use --executor slurm."
+            ]
+    return []
+
+
+def make_executor(cfg: TrainConfig) -> Any:
     import nemo_run as run
 
     c = cfg.cluster
     if c.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=c.gpus_per_node, nodes=c.num_nodes, launcher="torchrun")
+        bin_dir = str(torchrun_path().parent)
+        return run.LocalExecutor(
+            ntasks_per_node=c.gpus_per_node,
+            nodes=c.num_nodes,
+            launcher="torchrun",
+            # torchrun (the role's entrypoint) and the ranks' python resolve from this environment first.
+            env_vars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
+        )
     if c.executor == "slurm":
         return run.SlurmExecutor(
             account=c.slurm_account or "",
@@ -58,81 +109,148 @@ def make_executor(cfg: PretrainConfig, *, job_dir_override: str | None = None) -
             exclusive=True,
             mem="0",
             packager=run.Packager(),  # the container has ellama-recipes installed (see Dockerfile)
-            tunnel=run.LocalTunnel(job_dir=job_dir_override or job_dir(cfg)),
+            tunnel=run.LocalTunnel(job_dir=job_dir(cfg)),
             launcher="torchrun",
             env_vars={"TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NVTE_FUSED_ATTN": "1", "NVTE_FLASH_ATTN": "1"},
         )
     raise UserError(f"Unknown executor {c.executor!r}. Valid executors: local, slurm.")
 
 
-def _experiment_name(cfg: PretrainConfig) -> str:
-    return f"ellama-cpt-{cfg.size}"
+@contextlib.contextmanager
+def _experiment(cfg: TrainConfig, partial: Any, base_dir: str) -> Iterator[Any]:
+    """The NeMo-Run experiment of this launch (the one code path of the dry run and the real launch)."""
+    import nemo_run as run
+
+    from ellama_recipes.recipes import get_recipe
+
+    recipe = get_recipe(cfg.stage)
+    old_home, old_stdin = os.environ.get("NEMORUN_HOME"), sys.stdin
+    os.environ["NEMORUN_HOME"] = base_dir
+    # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one so it works
+    # without a terminal (CI, pytest capture).
+    sys.stdin = open(os.devnull)  # noqa: SIM115
+    try:
+        with run.Experiment(
+            recipe.experiment_name(cfg), executor=make_executor(cfg), log_level="ERROR", base_dir=base_dir
+        ) as exp:
+            exp.add(partial, name=recipe.name)
+            yield exp
+    finally:
+        sys.stdin.close()
+        sys.stdin = old_stdin
+        if old_home is None:
+            os.environ.pop("NEMORUN_HOME", None)
+        else:
+            os.environ["NEMORUN_HOME"] = old_home
 
 
-def render(cfg: PretrainConfig, partial: Any) -> LaunchPlan:
-    """What launching would do, without launching: the torchrun command or the sbatch script."""
+def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
+    """What launching would do, without launching: the torchrun command or the sbatch script (as NeMo-Run
+    materializes them for the real launch)."""
+    import tempfile
+
     if in_process(cfg):
         return LaunchPlan(
             executor="in-process",
             command=None,
-            notes=["world size 1: llm.pretrain runs in this process (CPU smoke mode when no CUDA device exists)."],
+            notes=["world size 1: the stage runs in this process (CPU processes when no CUDA device exists)."],
         )
-    import nemo_run as run
-
     with tempfile.TemporaryDirectory(prefix="ellama-dryrun-") as tmp:
-        old_home, old_stdin = os.environ.get("NEMORUN_HOME"), sys.stdin
-        os.environ["NEMORUN_HOME"] = tmp
-        # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one so a
-        # dry run works without a terminal (CI, pytest capture).
-        sys.stdin = open(os.devnull)  # noqa: SIM115
-        try:
-            executor = make_executor(cfg, job_dir_override=str(Path(job_dir(cfg))))
-            with run.Experiment(_experiment_name(cfg), executor=executor, log_level="ERROR", base_dir=tmp) as exp:
-                exp.add(partial, name="pretrain")
-                exp.dryrun(log=False, delete_exp_dir=True)
-                info = exp.jobs[0]._dryrun_info
-        finally:
-            sys.stdin.close()
-            sys.stdin = old_stdin
-            if old_home is None:
-                os.environ.pop("NEMORUN_HOME", None)
-            else:
-                os.environ["NEMORUN_HOME"] = old_home
-    if cfg.cluster.executor == "slurm":
-        notes = []
-        if not cfg.cluster.slurm_account:
-            notes.append("cluster.slurm_account is empty: set it with cluster.slurm_account=NAME if your cluster needs one.")
-        return LaunchPlan(executor="slurm", script=info.request.materialize(), notes=notes)
-    # The serialized config lives in NeMo-Run's experiment dir, written at launch (the dry run used a temp one).
-    args = [a.replace(tmp, "$NEMORUN_HOME") for a in info.request.role_params["pretrain"][0].args]
-    notes = ["The task config is serialized under $NEMORUN_HOME/experiments/ (default ~/.nemo_run) at launch."]
+        with _experiment(cfg, partial, tmp) as exp:
+            exp.dryrun(log=False, delete_exp_dir=True)
+            info = exp.jobs[0]._dryrun_info
+        if cfg.cluster.executor == "slurm":
+            notes = [
+                f"Slurm time limit cluster.slurm_time={cfg.cluster.slurm_time}: at the limit Slurm stops the job; "
+                "re-submitting the same command resumes from the newest complete checkpoint in "
+                f"{Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'checkpoints'} (checkpoint.save_every="
+                f"{cfg.checkpoint.save_every} steps bounds the lost work).",
+            ]
+            if not cfg.cluster.slurm_account:
+                notes.append(
+                    "cluster.slurm_account is empty: set it with cluster.slurm_account=NAME if your cluster needs one."
+                )
+            script = info.request.materialize().replace(tmp, job_dir(cfg))
+            return LaunchPlan(executor="slurm", script=script, notes=notes)
+        role = info.request.role_params[cfg.stage][0]
+        args = [a.replace(tmp, job_dir(cfg)) for a in role.args]
+        entry = str(torchrun_path()) if Path(role.args[0]).name == "torchrun" else role.args[0]
+    notes = [
+        f"The launch writes the serialized task and torchrun's logs under {job_dir(cfg)}/experiments/; ranks > 0 "
+        f"log to {Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'logs'}/rank-N.log.",
+    ]
     if cfg.cluster.num_nodes > 1:
-        args = _multi_node_torchrun(args)
-        notes.append(
-            f"Start this command on each of the {cfg.cluster.num_nodes} nodes with NODE_RANK=0..{cfg.cluster.num_nodes - 1}, "
-            "MASTER_ADDR=<node 0 address> and MASTER_PORT=29500 set, or use --executor slurm."
-        )
-    return LaunchPlan(executor="local", command=" ".join(shlex.quote(a) if "$" not in a else a for a in args), notes=notes)
+        notes.extend(launch_problems(cfg) or [f"NODE_RANK={os.environ.get('NODE_RANK')} from the environment."])
+    cmd = [entry] + args[1:]
+    return LaunchPlan(executor="local", command=" ".join(cmd), notes=notes)
 
 
-def _multi_node_torchrun(args: list[str]) -> list[str]:
-    out = list(args)
-    for flag, value in (("--node-rank", "$NODE_RANK"), ("--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT")):
-        if flag in out:
-            out[out.index(flag) + 1] = value
-    return out
+def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
+    """Write a Slurm plan's sbatch script to ``RUN/launch/<experiment>.sbatch`` (atomically); sets script_file."""
+    from ellama_recipes.recipes import get_recipe
+
+    if plan.script is None:
+        return plan
+    path = Path(job_dir(cfg)) / f"{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(plan.script)
+    os.replace(tmp, path)
+    plan.script_file = str(path)
+    return plan
 
 
-def launch(cfg: PretrainConfig, partial: Any) -> dict:
-    """Launch for real. In-process runs return the training summary; others return the job handle."""
+def launch(cfg: TrainConfig, partial: Any) -> dict:
+    """Launch for real. In-process runs return the training summary; others the experiment, its job folder and,
+    for local torchrun launches, the final state (a failed job is a UserError naming the failing rank's error)."""
+    problems = launch_problems(cfg)
+    if problems:
+        raise UserError(f"Cannot launch {cfg.title}:", problems=problems)
     if in_process(cfg):
         from ellama_recipes.engine.train import run_local
 
-        return run_local(cfg)
-    import nemo_run as run
+        return run_local(cfg, partial)
+    base = job_dir(cfg)
+    Path(base).mkdir(parents=True, exist_ok=True)
+    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
+    slurm = cfg.cluster.executor == "slurm"
+    with _experiment(cfg, partial, base) as exp:
+        exp.run(detach=slurm, tail_logs=not slurm)
+        job = exp.jobs[0]
+        exp_dir, task_dir = exp._exp_dir, job.executor.job_dir
+        state = str(getattr(job, "state", "UNKNOWN")).rsplit(".", 1)[-1]
+        exp_id = exp._id
+    result = {"experiment": exp_id, "executor": cfg.cluster.executor, "job_dir": task_dir, "experiment_dir": exp_dir}
+    if slurm:
+        return {**result, "state": "SUBMITTED"}
+    if state != "SUCCEEDED":
+        raise UserError(
+            f"The {cfg.title} launch failed (state {state}).", problems=[_failing_rank_error(cfg, task_dir)]
+        )
+    from ellama_recipes.engine.train import summarize
 
-    executor = make_executor(cfg)
-    with run.Experiment(_experiment_name(cfg), executor=executor) as exp:
-        exp.add(partial, name="pretrain")
-        exp.run(detach=cfg.cluster.executor == "slurm", tail_logs=cfg.cluster.executor == "local")
-        return {"experiment": exp._id, "executor": cfg.cluster.executor, "job_dir": job_dir(cfg)}
+    return {**summarize(cfg.checkpoint.out_dir), **result, "state": state}
+
+
+def _failing_rank_error(cfg: TrainConfig, task_dir: str) -> str:
+    """The first failing rank's error: the last traceback in its log (rank 0: torchrun's log, ranks > 0:
+    RUN/logs/rank-N.log)."""
+    logs = sorted((Path(cfg.checkpoint.out_dir).expanduser().absolute() / "logs").glob("rank-*.log"))
+    candidates = [*Path(task_dir).rglob("*.out"), *Path(task_dir).rglob("*.log"), *logs]
+    found = []
+    for path in candidates:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        i = text.rfind("Traceback (most recent call last)")
+        if i >= 0:
+            found.append((path.stat().st_mtime, path, text[i:]))
+    if not found:
+        return f"No traceback found; see the logs under {task_dir} and {Path(cfg.checkpoint.out_dir) / 'logs'}."
+    _, path, tb = min(found, key=lambda x: x[0])  # the earliest failure is the cause; the others follow it
+    tail = "\n".join(tb.strip().splitlines()[-25:])
+    return f"{path}:\n{tail}"
+
+
+__all__ = ["LaunchPlan", "in_process", "job_dir", "launch", "make_executor", "render", "torchrun_path", "write_sbatch"]

@@ -18,7 +18,8 @@ Memory model per GPU (the largest pipeline stage), BF16 weights, Megatron DDP wi
                pipeline stage keeps PP micro-batches of L/PP layers in flight under 1F1B, i.e. L layers' worth,
                times (1 + (PP-1)/(PP*VPP)) with the interleaved schedule
 - logits:      fp32 logits and their gradient on the last stage: 8 bytes x seq * mbs * vocab / (TP * CP)
-- overhead:    CUDA context, NCCL buffers and allocator fragmentation: a flat 5 GiB.
+- overhead:    CUDA context, NCCL buffers and allocator fragmentation: the size row's plan_overhead_gib (5 GiB;
+               0 for a CPU smoke size).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import re
 from dataclasses import dataclass
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import PretrainConfig
+from ellama_recipes.recipe import TrainConfig
+from ellama_recipes.sizes import get_size
 
 GiB = 1024**3
 H100_MEMORY_GIB = 80.0
@@ -76,7 +78,7 @@ class MemoryEstimate:
         )
 
 
-def memory_per_gpu(cfg: PretrainConfig) -> MemoryEstimate:
+def memory_per_gpu(cfg: TrainConfig) -> MemoryEstimate:
     m, s, p = cfg.model, cfg.schedule, cfg.parallel
     tp, pp, cp = p.tensor_parallel, p.pipeline_parallel, p.context_parallel
     vpp = p.virtual_pipeline_parallel or 1
@@ -116,11 +118,11 @@ def memory_per_gpu(cfg: PretrainConfig) -> MemoryEstimate:
         optimizer_gib=optimizer_bytes / GiB,
         activations_gib=activations / GiB,
         logits_gib=logits / GiB,
-        overhead_gib=0.0 if cfg.size == "tiny" else OVERHEAD_GIB,
+        overhead_gib=get_size(cfg.size).plan_overhead_gib,
     )
 
 
-def compute_plan(cfg: PretrainConfig, *, tokens: int | None = None, tflops: float | None = None) -> dict:
+def compute_plan(cfg: TrainConfig, *, tokens: int | None = None, tflops: float | None = None) -> dict:
     """Steps, tokens, memory per GPU, GPU-hours and wall-clock for ``cfg`` (validated by the caller)."""
     s = cfg.schedule
     tokens_per_step = s.tokens_per_step

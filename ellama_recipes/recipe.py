@@ -1,12 +1,14 @@
-"""Typed recipe specs and their validation.
+"""Typed recipe specs shared by every training stage, and their validation.
 
-A :class:`PretrainConfig` is the root: model architecture, data blend, schedule, optimizer, parallelism,
-precision, cluster and checkpointing. It is plain Python (no NeMo import) so building, overriding, validating and
-printing a plan is fast and testable; :mod:`ellama_recipes.engine.nemo_recipe` turns it into NeMo-Run objects.
+:class:`TrainConfig` is the base of every stage's config (pretrain, sft, dpo): model architecture, schedule,
+optimizer, parallelism, precision, cluster and checkpointing. A stage subclasses it with its own spec (pretraining:
+:class:`DataSpec`, the data blend) and sets ``stage``; its recipe in :mod:`ellama_recipes.recipes` owns its
+defaults and builds its NeMo-Run partial through the engine. Everything here is plain Python (no NeMo import, no
+``ellama_recipes.engine`` import), so building, overriding, validating and printing a plan is fast and testable.
 
-Precedence (lowest to highest): the size table (:mod:`ellama_recipes.sizes`) -> the recipe's continued-pretraining
-defaults -> CLI flags (``--nodes``, ``--fp8``, ``--steps`` ...) -> dotted ``key=value`` overrides, applied after the
-recipe is built. :meth:`PretrainConfig.validate` then gathers every problem at once.
+Precedence (lowest to highest): the size table (:mod:`ellama_recipes.sizes`) -> the stage recipe's defaults ->
+CLI flags (``--nodes``, ``--fp8``, ``--steps`` ...) -> dotted ``key=value`` overrides, applied after the recipe is
+built. :meth:`TrainConfig.validate` then gathers every problem at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import types
 import typing
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ellama_recipes.errors import ConfigError, UserError
 from ellama_recipes.sizes import Architecture, Size, get_size
@@ -139,6 +141,8 @@ class ClusterSpec:
     num_nodes: int = 1
     gpus_per_node: int = 8
     executor: Literal["local", "slurm"] = "local"
+    # Local launch on a host without CUDA: run the ranks as CPU processes over gloo (the size row's cpu_fallback).
+    cpu_fallback: bool = False
     slurm_account: str | None = None
     slurm_partition: str | None = None
     slurm_time: str = "04:00:00"
@@ -153,6 +157,7 @@ class ClusterSpec:
 @dataclass
 class CheckpointSpec:
     restore_from: str | None = None  # engine checkpoint to continue from (`--from`, from `ellama import-hf`)
+    from_scratch: bool = False  # `--from-scratch`: random initial weights on purpose (no --from)
     out_dir: str = "runs/cpt"  # `--out`
     save_every: int = 1000  # `--save-every`
     keep_last: int = 2
@@ -160,11 +165,20 @@ class CheckpointSpec:
 
 
 @dataclass
-class PretrainConfig:
+class TrainConfig:
+    """The base of every stage's config: what all training stages share.
+
+    A stage subclasses it, sets ``stage`` (its registry name, e.g. ``"pretrain"``) and ``title`` (used in
+    messages), adds its own spec field(s) (pretraining: ``data: DataSpec``) and may extend
+    :meth:`stage_problems` / :meth:`stage_summary`.
+    """
+
+    stage: ClassVar[str] = "train"
+    title: ClassVar[str] = "training"
+
     size: str
     model: ModelSpec
     schedule: ScheduleSpec
-    data: DataSpec = field(default_factory=DataSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     precision: PrecisionSpec = field(default_factory=PrecisionSpec)
@@ -180,6 +194,10 @@ class PretrainConfig:
     @property
     def data_parallel(self) -> int:
         return max(self.cluster.world_size // max(self.model_parallel_size, 1), 0)
+
+    def runs_on_cpu(self, gpu_capability: tuple[int, int] | None) -> bool:
+        """True when a launch on this host runs CPU processes over gloo (local executor, no CUDA, cpu_fallback)."""
+        return self.cluster.executor == "local" and gpu_capability is None and self.cluster.cpu_fallback
 
     # ------------------------------------------------------------- validation
     def problems(self, *, at_launch: bool = False, gpu_capability: tuple[int, int] | None = None) -> list[str]:
@@ -308,23 +326,71 @@ class PretrainConfig:
                     f"precision.mode=fp8 needs compute capability >= 9.0 (Hopper); this GPU is sm_"
                     f"{gpu_capability[0]}{gpu_capability[1]}. Fix: drop --fp8 (use bf16) or run on H100/H200/B200."
                 )
-        if at_launch and self.data.manifest in (None, "", MANIFEST_PLACEHOLDER):
+        if at_launch and c.executor == "local" and gpu_capability is None:
+            out.extend(self._cpu_problems())
+        if at_launch:
+            ck = self.checkpoint
+            if not ck.restore_from and not ck.from_scratch:
+                out.append(
+                    f"--from is not set: this {self.title} run would start from random weights. Fix: pass --from DIR "
+                    f"(an engine checkpoint from `ellama import-hf --size {self.size} --out DIR`), or --from-scratch "
+                    "to start from random weights on purpose."
+                )
+            elif ck.restore_from and ck.from_scratch:
+                out.append("--from and --from-scratch contradict each other. Fix: pass only one of them.")
+        out.extend(self.stage_problems(at_launch=at_launch))
+        return out
+
+    def _cpu_problems(self) -> list[str]:
+        """What a local launch on a host without CUDA cannot run (CPU processes over gloo)."""
+        c, p, pr = self.cluster, self.parallel, self.precision
+        if not c.cpu_fallback:
+            return [
+                f"No CUDA device is visible here and the {self.size} recipe runs on GPUs (cluster.cpu_fallback=false). "
+                "Fix: launch on GPU nodes (e.g. --executor slurm), or use a CPU smoke size (--size tiny)."
+            ]
+        out = []
+        if pr.mode == "bf16":
             out.append(
-                "data.manifest is not set. Fix: run `ellama data build ... --out DIR` and pass "
-                "--data DIR/manifest.json."
+                "precision.mode=bf16 needs a CUDA GPU (megatron's mixed-precision optimizer wraps "
+                "torch.cuda tensors) and none is visible. Fix: set precision.mode=fp32 for a CPU run."
+            )
+        if p.sequence_parallel:
+            out.append(
+                "parallel.sequence_parallel=true needs CUDA (its reduce-scatter / all-gather run on NCCL) and none is "
+                "visible. Fix: set parallel.sequence_parallel=false for a CPU run."
+            )
+        if p.context_parallel > 1:
+            out.append(
+                f"parallel.context_parallel={p.context_parallel} needs CUDA attention kernels (Transformer Engine "
+                "ring attention) and none is visible. Fix: set parallel.context_parallel=1 for a CPU run."
+            )
+        if self.optimizer.distributed_optimizer:
+            out.append(
+                "optimizer.distributed_optimizer=true needs CUDA (megatron's distributed optimizer shards its fp32 "
+                "state in CUDA buffers) and none is visible. Fix: set optimizer.distributed_optimizer=false for a "
+                "CPU run."
             )
         return out
 
-    def validate(self, *, at_launch: bool = False, gpu_capability: tuple[int, int] | None = None) -> "PretrainConfig":
+    def stage_problems(self, *, at_launch: bool = False) -> list[str]:
+        """Stage-specific problems (a subclass hook; the base has none)."""
+        return []
+
+    def validate(self, *, at_launch: bool = False, gpu_capability: tuple[int, int] | None = None) -> "TrainConfig":
         """Raise one :class:`ConfigError` listing every problem and its fix."""
         problems = self.problems(at_launch=at_launch, gpu_capability=gpu_capability)
         if problems:
-            raise ConfigError(f"The {self.size} pretraining config has {len(problems)} problem(s):", problems=problems)
+            raise ConfigError(f"The {self.size} {self.title} config has {len(problems)} problem(s):", problems=problems)
         return self
 
     # --------------------------------------------------------------- summaries
+    def stage_summary(self) -> dict[str, Any]:
+        """Stage-specific rows of :meth:`summary`, shown after ``precision`` (a subclass hook)."""
+        return {}
+
     def summary(self) -> dict[str, Any]:
-        """The flat resolved plan (`ellama pretrain --dryrun --json`)."""
+        """The flat resolved plan (`ellama <stage> --dryrun --json`)."""
         s, p, c = self.schedule, self.parallel, self.cluster
         return {
             "size": self.size,
@@ -350,7 +416,7 @@ class PretrainConfig:
             "gpus_per_node": c.gpus_per_node,
             "world_size": c.world_size,
             "precision": self.precision.label,
-            "data_manifest": self.data.manifest or MANIFEST_PLACEHOLDER,
+            **self.stage_summary(),
             "optimizer": {
                 "name": "adamw",
                 "betas": [self.optimizer.adam_beta1, self.optimizer.adam_beta2],
@@ -374,12 +440,12 @@ class PretrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, d)
 
 
 def local_gpu_capability() -> tuple[int, int] | None:
-    """Compute capability of this host's first CUDA device (None without one): the FP8 launch check's input."""
+    """Compute capability of this host's first CUDA device (None without one): the launch checks' input."""
     import torch
 
     if not torch.cuda.is_available():
@@ -388,46 +454,40 @@ def local_gpu_capability() -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------- build
-def build_pretrain_config(
-    size: str,
+# The model.* keys that describe the architecture (what a `--from` checkpoint fixes).
+ARCH_KEYS = tuple(f.name for f in dataclasses.fields(Architecture))
+
+
+def base_config(cls: type, sz: Size, schedule: ScheduleSpec, **stage_fields: Any) -> Any:
+    """A stage config (``cls``, a TrainConfig subclass) with everything the size row says, and ``schedule``."""
+    return cls(
+        size=sz.name,
+        model=ModelSpec(**dataclasses.asdict(sz.arch), attention_backend=sz.attention_backend),
+        schedule=schedule,
+        optimizer=OptimizerSpec(distributed_optimizer=sz.distributed_optimizer),
+        parallel=ParallelSpec(**dataclasses.asdict(sz.parallelism)),
+        cluster=ClusterSpec(num_nodes=sz.num_nodes, gpus_per_node=sz.gpus_per_node, cpu_fallback=sz.cpu_fallback),
+        precision=PrecisionSpec(mode=sz.precision),  # type: ignore[arg-type]
+        checkpoint=CheckpointSpec(save_every=sz.save_every, log_every=sz.log_every),
+        **stage_fields,
+    )
+
+
+def apply_flags(
+    cfg: TrainConfig,
     *,
     num_nodes: int | None = None,
     gpus_per_node: int | None = None,
     fp8: bool = False,
     fp8_recipe: str | None = None,
     executor: str | None = None,
-    manifest: str | None = None,
     restore_from: str | None = None,
+    from_scratch: bool = False,
     out_dir: str | None = None,
     train_steps: int | None = None,
     save_every: int | None = None,
-    overrides: list[str] | None = None,
-) -> PretrainConfig:
-    """The continued-pretraining recipe for ``size`` with flags, then dotted overrides, applied (not validated)."""
-    sz: Size = get_size(size)
-    tiny = sz.name == "tiny"
-    cfg = PretrainConfig(
-        size=sz.name,
-        model=ModelSpec.from_arch(sz.arch),
-        schedule=ScheduleSpec(
-            base_max_lr=sz.base_max_lr,
-            warmup_steps=sz.warmup_steps,
-            train_steps=sz.train_steps,
-            global_batch_size=sz.global_batch_size,
-            micro_batch_size=sz.micro_batch_size,
-            seq_length=sz.seq_length,
-            val_check_interval=10 if tiny else 500,
-            limit_val_batches=4 if tiny else 32,
-        ),
-        parallel=ParallelSpec(**dataclasses.asdict(sz.parallelism)),
-        cluster=ClusterSpec(num_nodes=sz.num_nodes, gpus_per_node=sz.gpus_per_node),
-        precision=PrecisionSpec(mode="fp32" if tiny else "bf16"),
-        checkpoint=CheckpointSpec(save_every=20 if tiny else 1000, log_every=1 if tiny else 10),
-    )
-    if tiny:
-        cfg.model.attention_backend = "auto"
-        cfg.optimizer.distributed_optimizer = False
-        cfg.data.num_workers = 0
+) -> TrainConfig:
+    """The CLI flags every training stage shares, applied in place (after the recipe defaults)."""
     if num_nodes is not None:
         cfg.cluster.num_nodes = num_nodes
     if gpus_per_node is not None:
@@ -438,10 +498,10 @@ def build_pretrain_config(
         cfg.precision.fp8_recipe = fp8_recipe  # type: ignore[assignment]
     if executor is not None:
         cfg.cluster.executor = executor  # type: ignore[assignment]
-    if manifest is not None:
-        cfg.data.manifest = str(manifest)
     if restore_from is not None:
         cfg.checkpoint.restore_from = str(restore_from)
+    if from_scratch:
+        cfg.checkpoint.from_scratch = True
     if out_dir is not None:
         cfg.checkpoint.out_dir = str(out_dir)
     if train_steps is not None:
@@ -449,16 +509,66 @@ def build_pretrain_config(
         cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(train_steps // 10, 0))
     if save_every is not None:
         cfg.checkpoint.save_every = save_every
-    if restore_from is not None and Path(restore_from).is_dir():
-        # The model really trained is the `--from` checkpoint's (any Llama-3.1 architecture); --size only picks the
-        # recipe defaults. Validate and summarise that one.
-        from ellama_recipes.engine.nemo_recipe import model_spec_from_checkpoint
-
-        for key, value in (model_spec_from_checkpoint(restore_from) or {}).items():
-            setattr(cfg.model, key, value)
-    apply_overrides(cfg, overrides or [])
     return cfg
 
+
+def finish_config(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfig:
+    """Apply the dotted overrides, then take the architecture from the `--from` checkpoint (not validated).
+
+    The model really trained is the `--from` checkpoint's (any Llama-3.1 architecture); ``--size`` only picks the
+    recipe defaults. An architecture override (``model.num_layers=...``) together with ``--from`` would be shown by
+    the dry run and then replaced by the checkpoint's architecture in training, so it is refused (exit 2).
+    """
+    overrides = list(overrides or [])
+    if cfg.checkpoint.restore_from:
+        arch = [o for o in overrides if o.split("=", 1)[0].strip() in {f"model.{k}" for k in ARCH_KEYS}]
+        if arch:
+            raise UserError(
+                f"{', '.join(arch)}: the model architecture comes from the --from checkpoint "
+                f"({cfg.checkpoint.restore_from}), so model.* architecture overrides cannot apply to it. Fix: drop "
+                "them, or build a checkpoint with that architecture (`ellama import-hf`) and pass it with --from."
+            )
+    apply_overrides(cfg, overrides)
+    if cfg.checkpoint.restore_from:
+        for key, value in (checkpoint_architecture(cfg.checkpoint.restore_from) or {}).items():
+            setattr(cfg.model, key, value)
+    return cfg
+
+
+# NeMo model-config field -> ModelSpec field (the architecture saved in an engine checkpoint's context/).
+_SPEC_FROM_NEMO = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "vocab_size": "vocab_size",
+    "rotary_base": "rope_theta",
+    "layernorm_epsilon": "norm_eps",
+    "share_embeddings_and_output_weights": "tie_word_embeddings",
+    "scale_factor": "rope_scaling_factor",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "old_context_len": "original_max_position_embeddings",
+}
+
+
+def checkpoint_architecture(path: str | Path) -> dict[str, Any] | None:
+    """The architecture of an engine checkpoint as :class:`ModelSpec` field values (None when not readable).
+
+    Reads ``context/model.yaml`` (NeMo's serialised model config) as plain YAML: no NeMo import, so dry runs and
+    input checks stay fast.
+    """
+    f = Path(path) / "context" / "model.yaml"
+    if not f.is_file():
+        return None
+    import yaml
+
+    try:
+        saved = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("config") or {}
+    except yaml.YAMLError:
+        return None
+    return {spec: saved[nemo] for nemo, spec in _SPEC_FROM_NEMO.items() if saved.get(nemo) is not None}
 
 # ------------------------------------------------------------------------ overrides
 def config_keys(obj: Any, prefix: str = "") -> list[str]:
@@ -474,7 +584,7 @@ def config_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(cfg: PretrainConfig, overrides: list[str]) -> PretrainConfig:
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides (dotted keys, typed by the field). Every bad one is reported at once."""
     problems: list[str] = []
     valid = config_keys(cfg)
@@ -564,3 +674,13 @@ def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
 def _divisors(n: int, limit: int | None = None) -> list[int]:
     divs = [k for k in range(1, n + 1) if n % k == 0]
     return [k for k in divs if limit is None or k <= limit]
+
+
+def __getattr__(name: str) -> Any:
+    # Compatibility for callers written before the stage registry: the pretraining config and its builder live in
+    # ellama_recipes.recipes.pretrain (import them from there).
+    if name in ("PretrainConfig", "build_pretrain_config"):
+        from ellama_recipes.recipes import pretrain
+
+        return pretrain.PretrainConfig if name == "PretrainConfig" else pretrain.build_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -83,6 +83,19 @@ class Size:
     micro_batch_size: int
     train_steps: int
     warmup_steps: int
+    # Recipe defaults that differ per size (GPU values by default; the tiny row overrides them as data).
+    precision: str = "bf16"  # bf16 | fp8 | fp32
+    attention_backend: str = "flash"
+    distributed_optimizer: bool = True
+    num_workers: int = 2  # data loader workers per rank
+    val_check_interval: int = 500
+    limit_val_batches: int = 32  # per validation source (domain, general)
+    save_every: int = 1000
+    log_every: int = 10
+    # On a local host without CUDA, run the ranks as CPU processes over gloo (a smoke size); False: needs GPUs.
+    cpu_fallback: bool = False
+    # Per-GPU memory the planner adds for CUDA context, NCCL buffers and fragmentation (GiB).
+    plan_overhead_gib: float = 5.0
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -117,6 +130,16 @@ SIZES: dict[str, Size] = {
         micro_batch_size=2,
         train_steps=40,
         warmup_steps=4,
+        precision="fp32",  # CPU processes: no bf16/fp8 kernels
+        attention_backend="auto",
+        distributed_optimizer=False,
+        num_workers=0,
+        val_check_interval=10,
+        limit_val_batches=4,
+        save_every=20,
+        log_every=1,
+        cpu_fallback=True,
+        plan_overhead_gib=0.0,
         notes="CPU smoke size: the same recipe on a 4-layer Llama-3.1-architecture model.",
     ),
     "8b": Size(

@@ -23,6 +23,16 @@ def test_70b_dryrun_table_and_torchrun(cli):
     assert "nothing was launched" in r.out
 
 
+# Independent expectations (the e-Llama recipe and DESIGN.md), not recomputed from the summary itself:
+# size: (data_parallel, tokens_per_step, total_tokens)
+EXPECTED = {
+    "tiny": (1, 8 * 256, 8 * 256 * 40),
+    "8b": (32, 11_796_480, 1_002_700_800_000),  # 64 GPUs / TP2
+    "70b": (15, 11_796_480, 1_002_700_800_000),  # 480 GPUs / (TP4 PP4 CP2)
+    "405b": (4, 11_796_480, 1_002_700_800_000),  # 1152 GPUs / (TP8 PP18 CP2)
+}
+
+
 @pytest.mark.parametrize("size", ["tiny", "8b", "70b", "405b"])
 def test_dryrun_json_has_contract_keys(cli, size):
     r = cli("pretrain", "--size", size, "--dryrun", "--json")
@@ -30,11 +40,15 @@ def test_dryrun_json_has_contract_keys(cli, size):
     d = r.json()  # stdout is exactly one JSON object
     assert JSON_KEYS <= set(d)
     assert d["size"] == size
-    assert d["tensor_parallel"] * d["pipeline_parallel"] * d["context_parallel"] * d["data_parallel"] == (
-        d["num_nodes"] * d["gpus_per_node"]
-    )
-    assert d["tokens_per_step"] == d["global_batch_size"] * d["seq_length"]
-    assert d["total_tokens"] == d["tokens_per_step"] * d["train_steps"]
+    assert (d["data_parallel"], d["tokens_per_step"], d["total_tokens"]) == EXPECTED[size]
+    # the launch shown is the one of this config: torchrun with one process per GPU on every node
+    launch = d["launch"]
+    if size == "tiny":
+        assert launch["executor"] == "in-process" and launch["command"] is None
+    else:
+        cmd = launch["command"]
+        assert f"--nnodes {d['num_nodes']}" in cmd and f"--nproc-per-node {d['gpus_per_node']}" in cmd
+        assert "nemo_run.core.runners.fdl_runner" in cmd
 
 
 def test_dryrun_json_flags_and_overrides(cli, tmp_path):
@@ -79,3 +93,18 @@ def test_tiny_dryrun_runs_in_process(cli):
     d = cli("pretrain", "--size", "tiny", "--dryrun", "--json").json()
     assert d["launch"]["executor"] == "in-process"
     assert d["precision"] == "32" and d["world_size"] == 1
+
+
+def test_multi_process_dryrun_shows_the_venv_torchrun(cli, tmp_path):
+    """The command is NeMo-Run's own materialization, with the torchrun of this interpreter (not PATH's)."""
+    import sys
+    from pathlib import Path
+
+    r = cli("pretrain", "--size", "tiny", "--gpus-per-node", "2", "--out", tmp_path / "run", "--dryrun", "--json",
+            "parallel.tensor_parallel=2")
+    assert r.code == 0, r.err
+    cmd = r.json()["launch"]["command"]
+    assert cmd.split()[0] == str(Path(sys.executable).parent / "torchrun")
+    assert "--nproc-per-node 2" in cmd and "--nnodes 1" in cmd
+    assert "$${" not in cmd  # no unexpanded NeMo-Run macros
+    assert not (tmp_path / "run").exists()

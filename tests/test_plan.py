@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ellama_recipes.plan import compute_plan, parse_tokens
-from ellama_recipes.recipe import build_pretrain_config
+from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 
 
 def test_e_llama_gpu_hours_within_5_percent(cli):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, build_pretrain_config
+from ellama_recipes.recipe import MANIFEST_PLACEHOLDER
+from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 from ellama_recipes.sizes import SIZES
 
 PRECISIONS = [("bf16", None), ("fp8", "delayed"), ("fp8", "current")]
@@ -37,9 +38,12 @@ def test_partial_fields(nr, size, mode, recipe):
     from megatron.core.transformer.enums import AttnBackend
     from nemo.collections import llm
 
+    from ellama_recipes.engine.train import pretrain
+
     cfg = _cfg(size, mode, recipe)
     p = nr.build_pretrain_partial(cfg)
-    assert p.__fn_or_cls__ is llm.pretrain
+    assert p.__fn_or_cls__ is pretrain  # prepare_rank(), then llm.pretrain, in every rank
+    assert p.run_dir == str(Path(cfg.checkpoint.out_dir).absolute())
 
     # model: Llama 3.1 with the size's architecture and llama3 RoPE scaling
     mc = p.model.config
@@ -164,16 +168,53 @@ def test_manifest_errors_are_user_errors(tmp_path):
     assert "a.bin is missing" in msg and "b.idx is missing" in msg and "'b' has no entry in `sources`" in msg
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path is only taken without CUDA")
-def test_cpu_path_refuses_bf16_and_adapts_fp32(nr):
+def test_cpu_partial_is_what_every_rank_runs(nr):
+    """On a host without CUDA a cpu_fallback size builds the CPU partial itself (what the dry run shows and what
+    every torchrun rank deserializes); a GPU size, or any size for Slurm, keeps the GPU partial."""
     from ellama_recipes.engine import cpu_compat
 
-    p = nr.build_pretrain_partial(build_pretrain_config("tiny", overrides=["precision.mode=bf16"]))
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
-        cpu_compat.adapt_pretrain_partial(p)
-    p = nr.build_pretrain_partial(build_pretrain_config("tiny"))
-    cpu_compat.adapt_pretrain_partial(p)
-    assert p.trainer.accelerator == "cpu" and p.trainer.devices == 1
-    assert p.model.config.apply_rope_fusion is False and p.model.config.use_cpu_initialization is True
-    assert p.model.config.data_step_fn is cpu_compat.cpu_gpt_data_step
-    assert p.optim.config.clip_grad == 1.0  # clipping stays on: the CPU redirect implements it
+    cpu_host = not torch.cuda.is_available()
+    p = nr.build_pretrain_partial(build_pretrain_config("tiny", gpus_per_node=2, overrides=["parallel.tensor_parallel=2"]))
+    mc = p.model.config
+    assert (p.trainer.accelerator == "cpu") is cpu_host
+    assert p.trainer.devices == 2 and p.trainer.strategy.tensor_model_parallel_size == 2
+    if cpu_host:
+        assert all(getattr(mc, name) is False for name in cpu_compat._TE_FUSIONS)
+        assert mc.use_cpu_initialization is True and mc.data_step_fn is cpu_compat.cpu_gpt_data_step
+    for cfg in (build_pretrain_config("8b"), build_pretrain_config("tiny", executor="slurm")):
+        g = nr.build_pretrain_partial(cfg)
+        assert g.trainer.accelerator == "gpu"
+        assert getattr(g.model.config, "use_cpu_initialization", False) is False
+
+
+def test_cpu_grad_clipping_really_clips():
+    """The recipe's clip_grad=1.0 stays effective on CPU: after the redirects, megatron's clip helpers compute
+    the global L2 norm over the process group and scale the gradients down to max_norm."""
+    import os
+
+    import torch.distributed as dist
+
+    from ellama_recipes.engine import cpu_compat
+
+    cpu_compat.apply_training_redirects()
+    from megatron.core.optimizer import optimizer as mo
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([0.0, 4.0, 0.0, 0.0])  # global norm 5
+    own = not dist.is_initialized()
+    if own:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        norm = mo.get_grad_norm_fp32([p.grad for p in params])
+        if torch.cuda.is_available():
+            norm = float(norm)
+        assert norm == pytest.approx(5.0)
+        mo.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=norm)
+        total = torch.sqrt(sum((p.grad**2).sum() for p in params))
+        assert total.item() == pytest.approx(1.0, rel=1e-4)
+        assert params[1].grad[1].item() == pytest.approx(0.8, rel=1e-4)
+    finally:
+        if own:
+            dist.destroy_process_group()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ellama_recipes.errors import ConfigError, UserError
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, build_pretrain_config
+from ellama_recipes.recipe import MANIFEST_PLACEHOLDER
+from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 from ellama_recipes.sizes import SIZES, get_size
 
 BASE_LR = {"8b": 3e-4, "70b": 1.5e-4, "405b": 8e-5}
@@ -114,12 +115,12 @@ def test_rule_sp_needs_tp():
 
 
 def test_rule_fp8_needs_hopper_at_launch():
-    cfg = build_pretrain_config("8b", fp8=True, manifest="/data/manifest.json")
+    cfg = build_pretrain_config("8b", fp8=True, manifest="/data/manifest.json", restore_from="/ckpt/8b")
     assert cfg.problems() == []  # dry run: fine without a GPU
     _one(cfg.problems(at_launch=True, gpu_capability=None), "Hopper")
     _one(cfg.problems(at_launch=True, gpu_capability=(8, 0)), "sm_80")
     assert cfg.problems(at_launch=True, gpu_capability=(9, 0)) == []
-    bf16 = build_pretrain_config("8b", manifest="/data/manifest.json")
+    bf16 = build_pretrain_config("8b", manifest="/data/manifest.json", restore_from="/ckpt/8b")
     assert bf16.problems(at_launch=True, gpu_capability=(8, 0)) == []
 
 
@@ -165,8 +166,93 @@ def test_unknown_size_lists_valid_ones():
 
 
 def test_config_round_trips_through_dict():
-    from ellama_recipes.recipe import PretrainConfig
+    from ellama_recipes.recipes.pretrain import PretrainConfig
 
     cfg = build_pretrain_config("405b", fp8=True)
     again = PretrainConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_launch_without_from_needs_from_scratch():
+    cfg = build_pretrain_config("8b", manifest="/data/manifest.json")
+    _one(cfg.problems(at_launch=True, gpu_capability=(9, 0)), "--from is not set")
+    scratch = build_pretrain_config("8b", manifest="/data/manifest.json", from_scratch=True)
+    assert scratch.problems(at_launch=True, gpu_capability=(9, 0)) == []
+    both = build_pretrain_config("8b", manifest="/m.json", from_scratch=True, restore_from="/ckpt")
+    _one(both.problems(at_launch=True, gpu_capability=(9, 0)), "contradict")
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("parallel.sequence_parallel=true", "parallel.sequence_parallel=true needs CUDA"),
+        ("optimizer.distributed_optimizer=true", "optimizer.distributed_optimizer=true needs CUDA"),
+        ("parallel.context_parallel=2", "parallel.context_parallel=2 needs CUDA"),
+        ("precision.mode=bf16", "precision.mode=bf16 needs a CUDA GPU"),
+    ],
+)
+def test_what_cpu_processes_cannot_run_is_a_launch_problem(override, needle):
+    extra = ["parallel.tensor_parallel=2", "cluster.gpus_per_node=2"] if "sequence" in override else []
+    if "context" in override:
+        extra = ["cluster.gpus_per_node=2"]
+    cfg = build_pretrain_config("tiny", manifest="/m.json", restore_from="/ckpt", overrides=[override, *extra])
+    assert cfg.problems() == []  # valid config; only this host cannot run it
+    _one(cfg.problems(at_launch=True, gpu_capability=None), needle)
+    assert not any("needs CUDA" in p or "needs a CUDA" in p for p in cfg.problems(at_launch=True, gpu_capability=(9, 0)))
+
+
+def test_gpu_sizes_on_a_cpu_host_are_refused_at_launch():
+    cfg = build_pretrain_config("8b", manifest="/m.json", restore_from="/ckpt")
+    _one(cfg.problems(at_launch=True, gpu_capability=None), "cluster.cpu_fallback=false")
+    slurm = build_pretrain_config("8b", manifest="/m.json", restore_from="/ckpt", executor="slurm")
+    assert slurm.problems(at_launch=True, gpu_capability=None) == []  # checked on the compute nodes
+
+
+def test_tiny_differs_only_by_its_size_row():
+    """Everything tiny changes comes from sizes.SIZES["tiny"]: a copy of the row under another name builds the
+    same config (nothing is special-cased by the name)."""
+    import dataclasses
+
+    from ellama_recipes import sizes
+
+    row = dataclasses.replace(sizes.SIZES["tiny"], name="tiny-copy")
+    sizes.SIZES["tiny-copy"] = row
+    try:
+        a, b = build_pretrain_config("tiny").to_dict(), build_pretrain_config("tiny-copy").to_dict()
+        assert a.pop("size") == "tiny" and b.pop("size") == "tiny-copy"
+        assert a == b
+        assert a["precision"]["mode"] == "fp32" and a["cluster"]["cpu_fallback"] is True
+    finally:
+        del sizes.SIZES["tiny-copy"]
+
+
+def test_model_overrides_with_from_are_refused(tmp_path):
+    with pytest.raises(UserError, match="architecture comes from the --from checkpoint"):
+        build_pretrain_config("tiny", restore_from=str(tmp_path), overrides=["model.num_layers=2"])
+    # not an architecture field: allowed with --from
+    cfg = build_pretrain_config("tiny", restore_from=str(tmp_path), overrides=["model.attention_backend=unfused"])
+    assert cfg.model.attention_backend == "unfused"
+    # without --from, architecture overrides apply
+    assert build_pretrain_config("tiny", overrides=["model.num_layers=2"]).model.num_layers == 2
+
+
+def test_architecture_is_read_from_the_checkpoint_without_nemo(tmp_path):
+    import subprocess
+    import sys
+
+    ctx = tmp_path / "ckpt" / "context"
+    ctx.mkdir(parents=True)
+    (tmp_path / "ckpt" / "weights").mkdir()
+    (ctx / "model.yaml").write_text(
+        "_target_: nemo.collections.llm.gpt.model.llama.LlamaModel\nconfig:\n  num_layers: 6\n  hidden_size: 64\n"
+        "  num_attention_heads: 8\n  num_query_groups: 4\n  rotary_base: 10000.0\n  old_context_len: 128\n"
+    )
+    code = (
+        "import sys; from ellama_recipes.recipes.pretrain import build_config; "
+        f"c = build_config('8b', restore_from={str(tmp_path / 'ckpt')!r}); "
+        "print(c.model.num_layers, c.model.hidden_size, c.model.num_query_groups, c.model.rope_theta, "
+        "c.model.original_max_position_embeddings, 'nemo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["6", "64", "4", "10000.0", "128", "False"]

@@ -36,7 +36,7 @@ def plan(
 ) -> None:
     from ellama_recipes.errors import UserError
     from ellama_recipes.plan import compute_plan, parse_tokens
-    from ellama_recipes.recipe import build_pretrain_config
+    from ellama_recipes.recipes.pretrain import build_config
 
     n_tokens = parse_tokens(tokens)
     num_nodes = None
@@ -49,7 +49,7 @@ def plan(
                 f"Use whole nodes, e.g. --gpus {max(gpus // gpus_per_node, 1) * gpus_per_node}."
             )
         num_nodes = gpus // gpus_per_node
-    cfg = build_pretrain_config(
+    cfg = build_config(
         size, num_nodes=num_nodes, gpus_per_node=gpus_per_node if gpus is not None else None, fp8=fp8,
         overrides=list(overrides or []),
     )

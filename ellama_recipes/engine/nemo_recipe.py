@@ -1,7 +1,10 @@
-"""Turn a :class:`ellama_recipes.recipe.PretrainConfig` into a NeMo-Run ``run.Partial`` of ``llm.pretrain``.
+"""The shared engine building blocks of every training stage, and the continued-pretraining partial.
 
-This is the only place the continued-pretraining recipe meets NeMo 2.x (``nemo.collections.llm``) and
-megatron-core. Building the partial imports nothing heavy beyond NeMo itself and never touches a GPU, so
+Each block takes a :class:`ellama_recipes.recipe.TrainConfig` (any stage's config) and returns a ``run.Config``:
+:func:`model_config`, :func:`precision_plugin`, :func:`optimizer`, :func:`trainer`, :func:`logger`, :func:`resume`;
+:class:`RunLayout` names the run folder's parts. A stage engine (``engine/sft.py`` ...) combines them with its own
+data module and entry function; :func:`build_pretrain_partial` is the pretraining one. This is the only place the
+recipes meet NeMo 2.x (``nemo.collections.llm``) and megatron-core. Building the partial imports nothing heavy beyond NeMo itself and never touches a GPU, so
 ``ellama pretrain --size 70b --dryrun`` works on a laptop. Launching it is ``launch.py``'s business
 (NeMo-Run executors) or :func:`ellama_recipes.engine.train.run_local` (in-process, CPU smoke runs).
 
@@ -24,20 +27,45 @@ What the partial holds (e-Llama continued pretraining, see DESIGN.md):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nemo_run as run
 import torch
 
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, PretrainConfig
+from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, TrainConfig
 
-RUN_NAME = "cpt"
+RUN_NAME = "cpt"  # the pretraining recipe's run_name (checkpoint prefix); other stages pass their own
 
 
 def _abs(path: str | Path) -> Path:
     """Paths in the partial are absolute: executors (torchrun via NeMo-Run, Slurm) run it from another cwd."""
     return Path(path).expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The run folder of every stage: ``RUN/checkpoints/``, ``RUN/metrics.jsonl``, ``RUN/logs/`` (NeMo text logs,
+    TensorBoard in ``logs/tb_logs``, ranks > 0 in ``logs/rank-N.log``), ``RUN/resume.json``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "RunLayout":
+        return cls(_abs(cfg.checkpoint.out_dir))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
 
 
 # ----------------------------------------------------------------------------- model
@@ -73,36 +101,21 @@ def checkpoint_model_config(path: str | Path) -> dict[str, Any] | None:
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 
-_SPEC_FROM_NEMO = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups",
-    "vocab_size": "vocab_size",
-    "rotary_base": "rope_theta",
-    "layernorm_epsilon": "norm_eps",
-    "share_embeddings_and_output_weights": "tie_word_embeddings",
-    "scale_factor": "rope_scaling_factor",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "old_context_len": "original_max_position_embeddings",
-}
-
-
 def model_spec_from_checkpoint(path: str | Path) -> dict[str, Any] | None:
     """The `--from` checkpoint's architecture as :class:`ellama_recipes.recipe.ModelSpec` field values.
 
     None when ``path`` is not a readable engine checkpoint here. Lets the recipe validate (heads vs TP, layers
     vs PP) and summarise the model that will really be trained rather than the size table's.
     """
+    from ellama_recipes.recipe import _SPEC_FROM_NEMO
+
     saved = checkpoint_model_config(path)
     if saved is None:
         return None
     return {spec: saved[nemo] for nemo, spec in _SPEC_FROM_NEMO.items() if saved.get(nemo) is not None}
 
 
-def model_config(cfg: PretrainConfig) -> run.Config:
+def model_config(cfg: TrainConfig) -> run.Config:
     """``run.Config(Llama31Config)`` for this recipe (from the `--from` checkpoint when it is readable here)."""
     from nemo.collections.llm.gpt.model.llama import Llama31Config
     from megatron.core.transformer.enums import AttnBackend
@@ -132,11 +145,21 @@ def model_config(cfg: PretrainConfig) -> run.Config:
     # Dropout off for continued pretraining (Llama 3 recipe); bf16/fp8 params handled by the precision plugin.
     fields["hidden_dropout"] = 0.0
     fields["attention_dropout"] = 0.0
+    if not uses_gpu(cfg):
+        # CPU processes (local, no CUDA, the size row's cpu_fallback): the TE/apex/CUDA fusions off, weights
+        # allocated on the CPU, a device-aware data step. Part of the partial itself, so the dry run shows it and
+        # every launched rank gets it.
+        from ellama_recipes.engine import cpu_compat
+
+        for name in cpu_compat._TE_FUSIONS:
+            fields[name] = False
+        fields["use_cpu_initialization"] = True
+        fields["data_step_fn"] = cpu_compat.cpu_gpt_data_step
     return run.Config(Llama31Config, **fields)
 
 
 # ----------------------------------------------------------------------------- precision
-def precision_plugin(cfg: PretrainConfig) -> run.Config:
+def precision_plugin(cfg: TrainConfig) -> run.Config:
     """MegatronMixedPrecision: bf16-mixed, BF16 + TE FP8 (delayed or tensorwise current scaling), or fp32."""
     from nemo.lightning.pytorch.plugins.mixed_precision import MegatronMixedPrecision
 
@@ -170,7 +193,7 @@ def precision_plugin(cfg: PretrainConfig) -> run.Config:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def optimizer(cfg: PretrainConfig) -> run.Config:
+def optimizer(cfg: TrainConfig) -> run.Config:
     from megatron.core.optimizer import OptimizerConfig
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
 
@@ -200,12 +223,19 @@ def optimizer(cfg: PretrainConfig) -> run.Config:
 
 
 # ----------------------------------------------------------------------------- trainer
-def uses_gpu(cfg: PretrainConfig) -> bool:
-    """GPU trainer unless this is a local tiny run on a machine without CUDA (the CPU smoke path)."""
-    return torch.cuda.is_available() or cfg.cluster.executor != "local" or cfg.size != "tiny"
+def uses_gpu(cfg: TrainConfig) -> bool:
+    """GPU trainer unless this is a local run on a host without CUDA of a config with ``cluster.cpu_fallback``
+    (then every rank is a CPU process and ranks talk over gloo)."""
+    return torch.cuda.is_available() or cfg.cluster.executor != "local" or not cfg.cluster.cpu_fallback
 
 
-def trainer(cfg: PretrainConfig) -> run.Config:
+def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> run.Config:
+    """``nl.Trainer`` + ``nl.MegatronStrategy`` (TP/PP/VPP/CP/SP, DDP, distributed optimizer) + precision plugin.
+
+    Callbacks: NeMo's TimingCallback, :class:`~ellama_recipes.engine.callbacks.MetricsJsonl` writing
+    ``RUN/metrics.jsonl``, then ``callbacks`` (a stage's own). CPU processes (see :func:`uses_gpu`): accelerator
+    cpu with one process per "GPU" (``cluster.gpus_per_node``), gloo between them.
+    """
     from megatron.core.distributed import DistributedDataParallelConfig
     from nemo import lightning as nl
 
@@ -241,15 +271,16 @@ def trainer(cfg: PretrainConfig) -> run.Config:
         run.Config(TimingCallback),  # "train_step_timing in s" (before MetricsJsonl, which records it)
         run.Config(
             MetricsJsonl,
-            path=str(_abs(cfg.checkpoint.out_dir) / "metrics.jsonl"),
+            path=str(RunLayout.of(cfg).metrics),
             log_every=cfg.checkpoint.log_every,
-        )
+        ),
+        *(callbacks or []),
     ]
     val_every = min(s.val_check_interval, s.train_steps)
     return run.Config(
         nl.Trainer,
         accelerator="gpu" if gpu else "cpu",
-        devices=c.gpus_per_node if gpu else 1,
+        devices=c.gpus_per_node,
         num_nodes=c.num_nodes,
         max_steps=s.train_steps,
         accumulate_grad_batches=1,
@@ -268,7 +299,7 @@ def trainer(cfg: PretrainConfig) -> run.Config:
 
 
 # ----------------------------------------------------------------------------- data
-def data_module(cfg: PretrainConfig) -> run.Config:
+def data_module(cfg: TrainConfig) -> run.Config:
     from ellama_recipes.engine.data_module import ManifestDataModule
 
     s, d = cfg.schedule, cfg.data
@@ -287,7 +318,9 @@ def data_module(cfg: PretrainConfig) -> run.Config:
 
 
 # ----------------------------------------------------------------------------- log / resume
-def logger(cfg: PretrainConfig) -> run.Config:
+def logger(cfg: TrainConfig, run_name: str = RUN_NAME) -> run.Config:
+    """``nl.NeMoLogger`` into ``RUN/logs`` with checkpoints ``RUN/checkpoints/<run_name>--step=S-...`` every
+    ``checkpoint.save_every`` steps (S = the number of optimizer steps done, as in metrics.jsonl), TensorBoard."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
 
@@ -303,7 +336,7 @@ def logger(cfg: PretrainConfig) -> run.Config:
         save_on_train_epoch_end=False,
         save_optim_on_train_end=True,  # the final checkpoint stays resumable (e.g. to extend a run)
         always_save_context=True,
-        filename=f"{RUN_NAME}--{{step}}-{{consumed_samples}}",
+        filename=f"{run_name}--{{step}}-{{consumed_samples}}",
     )
     return run.Config(
         nl.NeMoLogger,
@@ -311,15 +344,18 @@ def logger(cfg: PretrainConfig) -> run.Config:
         # Not RUN/ itself: on every restart NeMo moves the files of its log dir into run_N/ (NeMoLogger
         # _setup_files_to_move + ModelCheckpoint.setup), which would take metrics.jsonl with them.
         explicit_log_dir=str(run_dir / "logs"),
-        name=RUN_NAME,
+        name=run_name,
         use_datetime_version=False,
         ckpt=ckpt,
-        tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=RUN_NAME),
+        tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=run_name),
         update_logger_directory=True,
     )
 
 
-def resume(cfg: PretrainConfig) -> run.Config:
+def resume(cfg: TrainConfig) -> run.Config:
+    """:class:`~ellama_recipes.engine.resume.SafeAutoResume`: the newest complete checkpoint in
+    ``RUN/checkpoints`` (partial / corrupt ones skipped with a message), else the ``--from`` weights (no optimizer
+    state), else random initial weights (``--from-scratch``)."""
     from nemo import lightning as nl
 
     from ellama_recipes.engine.resume import SafeAutoResume
@@ -343,24 +379,29 @@ def resume(cfg: PretrainConfig) -> run.Config:
 
 
 # ----------------------------------------------------------------------------- the partial
-def build_pretrain_partial(cfg: PretrainConfig) -> run.Partial:
-    """The continued-pretraining ``run.Partial(llm.pretrain, ...)`` for ``cfg`` (not validated here).
+def build_pretrain_partial(cfg: TrainConfig) -> run.Partial:
+    """The continued-pretraining ``run.Partial`` for ``cfg`` (not validated here).
 
-    Example (what ``ellama pretrain --size 70b --dryrun`` does)::
+    Its function is :func:`ellama_recipes.engine.train.pretrain` (``llm.pretrain`` after the per-rank setup), so
+    the in-process run, every torchrun rank and every Slurm task run the same thing. Example (what
+    ``ellama pretrain --size 70b --dryrun`` does)::
 
-        from ellama_recipes.recipe import build_pretrain_config
-        partial = build_pretrain_partial(build_pretrain_config("70b"))
+        from ellama_recipes.recipes.pretrain import build_config
+        partial = build_pretrain_partial(build_config("70b"))
     """
     from nemo.collections import llm
 
+    from ellama_recipes.engine.train import pretrain
+
     return run.Partial(
-        llm.pretrain,
+        pretrain,
         model=run.Config(llm.LlamaModel, config=model_config(cfg)),
         data=data_module(cfg),
         trainer=trainer(cfg),
-        log=logger(cfg),
+        log=logger(cfg, RUN_NAME),
         optim=optimizer(cfg),
         resume=resume(cfg),
+        run_dir=str(RunLayout.of(cfg).root),
     )
 
 
@@ -371,4 +412,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return load_manifest(path)
 
 
-__all__ = ["build_pretrain_partial", "checkpoint_model_config", "read_manifest", "uses_gpu", "RUN_NAME"]
+__all__ = [
+    "RUN_NAME", "RunLayout", "build_pretrain_partial", "checkpoint_model_config", "data_module", "logger",
+    "model_config", "optimizer", "precision_plugin", "read_manifest", "resume", "trainer", "uses_gpu",
+]

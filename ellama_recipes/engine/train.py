@@ -1,52 +1,84 @@
-"""Run the continued-pretraining partial in this process (single process; the CPU smoke path when no CUDA).
+"""Run a stage's partial: in this process (:func:`run_local`), or as the entry function of every launched rank.
 
 ``ellama pretrain --size tiny --from CKPT --data DIR/manifest.json --out RUN`` calls :func:`run_local`.
-Multi-GPU launches go through NeMo-Run executors with the very same partial
-(:func:`ellama_recipes.engine.nemo_recipe.build_pretrain_partial`), so everything that must happen during
-training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial, not here.
+Multi-process launches (torchrun through NeMo-Run's LocalExecutor, Slurm) run the very same partial
+(``get_recipe(cfg.stage).build_partial(cfg)``), whose function starts with :func:`prepare_rank`; so everything that
+must happen during training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import PretrainConfig, local_gpu_capability
+from ellama_recipes.recipe import TrainConfig, local_gpu_capability
 
 
-def run_local(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train ``cfg`` in-process and return a summary.
+def prepare_rank(run_dir: str | None = None) -> None:
+    """What every rank does before training (every stage's entry function calls it first).
 
-    Returns ``{"final_step", "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from",
-    "out_dir", "metrics"}`` (``resumed_from`` is None for a fresh start). Without CUDA the CPU path of
-    :mod:`ellama_recipes.engine.cpu_compat` is applied first (fp32 only; bf16/fp8 are a UserError there).
+    - No CUDA: the runtime CPU redirects of :mod:`ellama_recipes.engine.cpu_compat` (gloo, CPU tensors).
+    - Launched by torchrun with ``RANK`` > 0: this process's stdout/stderr go to ``RUN/logs/rank-N.log`` (rank 0
+      keeps the console), so the console shows one rank's progress, not N interleaved copies.
+    """
+    import torch
+
+    rank = int(os.environ.get("RANK", "0"))
+    if run_dir and rank > 0 and os.environ.get("ELLAMA_RANK_LOGS", "1") != "0":
+        logs = Path(run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        f = open(logs / f"rank-{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    if not torch.cuda.is_available():
+        from ellama_recipes.engine import cpu_compat
+
+        cpu_compat.apply_training_redirects()
+
+
+def pretrain(model, data, trainer, log, optim, resume, run_dir: str | None = None):
+    """The continued-pretraining entry function of every rank: :func:`prepare_rank`, then ``llm.pretrain``."""
+    prepare_rank(run_dir)
+    from nemo.collections import llm
+
+    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)
+
+
+def run_local(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
+    """Train ``cfg`` (any registered stage) in this process and return a summary.
+
+    ``partial`` defaults to ``get_recipe(cfg.stage).build_partial(cfg)``. Returns ``{"final_step",
+    "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from", "out_dir", "metrics"}``
+    (``resumed_from`` is None for a fresh start). Without CUDA, the CPU redirects of
+    :mod:`ellama_recipes.engine.cpu_compat` are applied first (fp32 only; bf16/fp8 are refused by validate).
 
     Layout of ``cfg.checkpoint.out_dir`` (RUN): ``checkpoints/`` (every ``save_every`` steps + the final one),
     ``metrics.jsonl``, ``resume.json``, ``logs/`` (NeMo text logs; TensorBoard under ``logs/tb_logs``).
     Re-running the same command after a crash resumes from the newest complete checkpoint.
     """
     import fiddle as fdl
+    import torch
 
-    from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
+    from ellama_recipes.recipes import get_recipe
 
+    recipe = get_recipe(cfg.stage)
     cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
-    src = cfg.checkpoint.restore_from
-    if src and not ((Path(src) / "weights").is_dir() and (Path(src) / "context").is_dir()):
-        raise UserError(
-            f"--from {src} is not an engine checkpoint (expected weights/ and context/ inside). "
-            f"Fix: create one with `ellama import-hf --size {cfg.size} --out DIR` and pass --from DIR."
-        )
+    problems = recipe.check_inputs(cfg)
+    if problems:
+        raise UserError(f"Cannot start {cfg.title}:", problems=problems)
     out = Path(cfg.checkpoint.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = build_pretrain_partial(cfg)
+    if partial is None:
+        partial = recipe.build_partial(cfg)
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
-        cpu_compat.adapt_pretrain_partial(partial)
         cpu_compat.apply_training_redirects()
     fn = fdl.build(partial)
     fn()

@@ -1,28 +1,99 @@
-"""Recipe registry: a recipe is a plain function ``(cfg) -> nemo_run.Partial``, registered by name.
+"""The stage-recipe registry: one :class:`Recipe` per training stage (pretrain, sft, dpo ...).
 
-Sizes are looked up in :mod:`ellama_recipes.sizes`; an unknown size lists the valid ones (a UserError).
+A stage is three files:
+
+- ``ellama_recipes/recipes/<stage>.py``: its config class (a :class:`ellama_recipes.recipe.TrainConfig` subclass with
+  ``stage = "<stage>"``), its defaults (``build_config``), and ``register(Recipe(...))``. It imports
+  ``ellama_recipes.engine`` only inside ``build_partial`` (so dry runs of the config stay fast);
+- ``ellama_recipes/engine/<stage>.py``: builds the ``nemo_run.Partial`` from the shared engine blocks
+  (:mod:`ellama_recipes.engine.nemo_recipe`);
+- ``ellama_recipes/cli/<stage>.py``: the Typer command, which calls :func:`get_recipe` and
+  :mod:`ellama_recipes.launch` (``render`` for ``--dryrun``, ``launch`` for a run).
+
+Every module in this package is imported by :func:`get_recipe` / :func:`recipes` (no list to edit).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
 
-RECIPES: dict[str, Callable[..., Any]] = {}
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered training stage.
+
+    - ``name``: the registry key and CLI command (``"pretrain"``); equals its config class's ``stage``.
+    - ``run_name``: short name for checkpoint files (``RUN/checkpoints/<run_name>--step=...``), NeMo's log name and
+      the NeMo-Run experiment (``ellama-<run_name>-<size>``).
+    - ``config_cls``: the stage's :class:`~ellama_recipes.recipe.TrainConfig` subclass.
+    - ``build_config(size, **flags, overrides=[...]) -> config``: the stage's defaults, flags, overrides.
+    - ``build_partial(config) -> nemo_run.Partial``: the whole run (model, data, trainer, log, optim, resume) through
+      the engine; it must write ``RUN/metrics.jsonl`` and resume from ``RUN/checkpoints`` itself (launched ranks run
+      nothing else), and its entry function must call ``engine.train.prepare_rank()`` first.
+    - ``check_inputs(config) -> [problems]``: fast file checks before anything heavy is imported (bad paths fail
+      in well under two seconds).
+    """
+
+    name: str
+    run_name: str
+    config_cls: type
+    build_config: Callable[..., Any]
+    build_partial: Callable[[Any], Any]
+    check_inputs: Callable[[Any], list[str]] = lambda cfg: []
+    description: str = ""
+
+    def experiment_name(self, cfg: Any) -> str:
+        return f"ellama-{self.run_name}-{cfg.size}"
 
 
-def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        RECIPES[name] = fn
-        return fn
-
-    return deco
+RECIPES: dict[str, Recipe] = {}
 
 
-def get_recipe(name: str) -> Callable[..., Any]:
-    from ellama_recipes.recipes import pretrain  # noqa: F401  (registers)
+def register(recipe: Recipe) -> Recipe:
+    if getattr(recipe.config_cls, "stage", None) != recipe.name:
+        raise ValueError(f"recipe {recipe.name!r}: {recipe.config_cls.__name__}.stage must be {recipe.name!r}")
+    RECIPES[recipe.name] = recipe
+    return recipe
 
+
+def _load_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def recipes() -> dict[str, Recipe]:
+    """Every registered stage recipe, by name."""
+    _load_all()
+    return dict(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe of stage ``name`` (or of a config: ``get_recipe(cfg.stage)``); unknown names are a UserError."""
+    if name not in RECIPES:
+        _load_all()
     if name not in RECIPES:
         raise UserError(f"Unknown recipe {name!r}. Registered recipes: {', '.join(sorted(RECIPES))}.")
     return RECIPES[name]
+
+
+def check_checkpoint_dir(path: str | None, *, size: str, flag: str = "--from") -> list[str]:
+    """Fast check that ``path`` (when set) is an engine checkpoint folder (weights/ and context/ inside)."""
+    from pathlib import Path
+
+    if not path:
+        return []
+    p = Path(path)
+    if not p.exists():
+        return [f"{flag} {path}: no such checkpoint. Create one with `ellama import-hf --size {size} --out DIR`."]
+    if not ((p / "weights").is_dir() and (p / "context").is_dir()):
+        return [
+            f"{flag} {path} is not an engine checkpoint (expected weights/ and context/ inside). "
+            f"Fix: create one with `ellama import-hf --size {size} --out DIR` and pass {flag} DIR."
+        ]
+    return []

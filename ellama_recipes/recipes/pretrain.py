@@ -4,23 +4,117 @@ Tuned for: H100 80GB SXM nodes, 8 GPUs per node with NVLink, InfiniBand between 
 parallelism and its memory justification). CLI:
 
     ellama pretrain --size 70b --nodes 60 --dryrun
-    ellama pretrain --size 8b --fp8 --executor slurm slurm_account=... --dryrun
+    ellama pretrain --size 8b --fp8 --executor slurm cluster.slurm_account=... --dryrun
     ellama pretrain --size tiny --from checkpoints/tiny --data data/manifest.json --out runs/cpt
 
-``pretrain_recipe(cfg)`` returns the ``nemo_run.Partial`` wrapping ``nemo.collections.llm.pretrain``; the engine
-(ellama_recipes.engine.nemo_recipe) owns every NeMo object in it.
+The recipe: max LR = 10% of the base model's max LR, linear warmup then cosine decay to 10% of it, everything else
+from the size row. ``build_partial(cfg)`` returns the ``nemo_run.Partial`` of
+:func:`ellama_recipes.engine.train.pretrain` (``llm.pretrain`` in every rank); the engine owns every NeMo object.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ellama_recipes.recipe import PretrainConfig
-from ellama_recipes.recipes import register
+from ellama_recipes.recipe import (
+    MANIFEST_PLACEHOLDER,
+    DataSpec,
+    ScheduleSpec,
+    TrainConfig,
+    apply_flags,
+    base_config,
+    finish_config,
+)
+from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
+from ellama_recipes.sizes import get_size
+
+LR_FRACTION = 0.10  # e-Llama: 10% of the base model's max LR
+MIN_LR_RATIO = 0.10
 
 
-@register("pretrain")
-def pretrain_recipe(cfg: PretrainConfig) -> Any:
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Continued pretraining: the shared :class:`TrainConfig` plus the data blend (``data``)."""
+
+    stage = "pretrain"
+    title = "pretraining"
+
+    data: DataSpec = field(default_factory=DataSpec)
+
+    def stage_problems(self, *, at_launch: bool = False) -> list[str]:
+        if at_launch and self.data.manifest in (None, "", MANIFEST_PLACEHOLDER):
+            return [
+                "data.manifest is not set. Fix: run `ellama data build ... --out DIR` and pass "
+                "--data DIR/manifest.json."
+            ]
+        return []
+
+    def stage_summary(self) -> dict[str, Any]:
+        return {"data_manifest": self.data.manifest or MANIFEST_PLACEHOLDER}
+
+
+def build_config(
+    size: str,
+    *,
+    manifest: str | None = None,
+    overrides: list[str] | None = None,
+    **flags: Any,
+) -> PretrainConfig:
+    """The continued-pretraining recipe for ``size`` with flags, then dotted overrides, applied (not validated).
+
+    ``flags``: the shared ones of :func:`ellama_recipes.recipe.apply_flags` (num_nodes, gpus_per_node, fp8,
+    fp8_recipe, executor, restore_from, from_scratch, out_dir, train_steps, save_every).
+    """
+    sz = get_size(size)
+    cfg = base_config(
+        PretrainConfig,
+        sz,
+        ScheduleSpec(
+            base_max_lr=sz.base_max_lr,
+            lr_fraction=LR_FRACTION,
+            min_lr_ratio=MIN_LR_RATIO,
+            warmup_steps=sz.warmup_steps,
+            train_steps=sz.train_steps,
+            global_batch_size=sz.global_batch_size,
+            micro_batch_size=sz.micro_batch_size,
+            seq_length=sz.seq_length,
+            val_check_interval=sz.val_check_interval,
+            limit_val_batches=sz.limit_val_batches,
+        ),
+        data=DataSpec(num_workers=sz.num_workers),
+    )
+    cfg.checkpoint.out_dir = "runs/cpt"
+    apply_flags(cfg, **flags)
+    if manifest is not None:
+        cfg.data.manifest = str(manifest)
+    return finish_config(cfg, overrides)
+
+
+def check_inputs(cfg: PretrainConfig) -> list[str]:
+    """`--data` and `--from` exist (plain file checks, no NeMo import)."""
+    problems = []
+    if cfg.data.manifest and cfg.data.manifest != MANIFEST_PLACEHOLDER and not Path(cfg.data.manifest).is_file():
+        problems.append(f"--data {cfg.data.manifest}: no such file. Build it with `ellama data build ... --out DIR`.")
+    problems += check_checkpoint_dir(cfg.checkpoint.restore_from, size=cfg.size)
+    return problems
+
+
+def build_partial(cfg: PretrainConfig) -> Any:
     from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
 
     return build_pretrain_partial(cfg)
+
+
+RECIPE = register(
+    Recipe(
+        name="pretrain",
+        run_name="cpt",
+        config_cls=PretrainConfig,
+        build_config=build_config,
+        build_partial=build_partial,
+        check_inputs=check_inputs,
+        description="continued pretraining on a data blend (e-Llama)",
+    )
+)

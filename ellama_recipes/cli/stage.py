@@ -1,0 +1,90 @@
+"""What every training-stage command does after building its config: dry run or launch (stage-agnostic).
+
+``ellama pretrain`` (and ``ellama align`` stages) build their config with their recipe's ``build_config`` and call
+:func:`execute`. Everything stage-specific comes from the registry (``get_recipe(cfg.stage)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.panel import Panel
+from rich.table import Table
+
+from ellama_recipes.cli.common import console, print_json
+from ellama_recipes.errors import UserError
+
+
+def execute(cfg, *, dryrun: bool, as_json: bool) -> None:
+    """``--dryrun``: validate, print the resolved plan and the launch, run nothing. Else: check the inputs
+    (fast, before NeMo is imported), validate for this host, launch, print the result."""
+    if dryrun:
+        cfg.validate()
+        _dryrun(cfg, as_json=as_json)
+        return
+    if as_json:
+        raise UserError(f"--json only applies with --dryrun (e.g. `ellama {cfg.stage} --size {cfg.size} --dryrun --json`).")
+    _launch(cfg)
+
+
+def _launch(cfg) -> None:
+    from ellama_recipes import launch
+    from ellama_recipes.recipe import local_gpu_capability
+    from ellama_recipes.recipes import get_recipe
+
+    recipe = get_recipe(cfg.stage)
+    # Input files first and fast (no NeMo import), then everything this host cannot run, in one message.
+    problems = recipe.check_inputs(cfg)
+    problems += cfg.problems(at_launch=True, gpu_capability=local_gpu_capability())
+    problems += launch.launch_problems(cfg)
+    if problems:
+        raise UserError(f"Cannot start {cfg.title} ({cfg.size}): {len(problems)} problem(s):", problems=problems)
+    partial = None if launch.in_process(cfg) else recipe.build_partial(cfg)
+    if cfg.cluster.executor == "slurm":
+        plan = launch.write_sbatch(cfg, launch.render(cfg, partial))
+        console.print(f"sbatch script: {plan.script_file}")
+    result = launch.launch(cfg, partial)
+    console.print(Panel.fit("\n".join(f"{k}: {v}" for k, v in result.items()), title=f"{cfg.stage} finished"))
+
+
+def _dryrun(cfg, *, as_json: bool) -> None:
+    from ellama_recipes import launch
+    from ellama_recipes.plan import compute_plan
+    from ellama_recipes.recipes import get_recipe
+
+    # NeMo prints banners and warnings while building: keep stdout clean for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        partial = get_recipe(cfg.stage).build_partial(cfg)
+        plan = launch.render(cfg, partial)
+    summary = cfg.summary()
+    memory = compute_plan(cfg)["memory_per_gpu_gib"]
+    if as_json:
+        print_json({**summary, "memory_per_gpu_gib": memory, "launch": plan.as_dict(), "config": cfg.to_dict()})
+        return
+    table = Table(title=f"ellama {cfg.stage} --size {cfg.size}: resolved plan", show_lines=False)
+    table.add_column("key", style="cyan")
+    table.add_column("value")
+    for k, v in summary.items():
+        table.add_row(k, _fmt(v))
+    table.add_row("memory_per_gpu_gib", ", ".join(f"{k} {v}" for k, v in memory.items()))
+    console.print(table)
+    if plan.script:
+        # Raw (no box): copyable from any terminal. The launch also writes it to a file.
+        console.print("[bold]sbatch script (slurm executor)[/]; a launch writes it to "
+                      f"{launch.job_dir(cfg)}/{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch:")
+        console.print(plan.script, markup=False, highlight=False, soft_wrap=True)
+    elif plan.command:
+        console.print("[bold]torchrun command (local executor):[/]")
+        console.print(plan.command, markup=False, highlight=False, soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print("[dim]Dry run: nothing was launched.[/]")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
