@@ -1,0 +1,154 @@
+"""Charts (matplotlib, Agg backend: no display needed) and atomic file writes for eval, merge and pretraining.
+
+Imports nothing from the rest of the package, so the engine's training callbacks may import it (the forgetting
+curve written at the end of pretraining) without an import cycle.
+
+- :func:`forgetting_curve`: ``val_loss_domain`` and ``val_loss_general`` against step from ``RUN/metrics.jsonl``
+  (``ellama eval --run RUN --out DIR``; pretraining writes ``RUN/forgetting.png`` when it ends)
+- :func:`eval_bars`: domain gain % and general regression % per model (``OUT/eval.png``)
+- :func:`tradeoff`: domain gain against general regression, one point per merge alpha (``OUT/tradeoff.png``)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+FORGETTING_PNG = "forgetting.png"
+
+
+class ChartError(ValueError):
+    """Input a chart cannot be drawn from (the CLI turns it into a user error)."""
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_atomic(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _plt().close(fig)
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl`` (a torn last line from a killed run is skipped)."""
+    recs = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            recs.append(rec)
+    return recs
+
+
+def forgetting_curve(run: Path, out_png: Path | None = None) -> Path:
+    """Plot validation loss per side against step for a run folder (or its ``metrics.jsonl``); returns the PNG.
+
+    The domain curve falling while the general curve stays flat is continued pretraining working; the general
+    curve rising is forgetting. Default output: ``RUN/forgetting.png``.
+    """
+    run = Path(run)
+    metrics = run if run.is_file() else run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ChartError(f"{metrics} does not exist: pass a pretraining run folder (it has metrics.jsonl).")
+    recs = read_metrics(metrics)
+    series = {k: [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+              for k in ("val_loss_domain", "val_loss_general", "train_loss")}
+    if not series["val_loss_domain"] and not series["val_loss_general"]:
+        raise ChartError(f"{metrics} has no val_loss_domain / val_loss_general values yet: validation has not run "
+                         "(schedule.val_check_interval) or the run was not built from a blend manifest.")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, color, label in (("val_loss_domain", "tab:blue", "validation loss, domain"),
+                              ("val_loss_general", "tab:orange", "validation loss, general")):
+        pts = series[key]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=label)
+    if series["train_loss"]:
+        pts = series["train_loss"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="grey", alpha=0.35, label="train loss (blend)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Forgetting curve: {run.name if run.is_dir() else run.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_atomic(fig, Path(out_png) if out_png else metrics.parent / FORGETTING_PNG)
+
+
+def eval_bars(rows: Iterable[tuple[str, float | None, float | None]], out_png: Path, *, baseline: str = "") -> Path:
+    """Grouped bars: (label, domain_gain_pct, general_regression_pct) per model compared with the baseline."""
+    rows = list(rows)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(rows) + 2), 4))
+    xs = range(len(rows))
+    gain = [r[1] if r[1] is not None else 0.0 for r in rows]
+    reg = [r[2] if r[2] is not None else 0.0 for r in rows]
+    b1 = ax.bar([x - 0.2 for x in xs], gain, width=0.4, color="tab:green", label="domain gain %")
+    b2 = ax.bar([x + 0.2 for x in xs], reg, width=0.4, color="tab:red", label="general regression %")
+    for bars, vals in ((b1, [r[1] for r in rows]), (b2, [r[2] for r in rows])):
+        for bar, v in zip(bars, vals):
+            ax.annotate("n/a" if v is None else f"{v:+.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom" if bar.get_height() >= 0 else "top", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), [r[0] for r in rows])
+    ax.set_ylabel("% vs baseline")
+    ax.set_title(f"Domain gain and general regression vs {baseline}" if baseline else "Domain gain and general regression")
+    ax.legend()
+    if not rows:
+        ax.text(0.5, 0.5, "only the baseline was evaluated", ha="center", va="center", transform=ax.transAxes)
+    return _save_atomic(fig, out_png)
+
+
+def tradeoff(points: Iterable[dict], out_png: Path) -> Path:
+    """Domain gain % (y) against general regression % (x), each point labelled with its merge alpha."""
+    points = [p for p in points if p.get("domain_gain_pct") is not None and p.get("general_regression_pct") is not None]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = sorted(points, key=lambda p: p["alpha"])
+    ax.plot([p["general_regression_pct"] for p in pts], [p["domain_gain_pct"] for p in pts], "o-", color="tab:purple")
+    for p in pts:
+        ax.annotate(f"alpha={p['alpha']:g}", (p["general_regression_pct"], p["domain_gain_pct"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(0, color="grey", linewidth=0.6)
+    ax.axvline(0, color="grey", linewidth=0.6)
+    ax.set_xlabel("general regression % (lower is better)")
+    ax.set_ylabel("domain gain % (higher is better)")
+    ax.set_title("Merge trade-off: (1 - alpha) * base + alpha * adapted")
+    ax.grid(alpha=0.3)
+    return _save_atomic(fig, out_png)
