@@ -111,6 +111,19 @@ class MetricsJsonl(pl.Callback):
         shown = "  ".join(f"{k}={v:.4f}" for k, v in vals.items())
         print(f"[ellama] step {step}: {shown}", flush=True)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The forgetting curve (val_loss_domain / val_loss_general vs step) next to metrics.jsonl: RUN/forgetting.png.
+        if trainer.global_rank != 0:
+            return
+        from ellama_recipes.charts import ChartError, forgetting_curve
+
+        try:
+            png = forgetting_curve(self.path)
+        except ChartError as exc:
+            print(f"[ellama] no forgetting curve: {exc}", flush=True)
+            return
+        print(f"[ellama] forgetting curve -> {png}", flush=True)
+
 
 def _fix_restored_batch_progress(trainer) -> None:
     """Make Lightning's restored batch counters agree with the restored global step.
