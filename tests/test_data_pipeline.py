@@ -162,7 +162,9 @@ def test_build_manifest_has_exactly_the_issue_keys(built):
     w, prefixes = m["blend"][0::2], m["blend"][1::2]
     assert abs(sum(w) - 1) < 1e-9 and all(x > 0 for x in w)
     assert prefixes == [s["prefix"] for s in m["sources"]]
-    assert all(set(s) == {"prefix", "side", "lang", "documents", "tokens"} for s in m["sources"])
+    for s in m["sources"]:  # the mined source also says how it was mined (issue 11)
+        extra = {"mined"} if s["prefix"] == "tokenized/domain_mined" else set()
+        assert set(s) == {"prefix", "side", "lang", "documents", "tokens"} | extra, s
     assert {s["side"] for s in m["sources"]} == {"domain", "general"}
     assert set(m["realized"]) == {"general_to_domain_token_ratio", "non_english_share_of_general"}
     assert all(not Path(p).is_absolute() and (built / (p + ".bin")).is_file() for p in prefixes)
@@ -212,14 +214,21 @@ def test_accounting_and_rejects_file(built):
 def test_classifier_report_and_mined_documents(built):
     report = json.loads((built / "report.json").read_text())
     c = report["classify"]
-    assert c["recall"] >= 0.95 and c["precision"] >= 0.85
+    h = c["classifier"]["held_out_domain_vs_general"]
+    assert h["recall"] >= 0.95 and h["precision"] >= 0.85
     mined = [json.loads(x) for x in (built / "work/domain_mined.jsonl").read_text().splitlines()]
+    assert c["budget"] == {"by": "threshold", "value": 0.5} and c["mined"] == len(mined)
     assert 20 <= len(mined) <= 200
     shop_words = ("store", "seller", "cart", "warranty", "reviews", "customer", "delivery", "listing", "ordered")
     hits = sum(any(w in d["text"].lower() for w in shop_words) for d in mined)
     assert hits / len(mined) >= 0.9
+    assert all(d["p_domain"] >= 0.5 for d in mined) and min(d["score"] for d in mined) == c["min_mined_score"]
+    assert sum(c["mined_per_language"].values()) == len(mined)
+    assert (built / "mining_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((built / "manifest.json").read_text())
-    assert any(s["prefix"] == "tokenized/domain_mined" and s["side"] == "domain" for s in m["sources"])
+    (src,) = [s for s in m["sources"] if s["prefix"] == "tokenized/domain_mined"]
+    assert src["side"] == "domain" and src["documents"] == len(mined)
+    assert src["mined"]["mined_documents"] == len(mined) and src["mined"]["budget"] == c["budget"]
 
 
 def test_rerun_failure_leaves_existing_output_intact(built, tok, tmp_path):

@@ -68,9 +68,15 @@ def _print_table(report: dict) -> None:
     help="Run every stage: clean, serialize (graph mix), classify (mine domain text from the general corpus), "
     "tokenize (Megatron .bin/.idx) and blend (manifest.json).\n\n"
     f"{RECORD_SCHEMA}\n\n"
+    "Mining takes one budget: --mine-fraction F (the top-scoring share F of the general documents), --mine-tokens N "
+    "(top-scoring documents up to N tokens) or --threshold P (p(domain) >= P; the default, 0.5). Mined documents are "
+    "tokenized as their own domain source (tokenized/domain_mined) and the manifest says how they were mined; "
+    "report.json and mining_scores.png show the score distribution, the top mined and the nearest not-mined "
+    "documents.\n\n"
     "Trailing key=value pairs override stage settings, e.g. clean.min_chars=20 mix.max_chars=3000 "
-    "classify.threshold=0.6 (see them with --dryrun).\n\n"
-    "Example:  ellama data build --domain raw/domain --general raw/general --tokenizer tok/ --out data/ --ratio 1:1",
+    "(see them with --dryrun).\n\n"
+    "Example:  ellama data build --domain raw/domain --general raw/general --tokenizer tok/ --out data/ --ratio 1:1 "
+    "--mine-fraction 0.02",
 )
 def build(
     domain: List[Path] = typer.Option(..., "--domain", help="Domain records: file(s) or folder(s) of .jsonl/.parquet."),
@@ -82,39 +88,38 @@ def build(
     mix: str = typer.Option("graph", "--mix", help="graph (EcomGPT-CT) or separate."),
     workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
     no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine general documents with p(domain) >= P "
+                                              "(default 0.5 when no budget is given)."),
+    mine_fraction: Optional[float] = typer.Option(None, "--mine-fraction", help="Mine the top-scoring share F of the "
+                                                  "general documents (e.g. 0.02)."),
+    mine_tokens: Optional[int] = typer.Option(None, "--mine-tokens", help="Mine top-scoring general documents up to "
+                                              "N tokens (counted with --tokenizer)."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Check inputs and print the resolved plan; write nothing."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value stage settings, e.g. clean.min_chars=20"),
 ) -> None:
     from ellama_recipes.data import pipeline
     from ellama_recipes.data.clean import CleanConfig
+    from ellama_recipes.data.mine import Budget
     from ellama_recipes.data.serialize import MixConfig
 
     ccfg, mcfg = CleanConfig(), MixConfig(mix=mix)
-    from dataclasses import dataclass
-
-    @dataclass
-    class ClassifyCfg:
-        threshold: float = 0.5
-
-    kcfg = ClassifyCfg()
-    settings = _apply_overrides(overrides, {"clean": ccfg, "mix": mcfg, "classify": kcfg})
+    settings = _apply_overrides(overrides, {"clean": ccfg, "mix": mcfg})
+    budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
     if dryrun:
         plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
         plan["settings"] = settings
-        plan["mine"] = not no_mine
+        plan["mine"] = budget.as_dict() if not no_mine else False
         print_json(plan)
         return
     manifest = pipeline.build(domain, general, tokenizer, out, ratio=ratio, non_english=non_english, mix=mix,
-                              workers=workers, progress=True, threshold=kcfg.threshold, mine=not no_mine,
-                              clean_config=ccfg, mix_config=mcfg)
+                              workers=workers, progress=True, threshold=threshold, mine_fraction=mine_fraction,
+                              mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg)
     report = pipeline.build.last_report
     _print_table(report)
     r = manifest["realized"]
     extra = ""
     if "classify" in report:
-        c = report["classify"]
-        extra = (f"; classifier held-out precision {c['precision']:.3f} recall {c['recall']:.3f}, "
-                 f"mined {c['mined']} documents")
+        extra = "; " + _mining_line(report["classify"])
     console.print(f"Wrote {out}/manifest.json: {len(manifest['sources'])} sources, general:domain "
                   f"{r['general_to_domain_token_ratio']}, non-English {r['non_english_share_of_general']}{extra}.")
 
@@ -203,51 +208,98 @@ def serialize_cmd(
                   f"sample ({cfg.mix}).")
 
 
+def _mining_line(rep: dict) -> str:
+    b = rep["budget"]
+    at = "" if rep["min_mined_score"] is None else f", lowest mined score {rep['min_mined_score']:.2f}"
+    q = rep["score_quantiles_general"]
+    return (f"mined {rep['mined']} of {rep['general_documents']} general documents ({b['by']} {b['value']}{at}; "
+            f"general score median {q.get('q0.5')}, 99th percentile {q.get('q0.99')})")
+
+
 @data_app.command(
     "classify",
-    help="Train the e-commerce domain classifier (hashed n-gram logistic regression, cross-fitted) on domain vs "
-    "general text, report held-out precision/recall, and mine general documents with p(domain) >= --threshold. "
-    "Writes OUT/mined.jsonl, OUT/general_<lang>.jsonl (the rest, one file per language, to tokenize as one source "
-    "each), OUT/classifier.npz, OUT/report.json.\n\n"
-    "Example:  ellama data classify --domain work/serialized/domain.jsonl --general raw/general --out work/classify",
+    help="Train the e-commerce domain classifier (scikit-learn: hashed word 1-2 grams + multinomial naive Bayes, "
+    "cross-fitted) on domain vs general text and mine the top-scoring general documents. The general corpus is "
+    "streamed (any size; --workers processes score it). Give one budget: --mine-fraction F (top share of general "
+    "documents), --mine-tokens N (top documents up to N tokens; needs --tokenizer) or --threshold P "
+    "(p(domain) >= P; the default, 0.5). Writes OUT/mined.jsonl (with scores), OUT/general_<lang>.jsonl (the rest, "
+    "one file per language), OUT/classifier.joblib, OUT/report.json (budget, cut-off, score quantiles, top mined "
+    "and nearest not-mined documents, mined per language), OUT/mining_scores.png, OUT/rejects.jsonl.\n\n"
+    "Example:  ellama data classify --domain work/serialized/domain.jsonl --general raw/general --out work/classify "
+    "--mine-fraction 0.02 --workers 2",
 )
 def classify_cmd(
     domain: List[Path] = typer.Option(..., "--domain", help="Domain text: serialized samples or domain records."),
-    general: List[Path] = typer.Option(..., "--general", help="General documents {text, lang?}."),
+    general: List[Path] = typer.Option(..., "--general", help="General documents {text, lang?} (JSONL)."),
     out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="p(domain) at or above which a document is mined."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine documents with p(domain) >= P."),
+    mine_fraction: Optional[float] = typer.Option(None, "--mine-fraction", help="Mine the top-scoring share F."),
+    mine_tokens: Optional[int] = typer.Option(None, "--mine-tokens", help="Mine top documents up to N tokens."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="HF tokenizer (counts tokens for --mine-tokens)."),
+    workers: int = typer.Option(1, "--workers", help="Scoring processes."),
+    max_train: int = typer.Option(20_000, "--max-train", help="General documents (an even sample) to train on."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
 ) -> None:
-    from ellama_recipes.data.classify import train_and_evaluate
-    from ellama_recipes.data.pipeline import _write_jsonl, atomic_dir
+    from ellama_recipes.data.mine import Budget, mine
+    from ellama_recipes.data.pipeline import RejectSink, _Progress, atomic_dir
     from ellama_recipes.data.records import expand_paths, iter_text_rows
 
-    if not 0.0 < threshold < 1.0:
-        raise UserError(f"--threshold {threshold} must be between 0 and 1 (e.g. 0.5).")
+    budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
+    if budget.kind == "tokens" and tokenizer is None:
+        raise UserError("--mine-tokens counts tokens with a tokenizer: add --tokenizer DIR (the one you will tokenize "
+                        "with), or use --mine-fraction F instead.")
     dfiles = expand_paths(domain, "--domain")
     gfiles = expand_paths(general, "--general")
+    if any(p.suffix != ".jsonl" for p in gfiles):
+        raise UserError("classify streams JSON Lines: convert Parquet general data with `ellama data clean --kind "
+                        "general` first.")
+    tok = None
+    if tokenizer is not None:
+        from ellama_recipes.data.tokenize import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     if dryrun:
         print_json({"domain_files": [str(p) for p in dfiles], "general_files": [str(p) for p in gfiles],
-                    "out": str(out), "threshold": threshold})
+                    "out": str(out), "budget": budget.as_dict(), "workers": workers, "max_train": max_train})
         return
+    d_texts = [r["text"] for p in dfiles for r in iter_text_rows(p)]
+    with atomic_dir(out) as tmp, _Progress(True) as prog:
+        sink = RejectSink(tmp / "rejects.jsonl")
+        from ellama_recipes.data.records import Reject
 
-    d_rows = [r for p in dfiles for r in iter_text_rows(p)]
-    g_rows = [r for p in gfiles for r in iter_text_rows(p)]
-    clf, rep, oof = train_and_evaluate([r["text"] for r in d_rows], [r["text"] for r in g_rows], threshold=threshold)
-    with atomic_dir(out) as tmp:
-        mined = [dict(r, p_domain=round(float(p), 4)) for r, p in zip(g_rows, oof) if p >= threshold]
-        rest: dict[str, list[dict]] = {}
-        for r, p in zip(g_rows, oof):
-            if p < threshold:
-                rest.setdefault(r["lang"], []).append(r)
-        _write_jsonl(tmp / "mined.jsonl", mined)
-        for lang, rows_l in sorted(rest.items()):
-            _write_jsonl(tmp / f"general_{lang}.jsonl", rows_l)
-        clf.save(tmp / "classifier.npz")
-        (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    console.print(f"Held-out precision {rep['precision']:.3f}, recall {rep['recall']:.3f}, F1 {rep['f1']:.3f} "
-                  f"({rep['held_out_domain']} domain / {rep['held_out_general']} general, {rep['folds']}-fold); "
-                  f"mined {len(mined)} of {len(g_rows)} general documents at p >= {threshold}.")
+        starts: list[int] = []
+
+        def on_reject(r) -> None:  # (corpus index, reason, detail) -> rejects.jsonl with file:line
+            if not starts:  # first line index of each file, counted once
+                starts[:] = _file_starts(gfiles)
+            k = max(i for i, st in enumerate(starts[:-1]) if st <= r[0] < starts[i + 1])
+            sink(Reject(r[1], f"{gfiles[k]}:{r[0] - starts[k] + 1}", r[2]))
+
+        try:
+            res = mine(gfiles, d_texts, tmp, tmp / "mined.jsonl", tmp, budget, workers=workers, tokenizer=tok,
+                       max_train=max_train, png=tmp / "mining_scores.png", progress=prog.task, on_reject=on_reject)
+        finally:
+            sink.close()
+        rep = res.report
+        rep["accounting"] = {"general_lines_in": res.lines, "mined": res.mined, "kept": res.kept,
+                             "rejected": dict(res.rejected)}
+        (tmp / "report.json").write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+    h = rep["classifier"]["held_out_domain_vs_general"]
+    console.print(f"Catalog-vs-general held-out precision {h['precision']:.3f}, recall {h['recall']:.3f} "
+                  f"({rep['classifier']['folds']}-fold; the easy task). {_mining_line(rep)[0].upper()}"
+                  f"{_mining_line(rep)[1:]}. Lines in {res.lines} = mined {res.mined} + kept {res.kept} + rejected "
+                  f"{sum(res.rejected.values())}. See {out}/report.json and {out}/mining_scores.png.")
+
+
+def _file_starts(files: list[Path]) -> list[int]:
+    """0-based corpus index of each file's first line, then the total line count."""
+    from ellama_recipes.data.mine import count_lines
+
+    out, n = [], 0
+    for f in files:
+        out.append(n)
+        n += count_lines([f])
+    return out + [n]
 
 
 @data_app.command(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ellama_recipes.data.manifest import SOURCE_KEYS
+from ellama_recipes.data.manifest import OPTIONAL_SOURCE_KEYS, SOURCE_KEYS
 from ellama_recipes.errors import UserError
 
 
@@ -117,7 +117,9 @@ def make_manifest(sources: list[dict], ratio: float | str, non_english: float, r
     q = check_non_english(non_english)
     weights = compute_weights(sources, r, q)
     keep = [i for i, w in enumerate(weights) if w > 0]
-    srcs = [{k: sources[i][k] for k in SOURCE_KEYS} for i in keep]
+    # a mined source also says how it was mined (budget, lowest score): {"mined": {...}}
+    srcs = [{**{k: sources[i][k] for k in SOURCE_KEYS}, **{k: sources[i][k] for k in OPTIONAL_SOURCE_KEYS if k in sources[i]}}
+            for i in keep]
     ws = [weights[i] for i in keep]
     blend: list = []
     for w, s in zip(ws, srcs):

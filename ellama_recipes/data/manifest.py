@@ -3,7 +3,7 @@
 Written by :func:`ellama_recipes.data.blend.make_manifest` (``ellama data build`` / ``ellama data blend``)::
 
     {"blend": [w1, "prefix1", w2, "prefix2", ...],            # Megatron list form, weights sum to 1
-     "sources": [{"prefix", "side": "domain"|"general", "lang", "documents", "tokens"}, ...],
+     "sources": [{"prefix", "side": "domain"|"general", "lang", "documents", "tokens", "mined"?}, ...],
      "realized": {...}, "rejected": {...}}
 
 Prefixes are relative to the manifest's folder. ``PREFIX.source.json`` sidecars (written by ``ellama data
@@ -22,6 +22,7 @@ from ellama_recipes.errors import UserError
 
 MANIFEST_KEYS = ("blend", "sources", "realized", "rejected")
 SOURCE_KEYS = ("prefix", "side", "lang", "documents", "tokens")
+OPTIONAL_SOURCE_KEYS = ("mined",)  # a source mined from the general corpus: {budget, min_score, ...}
 SIDES = ("domain", "general")
 # what a recipe shows for data.manifest before --data is given (treated as "no manifest")
 MANIFEST_PLACEHOLDER = "<unset: pass --data DIR/manifest.json (written by `ellama data build`)>"
@@ -48,7 +49,8 @@ def read_source_sidecars(folder: Path) -> list[dict]:
     for p in sorted(folder.rglob("*.source.json")):
         d = json.loads(p.read_text())
         prefix = str(p.with_name(p.name[: -len(".source.json")]).relative_to(folder))
-        out.append({"prefix": prefix, **{k: d[k] for k in ("side", "lang", "documents", "tokens")}})
+        out.append({"prefix": prefix, **{k: d[k] for k in SOURCE_KEYS[1:]},
+                    **{k: d[k] for k in OPTIONAL_SOURCE_KEYS if k in d}})
     if not out:
         raise UserError(f"No tokenized sources (*.source.json beside .bin/.idx) under {str(folder)!r}. Run "
                         "`ellama data tokenize ... --out FOLDER/NAME --side domain|general` first.")

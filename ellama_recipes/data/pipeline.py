@@ -11,10 +11,13 @@ Output folder (written in a temporary sibling folder and renamed into place at t
 replaced whole or left untouched, never half-written)::
 
     manifest.json               blend, sources, realized, rejected (read by `ellama pretrain --data`)
-    report.json                 per-stage accounting, mix statistics, classifier precision/recall
+    report.json                 per-stage accounting, mix statistics, classifier and mining report (budget,
+                                cut-off score, score quantiles, top mined / nearest not-mined, mined per language)
+    mining_scores.png           histogram of the general documents' domain scores with the cut-off
     tokenized/PREFIX.{bin,idx}  Megatron indexed datasets (+ PREFIX.source.json sidecars)
     rejects/STAGE.jsonl         every rejected line: {"reason", "source": "file:line", "detail"}
     work/                       intermediate JSONL (cleaned, serialized, mined, per-language general) + classifier
+                                (work/classify/classifier.joblib)
 
 Every stage checks records in == records out + rejected and raises if not.
 """
@@ -26,16 +29,17 @@ from collections import Counter
 from pathlib import Path
 
 from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio
-from ellama_recipes.data.classify import train_and_evaluate
 from ellama_recipes.data.clean import CleanConfig, StageStats, clean
-from ellama_recipes.data.manifest import write_json_atomic
+from ellama_recipes.data.manifest import write_json_atomic, write_source_sidecar
+from ellama_recipes.data.mine import Budget
+from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
 from ellama_recipes.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
 
-CLASSIFY_MAX_TRAIN = 20_000  # general docs used for cross-fitted training; the rest are scored by the final model
+CLASSIFY_MAX_TRAIN = 20_000  # general docs (an even sample of the corpus) in the classifier's training set
 
 
 class _Progress:
@@ -179,10 +183,42 @@ def plan(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Pa
     }
 
 
+def _split_by_lang(path: Path, work: Path, advance) -> tuple[dict[str, Path], int]:
+    """General documents to ``work/general_<lang>.jsonl`` (no mining)."""
+    files: dict[str, object] = {}
+    paths: dict[str, Path] = {}
+    n = 0
+    try:
+        for rec in _read_jsonl(path):
+            lang = rec.get("lang") or "und"
+            if lang not in files:
+                paths[lang] = work / f"general_{lang}.jsonl"
+                files[lang] = open(paths[lang], "w", encoding="utf-8")
+            files[lang].write(json.dumps({"text": rec["text"], "lang": lang}, ensure_ascii=False) + "\n")
+            n += 1
+            advance()
+    finally:
+        for f in files.values():
+            f.close()
+    return paths, n
+
+
+def _mined_summary(res) -> dict:
+    """What the manifest says about the mined source: the budget and the lowest score mined."""
+    r = res.report
+    return {"budget": r["budget"], "general_documents": r["general_documents"], "mined_documents": r["mined"],
+            "min_score": r["min_mined_score"], "min_p_domain": r["min_mined_p_domain"]}
+
+
 def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Path, ratio="1:1",
-          non_english=0.10, mix="graph", workers=1, progress=True, *, threshold: float = 0.5, mine: bool = True,
+          non_english=0.10, mix="graph", workers=1, progress=True, *, threshold: float | None = None,
+          mine_fraction: float | None = None, mine_tokens: int | None = None, mine: bool = True,
           clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None) -> dict:
-    """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``)."""
+    """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``).
+
+    Mining takes one budget: ``mine_fraction`` (top share of the general documents), ``mine_tokens`` (top documents
+    up to that many tokens) or ``threshold`` (p(domain) >= threshold; the default, 0.5, when none is given)."""
+    budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
     p = plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
     dfiles = [Path(x) for x in p["domain_files"]]
     gfiles = [Path(x) for x in p["general_files"]]
@@ -219,65 +255,20 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
                 if rows:
                     domain_files[f"domain_{src}"] = work / f"domain_{src}.jsonl"
                     _write_jsonl(domain_files[f"domain_{src}"], rows)
-        # 3. classify: mine domain-like documents out of the general corpus
+        # 3. classify: mine domain-like documents out of the general corpus (streamed; see data/mine.py)
         gen_by_lang: dict[str, Path] = {}
         mined_path = work / "domain_mined.jsonl"
-        adv = prog.task("classify + mine", n_gen)
-        n_mined = n_kept = 0
+        mine_res = None
         if mine:
-            train_general = []
-            for i, r in enumerate(_read_jsonl(work / "clean_general.jsonl")):
-                if i >= CLASSIFY_MAX_TRAIN:
-                    break
-                train_general.append(r["text"])
-            clf, crep, oof = train_and_evaluate([s["text"] for s in samples], train_general, threshold=threshold)
-            clf.save(work / "classifier.npz")
-            report["classify"] = crep
-            del train_general
-        files: dict[str, object] = {}
-        try:
-            mined_f = open(mined_path, "w", encoding="utf-8")
-            batch: list[dict] = []
-
-            def flush(start: int) -> None:
-                nonlocal n_mined, n_kept
-                if mine:
-                    tail = [b["text"] for b in batch]
-                    probs = [oof[start + k] if start + k < len(oof) else None for k in range(len(batch))]
-                    need = [k for k, pr in enumerate(probs) if pr is None]
-                    if need:
-                        fresh = clf.predict_proba([tail[k] for k in need])
-                        for k, pr in zip(need, fresh):
-                            probs[k] = pr
-                else:
-                    probs = [0.0] * len(batch)
-                for rec, pr in zip(batch, probs):
-                    if pr >= threshold:
-                        mined_f.write(json.dumps({"text": rec["text"], "lang": rec["lang"], "p_domain": round(float(pr), 4)},
-                                                 ensure_ascii=False) + "\n")
-                        n_mined += 1
-                    else:
-                        lang = rec["lang"] or "und"
-                        if lang not in files:
-                            gen_by_lang[lang] = work / f"general_{lang}.jsonl"
-                            files[lang] = open(gen_by_lang[lang], "w", encoding="utf-8")
-                        files[lang].write(json.dumps({"text": rec["text"], "lang": lang}, ensure_ascii=False) + "\n")
-                        n_kept += 1
-                adv(len(batch))
-
-            start = 0
-            for rec in _read_jsonl(work / "clean_general.jsonl"):
-                batch.append(rec)
-                if len(batch) >= 2048:
-                    flush(start)
-                    start += len(batch)
-                    batch = []
-            if batch:
-                flush(start)
-        finally:
-            mined_f.close()
-            for f in files.values():
-                f.close()
+            mine_res = mine_corpus([work / "clean_general.jsonl"], [s["text"] for s in samples], work / "classify",
+                                   mined_path, work, budget, workers=workers, tokenizer=tok,
+                                   max_train=CLASSIFY_MAX_TRAIN, png=tmp / "mining_scores.png", progress=prog.task)
+            report["classify"] = mine_res.report
+            gen_by_lang = dict(mine_res.kept_files)
+            n_mined, n_kept = mine_res.mined, mine_res.kept
+        else:
+            gen_by_lang, n_kept = _split_by_lang(work / "clean_general.jsonl", work, prog.task("split general", n_gen))
+            n_mined = 0
         cstats = StageStats("classify (general)", records_in=n_gen, records_out=n_kept + n_mined)
         cstats.check()
         report["stages"].append({**cstats.as_dict(), "mined_to_domain": n_mined})
@@ -304,10 +295,9 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
                 else:
                     langs = res.langs
                     lang = langs.most_common(1)[0][0] if len(langs) == 1 else "mul"
-                src = {"prefix": f"tokenized/{name}", "side": side, "lang": lang, "documents": res.documents,
-                       "tokens": res.tokens}
-                (tok_dir / f"{name}.source.json").write_text(json.dumps(src, indent=2) + "\n")
-                sources.append(src)
+                extra = {"mined": _mined_summary(mine_res)} if name == "domain_mined" else {}
+                meta = write_source_sidecar(tok_dir / name, side, lang, res.documents, res.tokens, **extra)
+                sources.append({"prefix": f"tokenized/{name}", **meta})
         finally:
             tsink.close()
         tstats.check()

@@ -1,0 +1,595 @@
+"""Mining domain documents out of a general corpus far larger than memory, by budget or by threshold.
+
+Used by ``ellama data classify`` and ``ellama data build`` (``--mine-fraction F``, ``--mine-tokens N``,
+``--threshold P``). Three streaming passes over the corpus, none of which holds documents in memory:
+
+1. **sample**: every ``stride``-th line (``stride = lines / max_train``) is the general side of the classifier's
+   training set (:func:`ellama_recipes.data.classify.train_folds`);
+2. **score**: chunks of lines go to ``workers`` processes (each loads the saved models once); each returns float32
+   log-odds (NaN for an invalid line), the language and, for a token budget, the token count (``bos`` + text +
+   ``eod``, what ``ellama data tokenize`` will write). They are appended to small per-document files
+   (``scores.f32``, ``langs.u16``, ``tokens.u32``: 4 + 2 + 4 bytes a document) and summed into a 65,536-bin histogram
+   over the score's float bits;
+3. **select + route**: the exact cut-off for the budget is found by radix selection over those files (the
+   histogram gives the bin, one more read gives the value, ties are broken by corpus order), then the corpus is read
+   once more and each line is copied to ``mined.jsonl`` (with its score) or to ``general_<lang>.jsonl``.
+
+Memory: the models (about 50 MB a process), one chunk per worker in flight, the histograms and the report's few
+example documents: constant in the corpus size. Budgets pick the top-scoring documents in (score desc, corpus order):
+``--mine-fraction F`` the first ``round(F * documents)``, ``--mine-tokens N`` the longest prefix of that order whose
+tokens sum to at most ``N``; ``--threshold P`` every document with ``p(domain) >= P``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import multiprocessing as mp
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ellama_recipes.data.classify import FoldModels, logit, sigmoid
+from ellama_recipes.data.records import (BLANK_LINE, INVALID_UTF8, MALFORMED_JSON, RecordError, render, validate)
+from ellama_recipes.errors import UserError
+
+CHUNK_DOCS = 1024
+HIST_BINS = 1 << 16
+EXAMPLES = 5
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+@dataclass
+class Budget:
+    """How much to mine: exactly one of ``fraction`` (of the general documents), ``tokens``, ``threshold`` (p)."""
+
+    fraction: float | None = None
+    tokens: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("fraction", "tokens", "threshold") if getattr(self, k) is not None]
+        if len(given) > 1:
+            flags = {"fraction": "--mine-fraction", "tokens": "--mine-tokens", "threshold": "--threshold"}
+            raise UserError(f"Give one mining budget, not {' and '.join(flags[g] for g in given)}: --mine-fraction F "
+                            "(top share of general documents), --mine-tokens N (top documents up to N tokens) or "
+                            "--threshold P (every document with p(domain) >= P).")
+        if not given:
+            self.threshold = 0.5
+        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+            raise UserError(f"--mine-fraction {self.fraction} must be between 0 and 1 (e.g. 0.05 mines the top 5% "
+                            "of general documents).")
+        if self.tokens is not None and self.tokens < 0:
+            raise UserError(f"--mine-tokens {self.tokens} must be >= 0 (e.g. 1000000).")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise UserError(f"--threshold {self.threshold} must be between 0 and 1 (e.g. 0.5).")
+
+    @property
+    def kind(self) -> str:
+        return "fraction" if self.fraction is not None else "tokens" if self.tokens is not None else "threshold"
+
+    def as_dict(self) -> dict:
+        return {"by": self.kind, "value": getattr(self, self.kind)}
+
+
+# ------------------------------------------------------------------------------------------------ corpus reading
+
+
+def _lines(paths: list[Path]) -> Iterator[bytes]:
+    for p in paths:
+        with open(p, "rb") as f:
+            for raw in f:
+                yield raw
+
+
+def count_lines(paths: list[Path]) -> int:
+    n = 0
+    for p in paths:
+        last = b"\n"
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        if last != b"\n":
+            n += 1
+    return n
+
+
+def parse_line(raw: bytes) -> tuple[str, str] | tuple[None, tuple[str, str]]:
+    """``(text, lang)`` of a general line (domain records are rendered), or ``(None, (reason, detail))``."""
+    line = raw.rstrip(b"\r\n")
+    if not line.strip():
+        return None, (BLANK_LINE, "blank line")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, (INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}")
+    except json.JSONDecodeError as exc:
+        return None, (MALFORMED_JSON, f"{exc.msg} at column {exc.colno}")
+    kind = "domain" if isinstance(obj, dict) and obj.get("type") in ("product", "review", "article") else "general"
+    try:
+        rec = validate(obj, kind)
+    except RecordError as exc:
+        return None, (exc.reason, exc.detail)
+    return render(rec), (rec.get("lang") or "und")
+
+
+def sample_general(paths: list[Path], max_docs: int, total_lines: int | None = None) -> list[tuple[int, str]]:
+    """Every ``stride``-th valid line as ``(corpus_index, text)``, at most about ``max_docs`` of them."""
+    n = count_lines(paths) if total_lines is None else total_lines
+    stride = max(1, math.ceil(n / max(1, max_docs)))
+    out = []
+    for i, raw in enumerate(_lines(paths)):
+        if i % stride == 0:
+            text, _ = parse_line(raw)
+            if text is not None:
+                out.append((i, text))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pass 1: score
+
+_W = None  # per-process state: (FoldModels, tokenizers.Tokenizer | None, extra tokens per document)
+
+
+def _init_worker(model_path: str, tok_json: str | None, extra: int) -> None:
+    global _W
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tok = None
+    if tok_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tok_json)
+    _W = (FoldModels.load(Path(model_path)), tok, extra)
+
+
+def _score_chunk(chunk: tuple[int, list[bytes]]):
+    first, lines = chunk
+    models, tok, extra = _W
+    texts, where, langs = [], [], []
+    rejects = []
+    for k, raw in enumerate(lines):
+        text, info = parse_line(raw)
+        if text is None:
+            rejects.append((first + k, *info))
+            langs.append(None)
+            continue
+        texts.append(text)
+        where.append(k)
+        langs.append(info)
+    scores = np.full(len(lines), np.nan, np.float32)
+    idx = np.array(where, dtype=np.int64)
+    if texts:
+        # fold of a document = its corpus index % folds (same rule as training)
+        scores[idx] = models.score_at(texts, first + idx)
+    ntok = None
+    if tok is not None:
+        ntok = np.zeros(len(lines), np.uint32)
+        if texts:
+            enc = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(tok, "encode_batch_fast") else \
+                tok.encode_batch(texts, add_special_tokens=False)
+            ntok[idx] = [len(e.ids) + extra for e in enc]
+    return first, scores, langs, ntok, rejects
+
+
+def _chunks(paths: list[Path], chunk_docs: int, advance) -> Iterator[tuple[int, list[bytes]]]:
+    buf: list[bytes] = []
+    first = 0
+    for i, raw in enumerate(_lines(paths)):
+        buf.append(raw)
+        if len(buf) >= chunk_docs:
+            yield first, buf
+            if advance:
+                advance(len(buf))
+            first, buf = i + 1, []
+    if buf:
+        yield first, buf
+        if advance:
+            advance(len(buf))
+
+
+def _keys(scores: np.ndarray) -> np.ndarray:
+    """Order-preserving map float32 -> uint32 (for radix selection)."""
+    bits = scores.view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def _unkey(keys) -> np.ndarray:
+    keys = np.asarray(keys, dtype=np.uint32)
+    bits = np.where(keys >> 31, keys & np.uint32(0x7FFFFFFF), ~keys).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+@dataclass
+class Scored:
+    """What pass 1 leaves behind (files in ``work``) and its summaries."""
+
+    work: Path
+    lines: int = 0
+    valid: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    rejects: list = field(default_factory=list)  # (corpus_index, reason, detail), for the rejects file
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
+    hist_tokens: np.ndarray | None = None
+    langs: list[str] = field(default_factory=list)  # id -> language code
+    has_tokens: bool = False
+    seconds: float = 0.0
+
+
+def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: int = 1, tokenizer=None,
+                 add_bos: bool = True, chunk_docs: int = CHUNK_DOCS,
+                 progress: Callable[[int], None] | None = None) -> Scored:
+    """Pass 1: score every line of ``paths`` with the saved fold models; see the module docstring."""
+    import time
+
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}.")
+    work.mkdir(parents=True, exist_ok=True)
+    sc = Scored(work, has_tokens=tokenizer is not None)
+    if sc.has_tokens:
+        sc.hist_tokens = np.zeros(HIST_BINS, np.int64)
+    lang_id: dict[str, int] = {}
+    f_s = open(work / "scores.f32", "wb")
+    f_l = open(work / "langs.u16", "wb")
+    f_t = open(work / "tokens.u32", "wb") if sc.has_tokens else None
+    tok_json = tokenizer.json_str if tokenizer is not None else None
+    extra = ((1 if (tokenizer is not None and tokenizer.bos_id is not None and add_bos) else 0) + 1)
+    t0 = time.perf_counter()
+
+    def consume(out) -> None:
+        first, scores, langs, ntok, rejects = out
+        assert first == sc.lines, "chunks out of order (bug)"
+        sc.lines += len(scores)
+        ids = np.empty(len(langs), np.uint16)
+        for k, lg in enumerate(langs):
+            if lg is None:
+                ids[k] = 0xFFFF
+                continue
+            if lg not in lang_id:
+                if len(lang_id) >= 0xFFFF:
+                    raise UserError("More than 65,535 distinct language codes in the general corpus; check its lang field.")
+                lang_id[lg] = len(lang_id)
+                sc.langs.append(lg)
+            ids[k] = lang_id[lg]
+        for r in rejects:
+            sc.rejected[r[1]] += 1
+        sc.rejects.extend(rejects)
+        ok = ~np.isnan(scores)
+        sc.valid += int(ok.sum())
+        b = (_keys(scores[ok]) >> 16).astype(np.int64)
+        sc.hist += np.bincount(b, minlength=HIST_BINS)
+        f_s.write(scores.tobytes())
+        f_l.write(ids.tobytes())
+        if f_t is not None:
+            f_t.write(ntok.tobytes())
+            sc.hist_tokens += np.bincount(b, weights=ntok[ok].astype(np.float64), minlength=HIST_BINS).astype(np.int64)
+
+    try:
+        chunks = _chunks(paths, chunk_docs, progress)
+        if workers == 1:
+            global _W
+            saved = _W
+            try:
+                _init_worker(str(models_path), tok_json, extra)
+                for ch in chunks:
+                    consume(_score_chunk(ch))
+            finally:
+                _W = saved
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(models_path), tok_json, extra)) as pool:
+                pending: deque = deque()
+                for ch in chunks:
+                    pending.append(pool.apply_async(_score_chunk, (ch,)))
+                    if len(pending) >= 2 * workers:
+                        consume(pending.popleft().get())
+                while pending:
+                    consume(pending.popleft().get())
+    finally:
+        f_s.close()
+        f_l.close()
+        if f_t is not None:
+            f_t.close()
+    sc.seconds = time.perf_counter() - t0
+    return sc
+
+
+# ------------------------------------------------------------------------------------------------ pass 2: select
+
+READ = 1 << 20
+
+
+def _read_arrays(sc: Scored, tokens: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """(first index, scores, tokens) in chunks of READ documents from the pass-1 files."""
+    with open(sc.work / "scores.f32", "rb") as fs, (open(sc.work / "tokens.u32", "rb") if tokens else open(os.devnull, "rb")) as ft:
+        first = 0
+        while True:
+            s = np.frombuffer(fs.read(READ * 4), np.float32)
+            if not s.size:
+                return
+            t = np.frombuffer(ft.read(READ * 4), np.uint32) if tokens else None
+            yield first, s, t
+            first += s.size
+
+
+@dataclass
+class Selection:
+    """Mined iff ``key > key_cut`` or (``key == key_cut`` and it is among the first ``ties`` such documents)."""
+
+    key_cut: int  # uint32 key; 2**32 means "nothing"
+    ties: float  # how many documents with key == key_cut are mined, in corpus order (inf: all)
+    budget: dict
+
+    @property
+    def score_cut(self) -> float | None:
+        return None if self.key_cut >= 1 << 32 else float(_unkey([self.key_cut])[0])
+
+
+def _walk(counts: np.ndarray, weights: np.ndarray, budget: float) -> tuple[int, float]:
+    """Walk bins from the top taking whole bins while the weight stays <= budget; returns (boundary bin, weight
+    taken above it). The boundary bin is -1 when every bin fits."""
+    cum = 0.0
+    for b in np.nonzero(counts)[0][::-1]:
+        if cum + weights[b] > budget:
+            return int(b), cum
+        cum += weights[b]
+    return -1, cum
+
+
+def select(sc: Scored, budget: Budget) -> Selection:
+    """Exact cut-off for ``budget`` over the pass-1 files (two or three reads of 4-8 bytes a document)."""
+    if budget.kind == "threshold":
+        cut = np.float32(logit(budget.threshold))
+        return Selection(int(_keys(np.array([cut], np.float32))[0]), math.inf, budget.as_dict())
+    by_tokens = budget.kind == "tokens"
+    if by_tokens and not sc.has_tokens:
+        raise UserError("--mine-tokens needs a tokenizer to count tokens: pass --tokenizer DIR (as for `ellama data "
+                        "tokenize`).")
+    limit = float(budget.tokens) if by_tokens else float(round(budget.fraction * sc.valid))
+    w1 = sc.hist_tokens.astype(np.float64) if by_tokens else sc.hist.astype(np.float64)
+    b1, cum = _walk(sc.hist, w1, limit)
+    if b1 < 0:  # everything fits
+        return Selection(0, math.inf, budget.as_dict())
+    c2 = np.zeros(HIST_BINS, np.int64)
+    w2 = np.zeros(HIST_BINS, np.float64)
+    for _, s, t in _read_arrays(sc, by_tokens):
+        ok = ~np.isnan(s)
+        k = _keys(s[ok])
+        m = (k >> 16) == b1
+        lo = (k[m] & 0xFFFF).astype(np.int64)
+        c2 += np.bincount(lo, minlength=HIST_BINS)
+        w2 += np.bincount(lo, weights=(t[ok][m].astype(np.float64) if by_tokens else None), minlength=HIST_BINS)
+    b2, cum2 = _walk(c2, w2, limit - cum)
+    key_cut = (b1 << 16) | b2
+    left = limit - cum - cum2  # budget left for documents with key == key_cut
+    if not by_tokens:
+        return Selection(key_cut, int(round(left)), budget.as_dict())
+    ties = 0  # longest prefix (corpus order) of the tied documents that fits
+    for _, s, t in _read_arrays(sc, True):
+        ok = ~np.isnan(s)
+        tied = np.nonzero(ok & (_keys(np.where(ok, s, 0).astype(np.float32)) == key_cut))[0]
+        if not tied.size:
+            continue
+        c = np.cumsum(t[tied].astype(np.float64))
+        fit = int(np.searchsorted(c, left, side="right"))
+        ties += fit
+        if fit < tied.size:
+            break
+        left -= c[-1]
+    return Selection(key_cut, ties, budget.as_dict())
+
+
+# ------------------------------------------------------------------------------------------------ pass 3: route
+
+
+@dataclass
+class MineResult:
+    lines: int
+    valid: int
+    mined: int
+    kept: int
+    rejected: Counter
+    mined_tokens: int | None
+    kept_files: dict[str, Path]  # lang -> general_<lang>.jsonl
+    mined_path: Path
+    report: dict
+
+
+def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_dir: Path, *,
+          kept_prefix: str = "general_", progress: Callable[[int], None] | None = None,
+          on_reject: Callable | None = None) -> MineResult:
+    """Pass 3: copy each line to ``mined_path`` (with its score) or ``kept_dir/<prefix><lang>.jsonl``."""
+    kept_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, object] = {}
+    kept_files: dict[str, Path] = {}
+    per_lang: Counter = Counter()
+    top: list = []  # min-heap of (score, index, text) of mined documents
+    near: list = []  # min-heap of the highest-scoring documents not mined
+    n_mined = n_kept = 0
+    mined_tokens = 0
+    min_mined: float | None = None
+    ties_seen = 0
+    reject_at = {r[0]: r for r in sc.rejects}
+    lines = _lines(paths)
+    fl = open(sc.work / "langs.u16", "rb")
+    mf = open(mined_path, "w", encoding="utf-8")
+    try:
+        for first, s, t in _read_arrays(sc, sc.has_tokens):
+            lang_ids = np.frombuffer(fl.read(s.size * 2), np.uint16)
+            ok = ~np.isnan(s)
+            keys = _keys(np.where(ok, s, 0).astype(np.float32))
+            is_mined = ok & (keys > sel.key_cut) if sel.key_cut < 1 << 32 else np.zeros(s.size, bool)
+            if sel.key_cut < 1 << 32:
+                tied = np.nonzero(ok & (keys == sel.key_cut))[0]
+                if math.isinf(sel.ties):
+                    is_mined[tied] = True
+                else:
+                    take = tied[: max(0, int(sel.ties) - ties_seen)]
+                    is_mined[take] = True
+                    ties_seen += tied.size
+            for k in range(s.size):
+                raw = next(lines)
+                i = first + k
+                if not ok[k]:
+                    if on_reject is not None:
+                        on_reject(reject_at[i])
+                    continue
+                score = float(s[k])
+                lang = sc.langs[lang_ids[k]]
+                if is_mined[k]:
+                    text, _ = parse_line(raw)
+                    mf.write(json.dumps({"text": text, "lang": lang, "score": round(score, 4),
+                                         "p_domain": round(float(sigmoid(score)), 6)}, ensure_ascii=False) + "\n")
+                    n_mined += 1
+                    min_mined = score if min_mined is None else min(min_mined, score)
+                    per_lang[lang] += 1
+                    if t is not None:
+                        mined_tokens += int(t[k])
+                    _keep_best(top, score, i, raw)
+                else:
+                    if lang not in files:
+                        kept_files[lang] = kept_dir / f"{kept_prefix}{lang}.jsonl"
+                        files[lang] = open(kept_files[lang], "wb")
+                    files[lang].write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    n_kept += 1
+                    _keep_best(near, score, i, raw)
+            if progress:
+                progress(s.size)
+    finally:
+        fl.close()
+        mf.close()
+        for f in files.values():
+            f.close()
+    assert next(lines, None) is None, "corpus changed while mining (bug or concurrent writer)"
+    if sc.lines != n_mined + n_kept + sum(sc.rejected.values()):
+        raise AssertionError(f"mine: lines {sc.lines} != mined {n_mined} + kept {n_kept} + rejected "
+                             f"{sum(sc.rejected.values())} (bug)")
+    report = _report(sc, sel, n_mined, n_kept, mined_tokens if sc.has_tokens else None, per_lang, top, near,
+                     min_mined)
+    return MineResult(sc.lines, sc.valid, n_mined, n_kept, sc.rejected, mined_tokens if sc.has_tokens else None,
+                      kept_files, mined_path, report)
+
+
+def _keep_best(heap: list, score: float, i: int, raw: bytes) -> None:
+    item = (score, -i, raw)
+    if len(heap) < EXAMPLES:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def _examples(heap: list) -> list[dict]:
+    out = []
+    for score, neg_i, raw in sorted(heap, reverse=True):
+        text, lang = parse_line(raw)
+        snippet = " ".join(text.split())
+        out.append({"line": -neg_i, "score": round(score, 4), "p_domain": round(float(sigmoid(score)), 6),
+                    "lang": lang, "text": snippet[:300] + ("..." if len(snippet) > 300 else "")})
+    return out
+
+
+def _bin_value(b: int) -> float:
+    return float(_unkey([(b << 16) | 0x8000])[0])
+
+
+def quantiles(hist: np.ndarray, qs=QUANTILES) -> dict[str, float]:
+    """Score quantiles from the 65,536-bin histogram (bin centre; relative precision about 2**-8)."""
+    n = int(hist.sum())
+    if n == 0:
+        return {}
+    cum = np.cumsum(hist)
+    out = {}
+    for q in qs:
+        b = int(np.searchsorted(cum, q * n, side="left"))
+        out[f"q{q:g}"] = round(_bin_value(min(b, HIST_BINS - 1)), 4)
+    nz = np.nonzero(hist)[0]
+    out["min"] = round(_bin_value(int(nz[0])), 4)
+    out["max"] = round(_bin_value(int(nz[-1])), 4)
+    return out
+
+
+def _report(sc, sel, n_mined, n_kept, mined_tokens, per_lang, top, near, min_mined) -> dict:
+    q = quantiles(sc.hist)
+    return {
+        "budget": sel.budget,
+        "general_documents": sc.valid,
+        "mined": n_mined,
+        "mined_fraction": round(n_mined / sc.valid, 6) if sc.valid else 0.0,
+        "mined_tokens": mined_tokens,
+        "kept": n_kept,
+        "rejected": dict(sorted(sc.rejected.items())),
+        "score": "log-odds of domain (sklearn MultinomialNB); p_domain = 1 / (1 + exp(-score))",
+        "min_mined_score": None if min_mined is None else round(min_mined, 4),
+        "min_mined_p_domain": None if min_mined is None else round(float(sigmoid(min_mined)), 6),
+        "score_quantiles_general": q,
+        "p_domain_quantiles_general": {k: round(float(sigmoid(v)), 6) for k, v in q.items()},
+        "mined_per_language": dict(sorted(per_lang.items())),
+        "top_mined": _examples(top),
+        "nearest_not_mined": _examples(near),
+        "score_seconds": round(sc.seconds, 2),
+        "documents_per_second": round(sc.lines / sc.seconds, 1) if sc.seconds else None,
+    }
+
+
+def histogram_png(sc: Scored, sel: Selection, path: Path, title: str = "general documents") -> Path:
+    """Histogram of the general documents' scores (log counts) with the mining cut-off; PNG via matplotlib Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nz = np.nonzero(sc.hist)[0]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    if nz.size:
+        vals = np.array([_bin_value(int(b)) for b in nz])
+        counts = sc.hist[nz]
+        edges = np.linspace(vals.min(), vals.max() + 1e-6, 81)
+        binned, _ = np.histogram(vals, bins=edges, weights=counts)
+        ax.bar(edges[:-1], binned, width=np.diff(edges), align="edge", color="#4c72b0", log=True)
+        cut = sel.score_cut
+        if cut is not None and vals.min() <= cut <= vals.max():
+            ax.axvline(cut, color="#c44e52", linestyle="--", label=f"mining cut-off {cut:.2f}")
+            ax.legend()
+    ax.set_xlabel("domain score (log-odds)")
+    ax.set_ylabel("documents (log)")
+    ax.set_title(f"Domain scores of {sc.valid:,} {title}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def mine(paths: list[Path], domain_texts: list[str], work: Path, mined_path: Path, kept_dir: Path, budget: Budget, *,
+         workers: int = 1, tokenizer=None, max_train: int = 20_000, folds: int = 3, seed: int = 1234,
+         kept_prefix: str = "general_", png: Path | None = None, progress=None, on_reject=None) -> MineResult:
+    """Train (cross-fitted) on ``domain_texts`` + a sample of ``paths``, score, select ``budget``, route.
+
+    ``progress(description, total)`` returns an advance callback (as ``pipeline._Progress.task``)."""
+    from ellama_recipes.data.classify import train_folds
+
+    task = progress or (lambda d, t: (lambda n=1: None))
+    n = count_lines(paths)
+    sample = sample_general(paths, max_train, n)
+    models = train_folds(domain_texts, sample, folds=folds, seed=seed)
+    del sample
+    work.mkdir(parents=True, exist_ok=True)
+    mpath = models.save(work)
+    sc = score_corpus(paths, mpath, work, workers=workers, tokenizer=tokenizer if budget.kind == "tokens" else None,
+                      progress=task(f"score ({workers} worker{'s' if workers > 1 else ''})", n))
+    sel = select(sc, budget)
+    res = route(paths, sc, sel, mined_path, kept_dir, kept_prefix=kept_prefix, progress=task("mine", n),
+                on_reject=on_reject)
+    res.report = {"classifier": models.report, **res.report}
+    if png is not None:
+        histogram_png(sc, sel, png)
+        res.report["histogram_png"] = png.name
+    for name in ("scores.f32", "langs.u16", "tokens.u32"):
+        (work / name).unlink(missing_ok=True)
+    return res
