@@ -1,0 +1,170 @@
+"""The NeMo-Run ``Experiment`` of an `ellama sweep`: one task per grid point, plus the base-model validation pass.
+
+Built by :func:`ellama_recipes.sweep.run_sweep`; every task is the registered ``pretrain`` recipe with the point's
+config:
+
+- a point whose world size is 1 on the local executor (the tiny CPU path) is a ``run.Partial`` of
+  :func:`train_point`: NeMo-Run starts it as its own process, which trains through
+  :func:`ellama_recipes.engine.train.run_local` (so no NeMo state is shared between points);
+- any other point is the recipe's own partial on the launcher's executor (torchrun on this node, or one Slurm
+  job per point: :func:`ellama_recipes.launch.make_executor`).
+
+The base pass (``OUT/base``) runs the recipe's partial with ``llm.validate`` instead of ``llm.pretrain``
+(:func:`validate_partial`): same model (restored from ``--from``), same data module (per-source validation), same
+trainer and callbacks, no optimizer step; :class:`ellama_recipes.engine.callbacks.MetricsJsonl` writes its
+``val_loss_domain`` / ``val_loss_general`` as the step-0 record of ``OUT/base/metrics.jsonl``.
+
+Scheduling: with ``parallel`` K, task i depends on task i-K, so the local executor runs them in waves of K (NeMo-Run
+waits for each wave) and Slurm gets ``afterok`` dependencies; K >= the number of tasks submits everything at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nemo_run as run
+
+
+@dataclass
+class SweepJob:
+    name: str  # the task name: the point's folder name under OUT/runs, or "base"
+    cfg: Any  # the point's PretrainConfig
+    kind: str  # "train" or "validate"
+    executor: Any = None  # None: in-process task (world size 1, local)
+
+
+def _config_json(cfg: Any) -> str:
+    return json.dumps(cfg.to_dict())
+
+
+def _load_config(config: str) -> Any:
+    from ellama_recipes.recipes import get_recipe
+
+    d = json.loads(config)
+    return get_recipe(d.get("stage", "pretrain")).config_cls.from_dict(d)
+
+
+def _record_attempt(out: Path, **values: Any) -> dict:
+    path = out / "sweep_point.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state.update(values)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, path)
+    return state
+
+
+def train_point(config: str) -> None:
+    """NeMo-Run task of one world-size-1 point: train it in this (fresh) process through ``run_local``.
+
+    ``RUN/sweep_point.json`` records this process's id while it runs (``pid``) and the wall time summed over the
+    attempts that ended (``wall_time_s``; an attempt killed with SIGKILL cannot add its own).
+    """
+    from ellama_recipes.engine.train import run_local
+
+    cfg = _load_config(config)
+    out = Path(cfg.checkpoint.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prev = _record_attempt(out, pid=os.getpid(), started=time.time()).get("wall_time_s") or 0.0
+    t0 = time.monotonic()
+    try:
+        run_local(cfg)
+    finally:
+        _record_attempt(out, pid=None, wall_time_s=round(prev + time.monotonic() - t0, 3))
+
+
+def validate(model, data, trainer, log, optim, resume, run_dir: str | None = None):
+    """Entry function of the base pass in every rank: ``prepare_rank`` then ``llm.validate`` (no step taken)."""
+    from nemo.collections import llm
+
+    from ellama_recipes.engine.train import prepare_rank
+
+    prepare_rank(run_dir)
+    return llm.validate(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)
+
+
+def validate_partial(cfg: Any) -> Any:
+    """The recipe's partial for ``cfg`` with :func:`validate` as its function (everything else unchanged)."""
+    import fiddle as fdl
+
+    from ellama_recipes.recipes import get_recipe
+
+    partial = get_recipe(cfg.stage).build_partial(cfg)
+    fdl.update_callable(partial, validate)
+    if "run_dir" not in partial.__arguments__:
+        partial.run_dir = str(Path(cfg.checkpoint.out_dir).absolute())
+    return partial
+
+
+def validate_point(config: str) -> None:
+    """NeMo-Run task of the world-size-1 base pass: ``llm.validate`` of ``--from`` in this process."""
+    import fiddle as fdl
+
+    cfg = _load_config(config)
+    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
+    fdl.build(validate_partial(cfg))()
+
+
+def task(job: SweepJob) -> Any:
+    """The ``run.Partial`` NeMo-Run runs for ``job``."""
+    if job.executor is None:
+        fn = train_point if job.kind == "train" else validate_point
+        return run.Partial(fn, config=_config_json(job.cfg))
+    if job.kind == "validate":
+        return validate_partial(job.cfg)
+    from ellama_recipes.recipes import get_recipe
+
+    return get_recipe(job.cfg.stage).build_partial(job.cfg)
+
+
+def in_process_executor() -> Any:
+    """One local process per task, using this environment's python (NeMo-Run runs ``python -m ...fdl_runner``)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+    return run.LocalExecutor(ntasks_per_node=1, launcher=None, env_vars=env)
+
+
+def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path, detach: bool = False,
+                   title: str = "ellama-sweep") -> dict[str, Any]:
+    """Run ``jobs`` as one NeMo-Run experiment (K = ``parallel`` at a time) and wait for it (local) or return once
+    submitted (``detach``, Slurm). Returns ``{"experiment", "states": {task: state}, "log_dir"}``.
+
+    A failed task does not stop the others; the caller reads each point's run folder to see what finished.
+    """
+    base_dir = Path(base_dir).absolute()
+    base_dir.mkdir(parents=True, exist_ok=True)
+    k = max(int(parallel), 1)
+    old_home, old_stdin = os.environ.get("NEMORUN_HOME"), sys.stdin
+    os.environ["NEMORUN_HOME"] = str(base_dir)
+    # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one.
+    sys.stdin = open(os.devnull)  # noqa: SIM115
+    try:
+        local = None
+        with run.Experiment(title, base_dir=str(base_dir), log_level="WARN") as exp:
+            ids: list[str] = []
+            for i, job in enumerate(jobs):
+                executor = job.executor
+                if executor is None:
+                    local = local or in_process_executor()
+                    executor = local.clone()
+                deps = [ids[i - k]] if i >= k else None
+                ids.append(exp.add(task(job), executor=executor, name=job.name, dependencies=deps))
+            exp.run(sequential=False, detach=detach)
+            states = {job.id: str(getattr(job, "state", "")) for job in exp.jobs}
+            return {"experiment": exp._id, "states": states, "log_dir": str(exp._exp_dir)}
+    finally:
+        sys.stdin.close()
+        sys.stdin = old_stdin
+        if old_home is None:
+            os.environ.pop("NEMORUN_HOME", None)
+        else:
+            os.environ["NEMORUN_HOME"] = old_home
+
+
+__all__ = ["SweepJob", "train_point", "validate_point", "validate_partial", "task", "run_experiment"]
