@@ -265,19 +265,9 @@ def classify_cmd(
     d_texts = [r["text"] for p in dfiles for r in iter_text_rows(p)]
     with atomic_dir(out) as tmp, _Progress(True) as prog:
         sink = RejectSink(tmp / "rejects.jsonl")
-        from ellama_recipes.data.records import Reject
-
-        starts: list[int] = []
-
-        def on_reject(r) -> None:  # (corpus index, reason, detail) -> rejects.jsonl with file:line
-            if not starts:  # first line index of each file, counted once
-                starts[:] = _file_starts(gfiles)
-            k = max(i for i, st in enumerate(starts[:-1]) if st <= r[0] < starts[i + 1])
-            sink(Reject(r[1], f"{gfiles[k]}:{r[0] - starts[k] + 1}", r[2]))
-
         try:
             res = mine(gfiles, d_texts, tmp, tmp / "mined.jsonl", tmp, budget, workers=workers, tokenizer=tok,
-                       max_train=max_train, png=tmp / "mining_scores.png", progress=prog.task, on_reject=on_reject)
+                       max_train=max_train, png=tmp / "mining_scores.png", progress=prog.task, on_reject=sink)
         finally:
             sink.close()
         rep = res.report
@@ -289,17 +279,6 @@ def classify_cmd(
                   f"({rep['classifier']['folds']}-fold; the easy task). {_mining_line(rep)[0].upper()}"
                   f"{_mining_line(rep)[1:]}. Lines in {res.lines} = mined {res.mined} + kept {res.kept} + rejected "
                   f"{sum(res.rejected.values())}. See {out}/report.json and {out}/mining_scores.png.")
-
-
-def _file_starts(files: list[Path]) -> list[int]:
-    """0-based corpus index of each file's first line, then the total line count."""
-    from ellama_recipes.data.mine import count_lines
-
-    out, n = [], 0
-    for f in files:
-        out.append(n)
-        n += count_lines([f])
-    return out + [n]
 
 
 @data_app.command(

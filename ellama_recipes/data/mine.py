@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ellama_recipes.data.classify import FoldModels, logit, sigmoid
-from ellama_recipes.data.records import (BLANK_LINE, INVALID_UTF8, MALFORMED_JSON, RecordError, render, validate)
+from ellama_recipes.data.records import BLANK_LINE, INVALID_UTF8, MALFORMED_JSON, RecordError, Reject, render, validate
 from ellama_recipes.errors import UserError
 
 CHUNK_DOCS = 1024
@@ -83,8 +83,15 @@ class Budget:
 def _lines(paths: list[Path]) -> Iterator[bytes]:
     for p in paths:
         with open(p, "rb") as f:
-            for raw in f:
-                yield raw
+            yield from f
+
+
+def _sourced_lines(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """``("file:line", raw)`` for every line of ``paths``."""
+    for p in paths:
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                yield f"{p}:{n}", raw
 
 
 def count_lines(paths: list[Path]) -> int:
@@ -214,7 +221,7 @@ class Scored:
     lines: int = 0
     valid: int = 0
     rejected: Counter = field(default_factory=Counter)
-    rejects: list = field(default_factory=list)  # (corpus_index, reason, detail), for the rejects file
+    rejects: list = field(default_factory=list)  # (corpus_index, reason, detail); route() names file:line
     hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
     hist_tokens: np.ndarray | None = None
     langs: list[str] = field(default_factory=list)  # id -> language code
@@ -416,7 +423,7 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
     min_mined: float | None = None
     ties_seen = 0
     reject_at = {r[0]: r for r in sc.rejects}
-    lines = _lines(paths)
+    lines = _sourced_lines(paths)
     fl = open(sc.work / "langs.u16", "rb")
     mf = open(mined_path, "w", encoding="utf-8")
     try:
@@ -434,31 +441,33 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
                     is_mined[take] = True
                     ties_seen += tied.size
             for k in range(s.size):
-                raw = next(lines)
+                src, raw = next(lines)
                 i = first + k
                 if not ok[k]:
                     if on_reject is not None:
-                        on_reject(reject_at[i])
+                        _, reason, detail = reject_at[i]
+                        on_reject(Reject(reason, src, detail))
                     continue
                 score = float(s[k])
                 lang = sc.langs[lang_ids[k]]
                 if is_mined[k]:
                     text, _ = parse_line(raw)
                     mf.write(json.dumps({"text": text, "lang": lang, "score": round(score, 4),
-                                         "p_domain": round(float(sigmoid(score)), 6)}, ensure_ascii=False) + "\n")
+                                         "p_domain": round(float(sigmoid(score)), 6), "source": src},
+                                        ensure_ascii=False) + "\n")
                     n_mined += 1
                     min_mined = score if min_mined is None else min(min_mined, score)
                     per_lang[lang] += 1
                     if t is not None:
                         mined_tokens += int(t[k])
-                    _keep_best(top, score, i, raw)
+                    _keep_best(top, score, src, raw)
                 else:
                     if lang not in files:
                         kept_files[lang] = kept_dir / f"{kept_prefix}{lang}.jsonl"
                         files[lang] = open(kept_files[lang], "wb")
                     files[lang].write(raw if raw.endswith(b"\n") else raw + b"\n")
                     n_kept += 1
-                    _keep_best(near, score, i, raw)
+                    _keep_best(near, score, src, raw)
             if progress:
                 progress(s.size)
     finally:
@@ -476,8 +485,8 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
                       kept_files, mined_path, report)
 
 
-def _keep_best(heap: list, score: float, i: int, raw: bytes) -> None:
-    item = (score, -i, raw)
+def _keep_best(heap: list, score: float, src: str, raw: bytes) -> None:
+    item = (score, src, raw)
     if len(heap) < EXAMPLES:
         heapq.heappush(heap, item)
     elif item > heap[0]:
@@ -486,10 +495,10 @@ def _keep_best(heap: list, score: float, i: int, raw: bytes) -> None:
 
 def _examples(heap: list) -> list[dict]:
     out = []
-    for score, neg_i, raw in sorted(heap, reverse=True):
+    for score, src, raw in sorted(heap, key=lambda x: -x[0]):
         text, lang = parse_line(raw)
         snippet = " ".join(text.split())
-        out.append({"line": -neg_i, "score": round(score, 4), "p_domain": round(float(sigmoid(score)), 6),
+        out.append({"source": src, "score": round(score, 4), "p_domain": round(float(sigmoid(score)), 6),
                     "lang": lang, "text": snippet[:300] + ("..." if len(snippet) > 300 else "")})
     return out
 
