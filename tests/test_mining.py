@@ -95,8 +95,11 @@ def test_budget_is_exact_with_ties_and_workers_agree(cli, pool, tmp_path):
     same bytes as 1."""
     _, labels, rows = pool
     docs = list(rows[:600])
+    from ellama_recipes.data.classify import fold_of
+
     dup = next(r for r, y in zip(rows[600:], labels[600:]) if y)  # a planted document, 20 copies
-    copies = list(range(0, 60, 3))  # indices = 0 mod 3: scored by the same fold model, so exactly tied
+    folds = fold_of(np.arange(len(docs)), 3)
+    copies = [int(i) for i in np.nonzero(folds == folds[0])[0][:20]]  # one fold, one model: exact ties
     for i in copies:
         docs[i] = dup
     g = tmp_path / "g.jsonl"
@@ -153,7 +156,7 @@ def test_token_budget_and_accounting_with_bad_lines(cli, pool, tmp_path):
     from ellama_recipes.data.classify import FoldModels
 
     fm = FoldModels.load(tmp_path / "o/classifier.joblib")
-    scores = fm.score_at([d["text"] for d in docs], np.array(valid_idx))  # fold = corpus line index % folds
+    scores = fm.score_at([d["text"] for d in docs], np.array(valid_idx))  # fold of each corpus line index
     order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), valid_idx[i]))
     cum, take = 0, []
     for i in order:

@@ -14,9 +14,9 @@ text, so e-commerce prose (orders, parcels, returns) ranks high even though the 
 records; discriminative models (logistic regression, SGD) put their weight on the record format ("Product:",
 "Category:") that separates the training sets and rank prose lower (see the benchmark).
 
-Cross-fitting: general documents are split into ``folds`` by position (``i % folds``) and domain documents by a
-seeded permutation. Model ``k`` is trained on everything outside fold ``k``; every general document ``i`` is scored
-by model ``i % folds`` (documents outside the training sample as well), so no document is judged by a model that was
+Cross-fitting: general documents are split into ``folds`` by a hash of their position (:func:`fold_of`) and domain
+documents by a seeded permutation. Model ``k`` is trained on everything outside fold ``k``; every general document
+is scored by the model of its fold (documents outside the training sample as well), so no document is judged by a model that was
 told it is "general". Held-out precision/recall on domain-vs-general (the easy task: catalog records against open
 text) is reported from the out-of-fold scores; it says little about finding domain *prose*, which is what the
 planted test measures.
@@ -86,6 +86,16 @@ class DomainClassifier:
         self._linear()
 
 
+def fold_of(corpus_index, folds: int) -> np.ndarray:
+    """Fold of general documents by corpus position: a fixed 64-bit mix (splitmix64) of the index, mod ``folds``.
+    A hash rather than ``index % folds`` so an evenly strided training sample still covers every fold."""
+    x = np.asarray(corpus_index, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(folds)).astype(np.int64)
+
+
 def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(z, dtype=np.float64), -60, 60)))
 
@@ -96,7 +106,7 @@ def logit(p: float) -> float:
 
 @dataclass
 class FoldModels:
-    """The ``folds`` cross-fitted models; general document ``i`` is scored by ``models[i % folds]``."""
+    """The ``folds`` cross-fitted models; general document ``i`` is scored by ``models[fold_of(i)]``."""
 
     models: list[DomainClassifier]
     report: dict = field(default_factory=dict)
@@ -107,7 +117,7 @@ class FoldModels:
 
     def score_at(self, texts: list[str], corpus_index: np.ndarray) -> np.ndarray:
         """Scores of general documents at positions ``corpus_index``, each by the model of its fold."""
-        fold = np.asarray(corpus_index) % self.folds
+        fold = fold_of(corpus_index, self.folds)
         out = np.empty(len(texts), np.float32)
         for k, m in enumerate(self.models):
             sel = np.nonzero(fold == k)[0]
@@ -146,7 +156,7 @@ def train_folds(domain_texts: list[str], general_sample: list[tuple[int, str]], 
                 seed: int = 1234) -> FoldModels:
     """Train the cross-fitted models on domain texts and a sample of the general corpus.
 
-    ``general_sample`` holds ``(index_in_corpus, text)`` pairs; a general document's fold is ``index % folds``.
+    ``general_sample`` holds ``(index_in_corpus, text)`` pairs; a general document's fold is ``fold_of(index)``.
     The report holds out-of-fold precision/recall of domain-vs-general at p(domain) >= 0.5 (the easy task).
     """
     from ellama_recipes.errors import UserError
@@ -156,7 +166,7 @@ def train_folds(domain_texts: list[str], general_sample: list[tuple[int, str]], 
                         f"got {len(domain_texts)} and {len(general_sample)}. Pass more data with --domain/--general.")
     rng = np.random.default_rng(seed)
     d_fold = rng.permutation(len(domain_texts)) % folds
-    g_fold = np.array([i % folds for i, _ in general_sample])
+    g_fold = fold_of([i for i, _ in general_sample], folds)
     g_texts = [t for _, t in general_sample]
     d_s = np.zeros(len(domain_texts), np.float32)
     g_s = np.zeros(len(g_texts), np.float32)

@@ -173,7 +173,7 @@ def _score_chunk(chunk: tuple[int, list[bytes]]):
     scores = np.full(len(lines), np.nan, np.float32)
     idx = np.array(where, dtype=np.int64)
     if texts:
-        # fold of a document = its corpus index % folds (same rule as training)
+        # each document is scored by the model of its fold (fold_of(corpus index), as in training)
         scores[idx] = models.score_at(texts, first + idx)
     ntok = None
     if tok is not None:
