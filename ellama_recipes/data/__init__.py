@@ -7,7 +7,8 @@ Stages (each a module and a subcommand; :func:`ellama_recipes.data.pipeline.buil
 - :mod:`~ellama_recipes.data.clean`    NFKC, HTML/boilerplate strip, filters, exact + MinHash-LSH dedup, language id
   (imports records; records imports nothing of the pipeline)
 - :mod:`~ellama_recipes.data.serialize` EcomGPT-CT graph mix / separate samples
-- :mod:`~ellama_recipes.data.classify` domain classifier (hashed n-gram LR, cross-fitted), mining, precision/recall
+- :mod:`~ellama_recipes.data.classify` domain classifier (scikit-learn hashed 1-2 grams + MultinomialNB, cross-fitted)
+- :mod:`~ellama_recipes.data.mine`    streaming mining by budget (fraction / tokens / threshold), report, histogram
 - :mod:`~ellama_recipes.data.tokenize` HF tokenizer -> Megatron .bin/.idx (streaming, multi-process)
 - :mod:`~ellama_recipes.data.blend`    token-aware weights, realized ratios via Megatron's blending index
 - :mod:`~ellama_recipes.data.manifest` ``manifest.json`` and ``*.source.json``: write, read, validate
