@@ -2,6 +2,7 @@
 
     ellama import-hf --size 8b --out checkpoints/llama31-8b          # Hub (token from $HF_TOKEN), resumable
     ellama import-hf --size tiny --out checkpoints/tiny              # builds the tiny base locally, no Hub
+    ellama import-hf --from ./my-llama --out checkpoints/mine        # any Llama-3.1-architecture shape
     ellama export-hf --from runs/cpt --out hf/llama31-8b-ecom        # latest complete checkpoint of a run
 
 Python (what the quickstart calls)::
@@ -9,9 +10,10 @@ Python (what the quickstart calls)::
     ckpt = import_hf("tiny", Path("checkpoints/tiny"))
     report = export_hf(Path("runs/cpt"), Path("hf/tiny-ecom"))
 
-The conversion itself is NeMo's (ellama_recipes.engine.convert); this module finds the source, checks it, and
-never leaves a half-written output: work happens in a hidden temp dir next to the output, renamed into place
-only after verification passed.
+The conversion streams one tensor group at a time (ellama_recipes.engine.convert, mapping table in
+ellama_recipes.engine.llama_bridge); this module finds the source, checks it, shows progress in bytes and never
+leaves a half-written output: work happens in a hidden temp dir next to the output, renamed into place only
+after verification passed.
 """
 
 from __future__ import annotations
@@ -41,14 +43,21 @@ def atomic_dir(out: Path):
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    """Progress in bytes of model tensors (converted, then verified), with throughput."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TransferSpeedColumn)
 
     from ellama_recipes.cli.common import err_console
 
     return Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeElapsedColumn(), console=err_console, disable=not enabled, transient=False,
     )
+
+
+def _bytes_task(prog, description: str, total: int):
+    task = prog.add_task(description, total=total)
+    return lambda n: prog.update(task, advance=n)
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -109,83 +118,103 @@ def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_size_matches(size_name: str, cfg: dict, src: str) -> None:
-    if size_name == "tiny":
-        return  # tiny accepts any Llama-3.1-architecture shape (round-trip tests, user-brought models)
+def _check_size_matches(size_name: str, spec: dict, src: str) -> None:
+    """`--size S` together with a source: the source must be S's architecture (every row alike)."""
     a = get_size(size_name).arch
-    want = {"num_hidden_layers": a.num_layers, "hidden_size": a.hidden_size, "intermediate_size": a.ffn_hidden_size,
-            "num_attention_heads": a.num_attention_heads, "num_key_value_heads": a.num_query_groups}
-    bad = [f"{k}: {cfg.get(k)} (size {size_name} has {v})" for k, v in want.items() if cfg.get(k) != v]
+    names = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+             "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads"}
+    bad = [f"{hf}: {spec[k]} (size {size_name} has {getattr(a, k)})" for k, hf in names.items()
+           if spec[k] != getattr(a, k)]
     if bad:
         raise UserError(
-            f"{src} is not a Llama 3.1 {size_name} model. Pass the --size that matches it, or `--size tiny` for any "
-            "other Llama-3.1-architecture shape.", problems=bad,
+            f"{src} is not a Llama 3.1 {size_name} model. Pass the --size that matches it, or leave --size out: "
+            "with --from the architecture is read from the source's config.json.", problems=bad,
         )
 
 
-def describe_import(size: str, out: Path, source: str | Path | None = None) -> dict:
-    """What `import-hf` would do (the --dryrun output); reads nothing from the network."""
-    s = get_size(size)
-    plan: dict = {"size": s.name, "out": str(out)}
+def _source_kind(size: str | None, source: str | Path | None) -> str:
     if source is not None and Path(source).exists():
+        return "local"
+    if source is not None or (size is not None and get_size(size).hf_repo):
+        return "hub"
+    if size is None:
+        raise UserError("import-hf needs --from (a local HF directory or a Hub repo id) or --size (the size's Hub "
+                        f"repo, or a locally built model for sizes without one): sizes are {', '.join(SIZES)}.")
+    return "built"  # the size row names no Hub repo: its base is built locally (ellama_recipes.tiny)
+
+
+def describe_import(size: str | None, out: Path, source: str | Path | None = None) -> dict:
+    """What `import-hf` would do (the --dryrun output); reads nothing from the network."""
+    from ellama_recipes.engine.llama_bridge import hf_from_spec, spec_from_hf
+
+    kind = _source_kind(size, source)
+    plan: dict = {"size": size, "out": str(out)}
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "rope_scaling")
+    if kind == "local":
         plan["source"] = {"kind": "local", "path": str(Path(source).resolve())}
         if _is_hf_dir(Path(source)):
             cfg = json.loads((Path(source) / "config.json").read_text())
-            plan["architecture"] = {k: cfg.get(k) for k in (
-                "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "rope_scaling", "torch_dtype")}
+            if size is not None:
+                _check_size_matches(size, spec_from_hf(cfg, Path(source) / "config.json"), str(source))
+            plan["architecture"] = {k: cfg.get(k) for k in keys + ("torch_dtype",)}
             plan["files"] = sorted(p.name for p in Path(source).iterdir() if p.is_file())
-    elif source is not None or s.hf_repo:
-        repo = str(source) if source is not None else s.hf_repo
+    elif kind == "hub":
+        repo = str(source) if source is not None else get_size(size).hf_repo
         plan["source"] = {"kind": "hub", "repo": repo, "allow_patterns": HUB_ALLOW_PATTERNS,
                           "token": "HF_TOKEN set" if os.environ.get("HF_TOKEN") else "HF_TOKEN unset"}
     else:
-        plan["source"] = {"kind": "built", "what": "tiny Llama-3.1-architecture model (ellama_recipes.tiny)"}
-        a = s.arch
-        plan["architecture"] = {"num_hidden_layers": a.num_layers, "hidden_size": a.hidden_size,
-                                "intermediate_size": a.ffn_hidden_size, "num_attention_heads": a.num_attention_heads,
-                                "num_key_value_heads": a.num_query_groups, "vocab_size": a.vocab_size}
-    plan["steps"] = ["resolve source", "NeMo HFLlamaImporter -> torch_dist checkpoint (weights/ + context/)",
-                     "verify every HF tensor bit-exact in the engine checkpoint", f"rename into {out}"]
+        plan["source"] = {"kind": "built", "what": f"{size}: Llama-3.1-architecture model built locally "
+                                                   "(ellama_recipes.tiny)"}
+        hf = hf_from_spec(get_size(size).arch)
+        plan["architecture"] = {k: hf[k] for k in keys}
+    plan["steps"] = ["resolve source", "stream HF tensors -> Megatron torch_dist checkpoint (weights/) + NeMo "
+                     "context/, one tensor group at a time", "read back and verify every HF tensor bit-exact",
+                     f"rename into {out}"]
     return plan
 
 
-def import_hf(size: str, out: Path, source: str | Path | None = None, progress: bool = True) -> Path:
-    """HF Llama 3.1 (Hub repo id, local directory, or for ``tiny`` the locally built base) -> engine checkpoint.
+def import_hf(size: str | None, out: Path, source: str | Path | None = None, progress: bool = True,
+              workers: int = 1) -> Path:
+    """HF Llama 3.1 (Hub repo id, local directory, or the size row's locally built base) -> engine checkpoint.
 
-    Every HF tensor is verified bit-exact in the written checkpoint; on any failure ``out`` is not created.
-    Returns ``out``. The verification report is written to ``out/ellama_import.json``.
+    With a source, the architecture is the source's (``size``, when given, must match it). Every HF tensor is
+    verified bit-exact in the written checkpoint; on any failure ``out`` is not created. Returns ``out``. The
+    verification report is written to ``out/ellama_import.json``.
     """
+    from ellama_recipes.engine.llama_bridge import spec_from_hf
     from ellama_recipes.tiny import build_tiny_base, read_hf_config
 
-    s = get_size(size)
+    kind = _source_kind(size, source)
     out = Path(out)
     with atomic_dir(out) as tmp, _progress(progress) as prog:
-        task = prog.add_task("import-hf: resolve source", total=3)
-        if source is not None and Path(source).exists():
+        if kind == "local":
             hf_dir = Path(source)
             if not _is_hf_dir(hf_dir):
                 raise UserError(f"--from {source} has no config.json; pass a Hugging Face model directory.")
             origin = {"kind": "local", "path": str(hf_dir.resolve())}
-        elif source is not None or s.hf_repo:
-            repo = str(source) if source is not None else s.hf_repo
+        elif kind == "hub":
+            repo = str(source) if source is not None else get_size(size).hf_repo
             if source is not None and (str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
                 raise UserError(f"--from {source} does not exist (and is not a Hub repo id like org/name).")
             hf_dir = download_hf(repo, progress=progress)
             origin = {"kind": "hub", "repo": repo, "snapshot": str(hf_dir)}
         else:
-            hf_dir = build_tiny_base(tmp / "hf-base", arch=s.arch)
+            hf_dir = build_tiny_base(tmp / "hf-base", arch=get_size(size).arch)
             origin = {"kind": "built", "seed": 0}
         cfg = read_hf_config(hf_dir)
-        _check_size_matches(s.name, cfg, str(source or s.hf_repo or "the tiny base"))
-        prog.update(task, advance=1, description="import-hf: convert (NeMo importer)")
+        spec = spec_from_hf(cfg, hf_dir / "config.json")
+        if size is not None and kind != "built":
+            _check_size_matches(size, spec, str(source or get_size(size).hf_repo))
 
-        from ellama_recipes.engine.convert import import_hf_to_engine
+        from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes
 
+        total = model_bytes(hf_dir)
         ckpt_tmp = tmp / "ckpt"
-        rep = import_hf_to_engine(hf_dir, ckpt_tmp)
-        prog.update(task, advance=1, description="import-hf: verified")
-        report = {"source": origin, "size": s.name, "tensors": len(rep.checks),
+        rep = import_hf_to_engine(hf_dir, ckpt_tmp, workers=workers,
+                                  progress=_bytes_task(prog, "import-hf: convert + write", total),
+                                  verify_progress=_bytes_task(prog, "import-hf: verify", total))
+        report = {"source": origin, "size": size, "architecture": spec, "tensors": len(rep.checks),
                   "all_equal": not rep.bad, "checks": [c.as_dict() for c in rep.checks]}
         (ckpt_tmp / "ellama_import.json").write_text(json.dumps(report, indent=2))
         for child in list(tmp.iterdir()):
@@ -194,7 +223,6 @@ def import_hf(size: str, out: Path, source: str | Path | None = None, progress: 
         for child in list(ckpt_tmp.iterdir()):
             child.rename(tmp / child.name)
         ckpt_tmp.rmdir()
-        prog.update(task, advance=1, description="import-hf: done")
     return out
 
 
@@ -281,12 +309,19 @@ def resolve_checkpoint(path: Path, *, echo=None) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True, echo=None) -> dict:
+# Above this many model bytes the logits check (it instantiates the whole model in float32) is skipped unless asked.
+LOGITS_CHECK_MAX_BYTES = 1 << 30
+
+
+def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True, echo=None, workers: int = 1,
+              check_logits: bool | None = None) -> dict:
     """Engine checkpoint (or run dir) -> verified HF directory. See ellama_recipes.engine.convert for the checks.
 
     Returns a report: ``checkpoint``, ``out``, ``mapping`` (engine -> HF names, shapes, dtypes), ``tensors``
-    (per-tensor results), ``max_logit_diff`` and ``logit_tolerance``. With ``dryrun`` only the mapping is
-    computed and nothing is written. A failed verification raises UserError and leaves no ``out``.
+    (per-tensor results) and, when the logits check ran, ``max_logit_diff`` / ``logit_tolerance``. With ``dryrun``
+    only the mapping is computed and nothing is written. ``check_logits`` None = only for models up to
+    LOGITS_CHECK_MAX_BYTES (the check loads the whole model). A failed verification raises UserError and
+    leaves no ``out``.
     """
     if not dryrun and Path(out).exists():
         raise UserError(f"Output {out} already exists; choose a new --out or remove it first.")
@@ -294,15 +329,19 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
 
     from ellama_recipes.engine import convert as engine
 
-    mapping = engine.export_mapping_table(src)
+    plan = engine.plan_export(src)
+    mapping = [{"engine": g.megatron, "hf": h, "engine_shape": list(g.engine_shape), "shape": list(s),
+                "dtype": str(plan.dtype).replace("torch.", "")} for g in plan.groups for h, s in zip(g.hf, g.hf_shapes)]
     report: dict = {"checkpoint": str(src), "out": str(out), "mapping": mapping}
     if dryrun:
         return report
+    if check_logits is None:
+        check_logits = plan.nbytes <= LOGITS_CHECK_MAX_BYTES
     with atomic_dir(Path(out)) as tmp, _progress(progress) as prog:
-        task = prog.add_task("export-hf: convert (NeMo exporter)", total=3)
-        engine_out = engine.export_engine_to_hf(src, tmp)
-        prog.update(task, advance=1, description="export-hf: verify tensors")
-        rep = engine.verify_export_tensors(src, tmp)
+        rep = engine.export_engine_to_hf(
+            src, tmp, workers=workers, plan=plan,
+            progress=_bytes_task(prog, "export-hf: convert + write", plan.nbytes),
+            verify_progress=_bytes_task(prog, "export-hf: verify", plan.nbytes))
         report["tensors"] = [c.as_dict() for c in rep.checks]
         if rep.bad:
             raise UserError(
@@ -310,18 +349,18 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
                 f"or differ between {src} and the HF export; nothing was written to {out}.",
                 problems=rep.problems(),
             )
-        prog.update(task, advance=1, description="export-hf: compare logits")
-        logits = engine.compare_logits(engine_out, tmp)
-        report.update(logits)
-        if not logits["logits_ok"]:
-            raise UserError(
-                f"Export verification failed: logits of the HF export differ from the engine's forward pass by "
-                f"{logits['max_logit_diff']:.3g} (tolerance {logits['logit_tolerance']:.1g}); nothing was written "
-                f"to {out}. Every tensor matched, so this is an architecture/config mismatch: report it."
-            )
+        report["logits_checked"] = check_logits
+        if check_logits:
+            logits = engine.compare_logits(engine.engine_batch_logits(src, plan.spec["vocab_size"]), tmp)
+            report.update(logits)
+            if not logits["logits_ok"]:
+                raise UserError(
+                    f"Export verification failed: logits of the HF export differ from the engine's forward pass by "
+                    f"{logits['max_logit_diff']:.3g} (tolerance {logits['logit_tolerance']:.1g}); nothing was "
+                    f"written to {out}. Every tensor matched, so this is an architecture/config mismatch: report it."
+                )
         (tmp / "ellama_export.json").write_text(json.dumps(
             {k: v for k, v in report.items() if k != "mapping"}, indent=2, default=str))
-        prog.update(task, advance=1, description="export-hf: done")
     return report
 
 

@@ -313,20 +313,31 @@ def _ctx(spec: Any) -> SimpleNamespace:
     return SimpleNamespace(source=SimpleNamespace(config=cfg), target=SimpleNamespace(config=cfg))
 
 
-def to_engine(g: Group, hf: list[torch.Tensor], spec: Any, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
-    """HF tensors of one group -> [(row offset in the engine tensor, chunk)] (gate/up stay two chunks, as
-    Megatron's own swiglu sharding stores them)."""
+def engine_chunks(g: Group) -> list[tuple[int, int, tuple[int, ...]]]:
+    """How one group's engine tensor is stored: [(first row, rows, indices of the HF tensors it is made of)].
+
+    Gate and up stay two chunks (as Megatron's own swiglu sharding stores them); padded vocabulary rows are a
+    chunk of their own (made of no HF tensor: zeros)."""
+    k, rows = g.row.kind, g.engine_shape[0]
+    if k == "gate_up":
+        f = g.hf_shapes[0][0]
+        return [(0, f, (0,)), (f, f, (1,))]
+    if k == "vocab" and rows > g.hf_shapes[0][0]:
+        v = g.hf_shapes[0][0]
+        return [(0, v, (0,)), (v, rows - v, ())]
+    return [(0, rows, tuple(range(len(g.hf))))]
+
+
+def to_engine(g: Group, chunk: int, hf: list[torch.Tensor], spec: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The HF tensors of one engine chunk (see :func:`engine_chunks`) -> that chunk in ``dtype``."""
     from nemo.lightning.io.state import TransformFns
 
-    k = g.row.kind
-    if k == "qkv":
-        return [(0, TransformFns.merge_qkv(_ctx(spec), *hf).to(dtype))]
-    if k == "gate_up":
-        return [(0, hf[0].to(dtype)), (hf[0].shape[0], hf[1].to(dtype))]
-    if k == "vocab" and g.engine_shape[0] > hf[0].shape[0]:
-        pad = torch.zeros(g.engine_shape[0] - hf[0].shape[0], hf[0].shape[1], dtype=dtype)
-        return [(0, hf[0].to(dtype)), (hf[0].shape[0], pad)]
-    return [(0, hf[0].to(dtype))]
+    first, rows, _ = engine_chunks(g)[chunk]
+    if g.row.kind == "qkv":
+        return TransformFns.merge_qkv(_ctx(spec), *hf).to(dtype)
+    if not hf:  # padded vocabulary rows
+        return torch.zeros(rows, g.engine_shape[1], dtype=dtype)
+    return hf[0].to(dtype)
 
 
 def to_hf(g: Group, engine: torch.Tensor, spec: Any, dtype: torch.dtype) -> list[torch.Tensor]:
