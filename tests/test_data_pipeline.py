@@ -250,6 +250,7 @@ def test_rerun_failure_leaves_existing_output_intact(built, tok, tmp_path):
     (["--ratio", "2-1"], "GENERAL:DOMAIN"),
     (["--non-english", "1.5"], "non-english"),
     (["--mix", "zigzag"], "Unknown --mix"),
+    (["--mine-fraction", "0.1", "--mine-tokens", "500"], "one mining budget"),
 ])
 def test_build_bad_arguments_exit_2(cli, tok, tmp_path, args, msg):
     base = {"--domain": str(SAMPLE / "domain"), "--general": str(SAMPLE / "general"), "--tokenizer": str(tok),

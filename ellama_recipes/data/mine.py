@@ -221,7 +221,7 @@ class Scored:
     lines: int = 0
     valid: int = 0
     rejected: Counter = field(default_factory=Counter)
-    rejects: list = field(default_factory=list)  # (corpus_index, reason, detail); route() names file:line
+    # invalid lines go to work/rejects.tmp.jsonl as [corpus_index, reason, detail] (route() names their file:line)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
     hist_tokens: np.ndarray | None = None
     langs: list[str] = field(default_factory=list)  # id -> language code
@@ -245,6 +245,7 @@ def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: i
     f_s = open(work / "scores.f32", "wb")
     f_l = open(work / "langs.u16", "wb")
     f_t = open(work / "tokens.u32", "wb") if sc.has_tokens else None
+    f_r = open(work / "rejects.tmp.jsonl", "w", encoding="utf-8")
     tok_json = tokenizer.json_str if tokenizer is not None else None
     extra = ((1 if (tokenizer is not None and tokenizer.bos_id is not None and add_bos) else 0) + 1)
     t0 = time.perf_counter()
@@ -266,7 +267,7 @@ def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: i
             ids[k] = lang_id[lg]
         for r in rejects:
             sc.rejected[r[1]] += 1
-        sc.rejects.extend(rejects)
+            f_r.write(json.dumps(r, ensure_ascii=False) + "\n")
         ok = ~np.isnan(scores)
         sc.valid += int(ok.sum())
         b = (_keys(scores[ok]) >> 16).astype(np.int64)
@@ -301,6 +302,7 @@ def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: i
     finally:
         f_s.close()
         f_l.close()
+        f_r.close()
         if f_t is not None:
             f_t.close()
     sc.seconds = time.perf_counter() - t0
@@ -422,7 +424,7 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
     mined_tokens = 0
     min_mined: float | None = None
     ties_seen = 0
-    reject_at = {r[0]: r for r in sc.rejects}
+    rejects_in = open(sc.work / "rejects.tmp.jsonl", encoding="utf-8")  # in corpus order
     lines = _sourced_lines(paths)
     fl = open(sc.work / "langs.u16", "rb")
     mf = open(mined_path, "w", encoding="utf-8")
@@ -444,8 +446,9 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
                 src, raw = next(lines)
                 i = first + k
                 if not ok[k]:
+                    at, reason, detail = json.loads(rejects_in.readline())
+                    assert at == i, "rejects out of step with the corpus (bug)"
                     if on_reject is not None:
-                        _, reason, detail = reject_at[i]
                         on_reject(Reject(reason, src, detail))
                     continue
                 score = float(s[k])
@@ -473,6 +476,7 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
     finally:
         fl.close()
         mf.close()
+        rejects_in.close()
         for f in files.values():
             f.close()
     assert next(lines, None) is None, "corpus changed while mining (bug or concurrent writer)"
@@ -599,6 +603,6 @@ def mine(paths: list[Path], domain_texts: list[str], work: Path, mined_path: Pat
     if png is not None:
         histogram_png(sc, sel, png)
         res.report["histogram_png"] = png.name
-    for name in ("scores.f32", "langs.u16", "tokens.u32"):
+    for name in ("scores.f32", "langs.u16", "tokens.u32", "rejects.tmp.jsonl"):
         (work / name).unlink(missing_ok=True)
     return res
