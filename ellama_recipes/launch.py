@@ -177,7 +177,7 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
         entry = str(torchrun_path()) if Path(role.args[0]).name == "torchrun" else role.args[0]
     notes = [
         f"The launch writes the serialized task and torchrun's logs under {job_dir(cfg)}/experiments/; ranks > 0 "
-        f"log to {Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'logs'}/rank-N.log.",
+        f"log to {Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'logs' / 'ranks'}/rank-N.log.",
     ]
     if cfg.cluster.num_nodes > 1:
         notes.extend(launch_problems(cfg) or [f"NODE_RANK={os.environ.get('NODE_RANK')} from the environment."])
@@ -217,9 +217,9 @@ def launch(cfg: TrainConfig, partial: Any) -> dict:
     with _experiment(cfg, partial, base) as exp:
         exp.run(detach=slurm, tail_logs=not slurm)
         job = exp.jobs[0]
-        exp_dir, task_dir = exp._exp_dir, job.executor.job_dir
-        state = str(getattr(job, "state", "UNKNOWN")).rsplit(".", 1)[-1]
-        exp_id = exp._id
+    # NeMo-Run waits for the job when the experiment's context exits; the final state is set then.
+    exp_dir, task_dir, exp_id = exp._exp_dir, job.executor.job_dir, exp._id
+    state = str(getattr(job, "state", "UNKNOWN")).rsplit(".", 1)[-1]
     result = {"experiment": exp_id, "executor": cfg.cluster.executor, "job_dir": task_dir, "experiment_dir": exp_dir}
     if slurm:
         return {**result, "state": "SUBMITTED"}
@@ -235,7 +235,7 @@ def launch(cfg: TrainConfig, partial: Any) -> dict:
 def _failing_rank_error(cfg: TrainConfig, task_dir: str) -> str:
     """The first failing rank's error: the last traceback in its log (rank 0: torchrun's log, ranks > 0:
     RUN/logs/rank-N.log)."""
-    logs = sorted((Path(cfg.checkpoint.out_dir).expanduser().absolute() / "logs").glob("rank-*.log"))
+    logs = sorted((Path(cfg.checkpoint.out_dir).expanduser().absolute() / "logs" / "ranks").glob("rank-*.log"))
     candidates = [*Path(task_dir).rglob("*.out"), *Path(task_dir).rglob("*.log"), *logs]
     found = []
     for path in candidates:

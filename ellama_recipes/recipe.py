@@ -535,40 +535,24 @@ def finish_config(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfig:
     return cfg
 
 
-# NeMo model-config field -> ModelSpec field (the architecture saved in an engine checkpoint's context/).
-_SPEC_FROM_NEMO = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups",
-    "vocab_size": "vocab_size",
-    "rotary_base": "rope_theta",
-    "layernorm_epsilon": "norm_eps",
-    "share_embeddings_and_output_weights": "tie_word_embeddings",
-    "scale_factor": "rope_scaling_factor",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "old_context_len": "original_max_position_embeddings",
-}
-
-
 def checkpoint_architecture(path: str | Path) -> dict[str, Any] | None:
     """The architecture of an engine checkpoint as :class:`ModelSpec` field values (None when not readable).
 
-    Reads ``context/model.yaml`` (NeMo's serialised model config) as plain YAML: no NeMo import, so dry runs and
-    input checks stay fast.
+    Reads ``context/model.yaml`` (NeMo's serialised model config) as plain YAML with the one config bridge's field
+    table (:data:`ellama_recipes.engine.llama_bridge.CONFIG_FIELDS`): no NeMo import, so dry runs stay fast.
     """
     f = Path(path) / "context" / "model.yaml"
     if not f.is_file():
         return None
     import yaml
 
+    from ellama_recipes.engine.llama_bridge import CONFIG_FIELDS  # plain table (the module imports NeMo lazily)
+
     try:
         saved = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("config") or {}
     except yaml.YAMLError:
         return None
-    return {spec: saved[nemo] for nemo, spec in _SPEC_FROM_NEMO.items() if saved.get(nemo) is not None}
+    return {f.spec: saved[f.nemo] for f in CONFIG_FIELDS if f.nemo and saved.get(f.nemo) is not None}
 
 # ------------------------------------------------------------------------ overrides
 def config_keys(obj: Any, prefix: str = "") -> list[str]:

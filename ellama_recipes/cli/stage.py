@@ -34,10 +34,11 @@ def _launch(cfg) -> None:
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)
-    # Input files first and fast (no NeMo import), then everything this host cannot run, in one message.
+    # Input files first and fast (no torch / NeMo import), then everything this host cannot run.
     problems = recipe.check_inputs(cfg)
-    problems += cfg.problems(at_launch=True, gpu_capability=local_gpu_capability())
-    problems += launch.launch_problems(cfg)
+    if not problems:
+        problems = cfg.problems(at_launch=True, gpu_capability=local_gpu_capability())
+        problems += launch.launch_problems(cfg)
     if problems:
         raise UserError(f"Cannot start {cfg.title} ({cfg.size}): {len(problems)} problem(s):", problems=problems)
     partial = None if launch.in_process(cfg) else recipe.build_partial(cfg)

@@ -388,6 +388,34 @@ def redirect_rng_tracker() -> None:
     megatron_init._set_random_seed = _set_random_seed
 
 
+def redirect_progress_timers() -> None:
+    """(helper B, multi-process CPU runs) ``ProgressPrinter.log_megatron_timers`` -> None when no megatron timer
+    is registered.
+
+    Works around nemo/lightning/pytorch/callbacks/progress_printer.py ProgressPrinter.on_train_batch_end, which
+    runs only on global rank 0 (the progress bar is disabled elsewhere) and calls
+    megatron/core/timers.py Timers.get_all_timers_string -> _get_elapsed_time_all_ranks, an all_gather over the
+    world even for zero timers. Under NCCL an empty all_gather is harmless; under gloo the unmatched collective
+    pairs with the other ranks' next one (a TP all-reduce) and the launch hangs. Nothing is lost: with no timer
+    registered upstream returns None too.
+    """
+    if torch.cuda.is_available():
+        return
+    from nemo.lightning.pytorch.callbacks import progress_printer
+
+    upstream = progress_printer.ProgressPrinter.log_megatron_timers
+    if getattr(upstream, "_ellama_cpu", False):
+        return
+
+    def log_megatron_timers(self, timers):
+        if not getattr(timers, "_timers", None):
+            return None
+        return upstream(self, timers)
+
+    log_megatron_timers._ellama_cpu = True  # type: ignore[attr-defined]
+    progress_printer.ProgressPrinter.log_megatron_timers = log_megatron_timers
+
+
 def apply_training_redirects() -> None:
     """Every runtime redirect ``llm.pretrain`` needs in one CPU process (idempotent; no-op with CUDA)."""
     if torch.cuda.is_available():
@@ -400,6 +428,7 @@ def apply_training_redirects() -> None:
     redirect_schedule_buffers()
     redirect_step_logging()
     redirect_rng_tracker()
+    redirect_progress_timers()
 
 
 def prepare_cpu_process() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import nemo_run as run
 import torch
 
+from ellama_recipes.engine import llama_bridge
 from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, TrainConfig
 
 RUN_NAME = "cpt"  # the pretraining recipe's run_name (checkpoint prefix); other stages pass their own
@@ -47,7 +48,7 @@ def _abs(path: str | Path) -> Path:
 @dataclass(frozen=True)
 class RunLayout:
     """The run folder of every stage: ``RUN/checkpoints/``, ``RUN/metrics.jsonl``, ``RUN/logs/`` (NeMo text logs,
-    TensorBoard in ``logs/tb_logs``, ranks > 0 in ``logs/rank-N.log``), ``RUN/resume.json``."""
+    TensorBoard in ``logs/tb_logs``, ranks > 0 in ``logs/ranks/rank-N.log``), ``RUN/resume.json``."""
 
     root: Path
 
@@ -69,77 +70,20 @@ class RunLayout:
 
 
 # ----------------------------------------------------------------------------- model
-def checkpoint_model_config(path: str | Path) -> dict[str, Any] | None:
-    """The architecture saved in an engine checkpoint's ``context/`` (None when ``path`` is not one here).
-
-    Reads ``context/model.yaml`` (written by NeMo's ``io`` serialisation) without instantiating the model.
-    """
-    ctx = Path(path) / "context"
-    if not ctx.is_dir():
-        return None
-    from nemo.lightning.io import load_context
-
-    config = load_context(ctx, subpath="model.config")
-    keys = (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "vocab_size",
-        "rotary_base",
-        "layernorm_epsilon",
-        "share_embeddings_and_output_weights",
-        "scale_factor",
-        "low_freq_factor",
-        "high_freq_factor",
-        "old_context_len",
-        "make_vocab_size_divisible_by",
-        "init_method_std",
-        "kv_channels",
-    )
-    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
-
-
-def model_spec_from_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The `--from` checkpoint's architecture as :class:`ellama_recipes.recipe.ModelSpec` field values.
-
-    None when ``path`` is not a readable engine checkpoint here. Lets the recipe validate (heads vs TP, layers
-    vs PP) and summarise the model that will really be trained rather than the size table's.
-    """
-    from ellama_recipes.recipe import _SPEC_FROM_NEMO
-
-    saved = checkpoint_model_config(path)
-    if saved is None:
-        return None
-    return {spec: saved[nemo] for nemo, spec in _SPEC_FROM_NEMO.items() if saved.get(nemo) is not None}
+# The one config bridge (HF config <-> ModelSpec <-> Llama31Config) is engine.llama_bridge; these names stay for callers.
+checkpoint_model_config = llama_bridge.checkpoint_nemo_kwargs  # the Llama31Config architecture kwargs saved in context/
+model_spec_from_checkpoint = llama_bridge.checkpoint_spec  # the same as ModelSpec field values
 
 
 def model_config(cfg: TrainConfig) -> run.Config:
     """``run.Config(Llama31Config)`` for this recipe (from the `--from` checkpoint when it is readable here)."""
-    from nemo.collections.llm.gpt.model.llama import Llama31Config
     from megatron.core.transformer.enums import AttnBackend
+    from nemo.collections.llm.gpt.model.llama import Llama31Config
 
     m = cfg.model
-    fields: dict[str, Any] = dict(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        vocab_size=m.vocab_size,
-        rotary_base=m.rope_theta,
-        layernorm_epsilon=m.norm_eps,
-        share_embeddings_and_output_weights=m.tie_word_embeddings,
-        scale_factor=m.rope_scaling_factor,
-        low_freq_factor=m.low_freq_factor,
-        high_freq_factor=m.high_freq_factor,
-        old_context_len=m.original_max_position_embeddings,
-    )
+    fields: dict[str, Any] = llama_bridge.nemo_kwargs(m)
     if cfg.checkpoint.restore_from:
-        saved = checkpoint_model_config(cfg.checkpoint.restore_from)
-        if saved:
-            fields.update(saved)
+        fields.update(llama_bridge.checkpoint_nemo_kwargs(cfg.checkpoint.restore_from) or {})
     fields["seq_length"] = cfg.schedule.seq_length
     fields["attention_backend"] = getattr(AttnBackend, m.attention_backend)
     # Dropout off for continued pretraining (Llama 3 recipe); bf16/fp8 params handled by the precision plugin.

@@ -22,14 +22,15 @@ def prepare_rank(run_dir: str | None = None) -> None:
     """What every rank does before training (every stage's entry function calls it first).
 
     - No CUDA: the runtime CPU redirects of :mod:`ellama_recipes.engine.cpu_compat` (gloo, CPU tensors).
-    - Launched by torchrun with ``RANK`` > 0: this process's stdout/stderr go to ``RUN/logs/rank-N.log`` (rank 0
-      keeps the console), so the console shows one rank's progress, not N interleaved copies.
+    - Launched by torchrun with ``RANK`` > 0: this process's stdout/stderr go to ``RUN/logs/ranks/rank-N.log``
+      (rank 0 keeps the console), so the console shows one rank's progress, not N interleaved copies. (A folder:
+      NeMo moves the loose files of RUN/logs into run_N/ on every restart.)
     """
     import torch
 
     rank = int(os.environ.get("RANK", "0"))
     if run_dir and rank > 0 and os.environ.get("ELLAMA_RANK_LOGS", "1") != "0":
-        logs = Path(run_dir) / "logs"
+        logs = Path(run_dir) / "logs" / "ranks"
         logs.mkdir(parents=True, exist_ok=True)
         f = open(logs / f"rank-{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
         sys.stdout.flush()
@@ -39,7 +40,7 @@ def prepare_rank(run_dir: str | None = None) -> None:
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
-        cpu_compat.apply_training_redirects()
+        cpu_compat.prepare_cpu_process()
 
 
 def pretrain(model, data, trainer, log, optim, resume, run_dir: str | None = None):
@@ -79,7 +80,7 @@ def run_local(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
-        cpu_compat.apply_training_redirects()
+        cpu_compat.prepare_cpu_process()
     fn = fdl.build(partial)
     fn()
     return summarize(out)
