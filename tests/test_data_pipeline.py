@@ -323,6 +323,45 @@ def test_writer_matches_megatron_stock_builder_bytes(tmp_path):
         assert (tmp_path / f"mine{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
 
 
+def test_data_package_has_no_import_circles_and_imports_nothing_higher():
+    """ellama_recipes.data modules import each other without cycles (imports inside functions included), and never
+    import cli/, recipes/, recipe.py or engine/ at module level (data is the lowest layer; issue 8)."""
+    import ast
+
+    root = Path(R.__file__).parent
+    mods = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for m in mods:
+        tree = ast.parse((root / f"{m}.py").read_text())
+        graph[m] = set()
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                if name.startswith("ellama_recipes.data."):
+                    graph[m].add(name.split(".")[2])
+        for node in tree.body:  # module level only
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    assert not name.startswith(("ellama_recipes.cli", "ellama_recipes.engine", "ellama_recipes.recipe")), \
+                        f"data/{m}.py imports {name} at module level"
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            assert state.get(n) != 1, "import circle: " + " -> ".join(path + [m, n])
+            if n in graph and n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert "records" in graph["clean"] and "clean" not in graph["records"]  # the parse saw the imports
+
+
 def test_every_data_command_help_has_an_example(cli):
     for cmd in ("build", "clean", "serialize", "classify", "tokenize", "blend", "train-tokenizer"):
         r = cli("data", cmd, "--help")

@@ -51,12 +51,11 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            from ellama_recipes.cli.common import err_console
-
             self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), console=err_console, transient=False)
+                               TimeElapsedColumn(), console=Console(stderr=True), transient=False)
             self._p.__enter__()
         return self
 
