@@ -331,13 +331,9 @@ def _read_arrays(sc: Scored, tokens: bool = False) -> Iterator[tuple[int, np.nda
 class Selection:
     """Mined iff ``key > key_cut`` or (``key == key_cut`` and it is among the first ``ties`` such documents)."""
 
-    key_cut: int  # uint32 key; 2**32 means "nothing"
+    key_cut: int  # uint32 key (order-preserving image of the float32 score)
     ties: float  # how many documents with key == key_cut are mined, in corpus order (inf: all)
     budget: dict
-
-    @property
-    def score_cut(self) -> float | None:
-        return None if self.key_cut >= 1 << 32 else float(_unkey([self.key_cut])[0])
 
 
 def _walk(counts: np.ndarray, weights: np.ndarray, budget: float) -> tuple[int, float]:
@@ -433,15 +429,13 @@ def route(paths: list[Path], sc: Scored, sel: Selection, mined_path: Path, kept_
             lang_ids = np.frombuffer(fl.read(s.size * 2), np.uint16)
             ok = ~np.isnan(s)
             keys = _keys(np.where(ok, s, 0).astype(np.float32))
-            is_mined = ok & (keys > sel.key_cut) if sel.key_cut < 1 << 32 else np.zeros(s.size, bool)
-            if sel.key_cut < 1 << 32:
-                tied = np.nonzero(ok & (keys == sel.key_cut))[0]
-                if math.isinf(sel.ties):
-                    is_mined[tied] = True
-                else:
-                    take = tied[: max(0, int(sel.ties) - ties_seen)]
-                    is_mined[take] = True
-                    ties_seen += tied.size
+            is_mined = ok & (keys > sel.key_cut)
+            tied = np.nonzero(ok & (keys == sel.key_cut))[0]
+            if math.isinf(sel.ties):
+                is_mined[tied] = True
+            else:
+                is_mined[tied[: max(0, int(sel.ties) - ties_seen)]] = True
+                ties_seen += tied.size
             for k in range(s.size):
                 src, raw = next(lines)
                 i = first + k
@@ -550,8 +544,9 @@ def _report(sc, sel, n_mined, n_kept, mined_tokens, per_lang, top, near, min_min
     }
 
 
-def histogram_png(sc: Scored, sel: Selection, path: Path, title: str = "general documents") -> Path:
-    """Histogram of the general documents' scores (log counts) with the mining cut-off; PNG via matplotlib Agg."""
+def histogram_png(sc: Scored, cut: float | None, path: Path, title: str = "general documents") -> Path:
+    """Histogram of the general documents' scores (log counts) with the lowest mined score marked; PNG via
+    matplotlib Agg."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,9 +560,8 @@ def histogram_png(sc: Scored, sel: Selection, path: Path, title: str = "general 
         edges = np.linspace(vals.min(), vals.max() + 1e-6, 81)
         binned, _ = np.histogram(vals, bins=edges, weights=counts)
         ax.bar(edges[:-1], binned, width=np.diff(edges), align="edge", color="#4c72b0", log=True)
-        cut = sel.score_cut
-        if cut is not None and vals.min() <= cut <= vals.max():
-            ax.axvline(cut, color="#c44e52", linestyle="--", label=f"mining cut-off {cut:.2f}")
+        if cut is not None:
+            ax.axvline(cut, color="#c44e52", linestyle="--", label=f"lowest mined score {cut:.2f}")
             ax.legend()
     ax.set_xlabel("domain score (log-odds)")
     ax.set_ylabel("documents (log)")
@@ -601,7 +595,7 @@ def mine(paths: list[Path], domain_texts: list[str], work: Path, mined_path: Pat
                 on_reject=on_reject)
     res.report = {"classifier": models.report, **res.report}
     if png is not None:
-        histogram_png(sc, sel, png)
+        histogram_png(sc, res.report["min_mined_score"], png)
         res.report["histogram_png"] = png.name
     for name in ("scores.f32", "langs.u16", "tokens.u32", "rejects.tmp.jsonl"):
         (work / name).unlink(missing_ok=True)
