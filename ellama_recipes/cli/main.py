@@ -31,7 +31,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by tests)."""
     try:
-        app(args=argv, prog_name="ellama", standalone_mode=False)
+        # click returns the code of a `typer.Exit(code)` here instead of raising it (standalone_mode=False)
+        code = app(args=argv, prog_name="ellama", standalone_mode=False)
     except UserError as exc:
         from ellama_recipes.cli.common import err_console
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if type(code) is int else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ellama_recipes.cli.app import app
@@ -90,22 +91,28 @@ def _f(v, fmt: str = "{:.4f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _tokens(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def result_table(result: dict) -> Table:
+    """Per run: final losses and their change from the base model; * marks the recommended run."""
     base = result["base"]
-    t = Table(title=f"ellama sweep: {len(result['points'])} runs (base: domain {_f(base['val_loss_domain'])}, "
-                    f"general {_f(base['val_loss_general'])})")
-    for col in ("run", "lr frac", "ratio g:d", "status", "domain final (best)", "domain gain", "general final (best)",
-                "general regr.", "tokens", "wall s", "Pareto"):
-        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+    t = Table(title=f"ellama sweep: base model domain {_f(base['val_loss_domain'])}, general "
+                    f"{_f(base['val_loss_general'])}; budget {result['max_regression_pct']:g}%", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1))
+    for col in ("run", "status", "domain", "gain", "gen.", "regr.", "tokens", "wall", "front"):
+        t.add_column(col, justify="left" if col in ("run", "status") else "right", no_wrap=True)
     for e in result["points"]:
         d, g = e["val_loss_domain"], e["val_loss_general"]
-        mark = " *" if e["name"] == result["recommended"] else ""
+        rec = e["name"] == result["recommended"]
         t.add_row(
-            f"[bold green]{e['name']}{mark}[/]" if mark else e["name"],
-            f"{e['knobs']['lr_fraction']:g}", e["knobs"]["ratio"], e["status"],
-            f"{_f(d['final'])} ({_f(d['best'])})", _f(e["domain_gain_pct"], "{:+.2f}%"),
-            f"{_f(g['final'])} ({_f(g['best'])})", _f(e["general_regression_pct"], "{:+.2f}%"),
-            f"{e['tokens_seen']:,}", _f(e["wall_time_s"], "{:.0f}"), "yes" if e["pareto"] else "",
+            f"[bold green]{e['name']}*[/]" if rec else e["name"], "done" if e["status"] == "finished" else e["status"],
+            _f(d["final"]), _f(e["domain_gain_pct"], "{:+.2f}%"),
+            _f(g["final"]), _f(e["general_regression_pct"], "{:+.2f}%"),
+            _tokens(e["tokens_seen"]), _f(e["wall_time_s"], "{:.0f}"), "yes" if e["pareto"] else "",
         )
     return t
 
