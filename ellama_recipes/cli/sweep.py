@@ -91,6 +91,10 @@ def _f(v, fmt: str = "{:.4f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _v(x) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
 def _tokens(n: int) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -119,19 +123,20 @@ def result_table(result: dict) -> Table:
 
 def _print_dryrun(plan: dict) -> None:
     t = Table(title=f"ellama sweep --size {plan['size']}: {plan['runs']} runs ({plan['executor']}, "
-                    f"{plan['parallel']} at a time)")
-    for col in ("run", "lr frac", "lr", "ratio g:d", "status", "steps", "tokens", "GPU-hours"):
-        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+                    f"{plan['parallel']} at a time)", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in ("run", "lr frac", "lr", "g:d", "status", "steps", "tokens", "GPU-hours"):
+        t.add_column(col, justify="left" if col in ("run", "status") else "right", no_wrap=True)
     for p in plan["points"]:
         status = p["status"] + (f" (step {p['last_step']})" if p["status"] == "partial" else "")
         t.add_row(p["name"], f"{p['lr_fraction']:g}", f"{p['lr']:.3g}", p["ratio"], status, f"{p['steps']:,}",
-                  f"{p['tokens']:,}", f"{p['gpu_hours']:,.4g}")
+                  _tokens(p["tokens"]), f"{p['gpu_hours']:,.4g}")
     console.print(t)
-    d = Table(title="per-run config differences from the recipe (key: recipe -> run)")
-    d.add_column("run")
+    d = Table(title="per-run config differences from the recipe (key: recipe -> run)", box=box.SIMPLE_HEAD,
+              pad_edge=False, show_edge=False)
+    d.add_column("run", no_wrap=True)
     d.add_column("differences")
     for p in plan["points"]:
-        d.add_row(p["name"], "\n".join(f"{k}: {a} -> {b}" for k, (a, b) in p["differences"].items()))
+        d.add_row(p["name"], "\n".join(f"{k}: {_v(a)} -> {_v(b)}" for k, (a, b) in p["differences"].items()))
     console.print(d)
     console.print(f"total tokens: {plan['total_tokens']:,}   GPU-hours (ellama plan, {plan['tflops_per_gpu']:g} "
                   f"TFLOP/s/GPU): {plan['total_gpu_hours']:,.6g}")
