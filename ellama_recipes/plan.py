@@ -35,7 +35,15 @@ from ellama_recipes.sizes import get_size
 GiB = 1024**3
 H100_MEMORY_GIB = 80.0
 OVERHEAD_GIB = 5.0
-DEFAULT_TFLOPS = {"bf16": 400.0, "fp8": 550.0, "fp32": 50.0}  # achieved model TFLOP/s/GPU (6N convention)
+# Default achieved model TFLOP/s per GPU (6N convention) by precision, each with its source (shown by `ellama plan`).
+# No figure of ours is measured yet: benchmarks/gpu/proof.py measures one on an H100 (README, "Performance"); put it
+# here, with the run's JSON as the source, once it has run.
+DEFAULT_TFLOPS = {"bf16": 343.0, "fp8": 647.0, "fp32": 50.0}
+TFLOPS_SOURCES = {
+    "bf16": "e-Llama's implied 343 (70B, 1T tokens, 480 H100, ~340,000 GPU-hours)",
+    "fp8": "Megatron-Bridge 25.11 Llama3 8B FP8 on H100, 744 TFLOP/s/GPU incl. attention FLOPs, / 1.15 = 647",
+    "fp32": "a placeholder with no published anchor (fp32 is the CPU smoke path)",
+}
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -158,7 +166,8 @@ def compute_plan(cfg: TrainConfig, *, tokens: int | None = None, tflops: float |
         "data_parallel": cfg.data_parallel,
         "precision": cfg.precision.label,
         "tflops_per_gpu": achieved,
-        "tflops_source": "--tflops" if tflops is not None else f"default for {cfg.precision.mode}",
+        "tflops_source": "--tflops" if tflops is not None else (
+            f"default for {cfg.precision.mode}: {TFLOPS_SOURCES[cfg.precision.mode]}"),
         "total_flops": flops,
         "tokens_per_gpu_per_s": tokens_per_gpu_s,
         "gpu_hours": gpu_hours,

@@ -12,7 +12,9 @@ from ellama_recipes.cli.app import app
 
 HELP = """Tokens, steps, per-GPU memory, GPU-hours and wall-clock for a size, GPU count and token budget.
 
-GPU-hours use 6 x parameters x tokens FLOPs at --tflops achieved TFLOP/s per GPU (e-Llama's 70B run implies 343).
+GPU-hours use 6 x parameters x tokens FLOPs at --tflops achieved TFLOP/s per GPU. Default by precision: bf16 343
+(e-Llama's 70B run implies it), fp8 647 (Megatron-Bridge 25.11's 744 for Llama3 8B FP8 on H100, less the attention
+FLOPs it counts); the output names the source. benchmarks/gpu/proof.py measures ours on an H100.
 Parallelism comes from the size's defaults; change it with key=value overrides (parallel.tensor_parallel=8 ...).
 
 Examples:
