@@ -204,7 +204,7 @@ def build_config(spec: SweepSpec, manifest: Path, out_dir: Path, lr_fraction: fl
     from ellama_recipes.recipes import get_recipe
 
     knobs = [] if lr_fraction is None else [f"schedule.lr_fraction={lr_fraction!r}"]
-    return get_recipe("pretrain").build_config(
+    cfg = get_recipe("pretrain").build_config(
         spec.size,
         manifest=str(manifest),
         overrides=[*spec.overrides, *knobs],
@@ -213,6 +213,10 @@ def build_config(spec: SweepSpec, manifest: Path, out_dir: Path, lr_fraction: fl
         out_dir=str(out_dir),
         train_steps=spec.steps,
     )
+    if not any(o.split("=", 1)[0].strip() == "cluster.job_dir" for o in spec.overrides):
+        # one NeMo-Run folder for the whole experiment (scripts, logs of every task), not one per run
+        cfg.cluster.job_dir = str(Path(spec.out).absolute() / "nemo_run")
+    return cfg
 
 
 def base_config(spec: SweepSpec):
@@ -519,8 +523,10 @@ def dryrun_plan(spec: SweepSpec) -> dict[str, Any]:
             "gpu_hours": plan["gpu_hours"], "gpus": plan["gpus"],
             "differences": {k: [a, b] for k, (a, b) in config_differences(base, p.cfg).items()},
         })
+    launch = _dryrun_launch(spec, points)
     return {
         "size": spec.size,
+        "launch": launch,
         "points": rows,
         "runs": len(rows),
         "total_tokens": total_tokens,
@@ -534,6 +540,25 @@ def dryrun_plan(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
+def _dryrun_launch(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, str]:
+    """For launched points (Slurm, or more than one local rank): the sbatch script / torchrun command of each task,
+    from a NeMo-Run dry run of the sweep's experiment in a scratch folder. Empty for in-process points."""
+    import tempfile
+
+    from ellama_recipes import launch
+
+    if all(launch.in_process(p.cfg) for p in points):
+        return {}
+    from ellama_recipes.engine.sweep_experiment import SweepJob, run_experiment
+
+    base = base_point(spec, points)
+    jobs = [SweepJob("base", base.cfg, "validate", _executor(base.cfg))]
+    jobs += [SweepJob(p.name, p.cfg, "train", _executor(p.cfg)) for p in points]
+    with tempfile.TemporaryDirectory(prefix="ellama-sweep-dryrun-") as tmp:
+        out = run_experiment(jobs, parallel=spec.parallel or len(jobs), base_dir=tmp, dryrun=True)
+        return {name: text.replace(tmp, str(spec.out / "nemo_run")) for name, text in out["launch"].items()}
+
+
 def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep and write ``sweep.json`` / ``sweep.png``; returns the ``sweep.json`` object
     (``result["launched"]`` says what was started this time)."""
@@ -544,13 +569,21 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
                                          and (spec.restore_from / "context").is_dir()):
         raise UserError(f"--from {spec.restore_from}: not an engine checkpoint (expected weights/ and context/ "
                         f"inside). Fix: create one with `ellama import-hf --size {spec.size} --out DIR`.")
+    from ellama_recipes import launch
+    from ellama_recipes.data.manifest import write_json_atomic
+
     points = grid(spec)
     cap = local_gpu_capability()
+    problems = []
     for p in points:
-        p.cfg.validate(at_launch=True, gpu_capability=cap)
+        problems += [f"{p.name}: {x}" for x in p.cfg.problems(at_launch=True, gpu_capability=cap)]
+        problems += [f"{p.name}: {x}" for x in launch.launch_problems(p.cfg)]
+    if problems:
+        raise UserError("Cannot start the sweep:", problems=problems)
     spec.out.mkdir(parents=True, exist_ok=True)
     prepare_blends(spec, points, echo)
     base = base_point(spec, points)
+    pending = submitted_jobs(spec.out) if spec.executor == "slurm" else {}
     jobs = []
     if base_values(base.run_dir) is None:
         jobs.append(("base", base.cfg, "validate"))
@@ -561,7 +594,13 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
             continue
         echo(f"{p.name}: {'resuming after step ' + str(last) if status == 'partial' else 'starting'}")
         jobs.append((p.name, p.cfg, "train"))
-    launched: dict[str, Any] = {"jobs": [name for name, _, _ in jobs]}
+    waiting = [name for name, _, _ in jobs if name in pending]
+    if waiting:
+        echo(f"{', '.join(waiting)}: submitted before (NeMo-Run experiment {pending[waiting[0]]}) and not finished: "
+             f"not submitted again. If those Slurm jobs ended without finishing, delete {spec.out / SUBMITTED} and "
+             "re-run to resubmit them (they resume from their last checkpoint).")
+        jobs = [j for j in jobs if j[0] not in pending]
+    launched: dict[str, Any] = {"jobs": [name for name, _, _ in jobs], "waiting": waiting}
     if jobs:
         from ellama_recipes.engine.sweep_experiment import SweepJob, run_experiment
 
@@ -571,13 +610,28 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         launched.update(run_experiment(sweep_jobs, parallel=parallel, base_dir=spec.out / "nemo_run",
                                        detach=spec.executor == "slurm"))
         launched["elapsed_s"] = round(time.monotonic() - t0, 1)
+        if spec.executor == "slurm":
+            pending.update({name: launched["experiment"] for name, _, _ in jobs})
+            write_json_atomic(spec.out / SUBMITTED, {"jobs": pending})
     result = summarize(spec, points, base_values(base.run_dir))
     result["launched"] = launched
-    from ellama_recipes.data.manifest import write_json_atomic
-
     write_json_atomic(spec.out / "sweep.json", result)
     write_chart(result, spec.out / "sweep.png")
     return result
+
+
+SUBMITTED = "slurm_jobs.json"
+
+
+def submitted_jobs(out: Path) -> dict[str, str]:
+    """``{task: NeMo-Run experiment id}`` of Slurm jobs an earlier run of this sweep submitted (``OUT/slurm_jobs.json``)."""
+    path = Path(out) / SUBMITTED
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["jobs"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path} is unreadable. Fix: delete it (the sweep then resubmits every unfinished point).") from None
 
 
 def _executor(cfg) -> Any:

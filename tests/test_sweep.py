@@ -227,3 +227,32 @@ def test_bad_sweep_input_exits_2(cli, tmp_path, args, needle):
 def test_help_has_an_example(cli):
     r = cli("sweep", "--help")
     assert r.code == 0 and "ellama sweep --size" in r.out
+
+
+def test_slurm_dryrun_materializes_one_sbatch_job_per_point_plus_the_base_pass(tmp_path):
+    spec = S.SweepSpec(size="8b", restore_from=None, out=tmp_path / "sw", lr_fractions=[0.05, 0.2],
+                       ratios=["4:1", "1:4"], data_domain=[SAMPLE / "domain"], data_general=[SAMPLE / "general"],
+                       tokenizer=tmp_path, steps=100, executor="slurm", overrides=["cluster.slurm_account=llm"])
+    plan = S.dryrun_plan(spec)
+    assert list(plan["launch"]) == ["base", "lr0.05_r4-1", "lr0.05_r1-4", "lr0.2_r4-1", "lr0.2_r1-4"]
+    nodes = S.grid(spec)[0].cfg.cluster.num_nodes
+    for name, script in plan["launch"].items():
+        assert script.startswith("#!/bin/bash") and f"#SBATCH --nodes={nodes}" in script
+        assert f"fdl_runner -n {name} " in script  # its own task
+        assert str(spec.out.absolute() / "nemo_run") in script  # the sweep's NeMo-Run folder
+    assert not spec.out.exists()
+
+
+def test_rerun_on_slurm_does_not_resubmit_points_still_in_the_queue(tiny_data, tmp_path):
+    spec, points = _fabricated_sweep(tmp_path, unfinished="lr0.2_r1-4")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "weights").mkdir(parents=True)
+    (ckpt / "context").mkdir()
+    spec.restore_from, spec.executor, spec.data = ckpt, "slurm", tiny_data / "manifest.json"
+    (spec.out / S.SUBMITTED).write_text(json.dumps({"jobs": {"lr0.2_r1-4": "ellama-sweep_123"}}))
+    messages = []
+    result = S.run_sweep(spec, echo=messages.append)
+    assert result["launched"] == {"jobs": [], "waiting": ["lr0.2_r1-4"]}  # nothing submitted
+    assert result["unfinished"] == ["lr0.2_r1-4"] and result["recommended"] == "lr0.05_r1-4"
+    assert any("ellama-sweep_123" in m and S.SUBMITTED in m for m in messages)
+    assert (spec.out / "sweep.png").is_file()

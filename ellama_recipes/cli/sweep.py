@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich import box
+from rich.panel import Panel
 from rich.table import Table
 
 from ellama_recipes.cli.app import app
@@ -141,4 +142,9 @@ def _print_dryrun(plan: dict) -> None:
     console.print(f"total tokens: {plan['total_tokens']:,}   GPU-hours (ellama plan, {plan['tflops_per_gpu']:g} "
                   f"TFLOP/s/GPU): {plan['total_gpu_hours']:,.6g}")
     console.print(f"data: {plan['data']};  {plan['base_pass']}")
+    if plan["launch"]:
+        first = next(n for n in plan["launch"] if n != "base")
+        kind = "sbatch script" if plan["executor"] == "slurm" else "command"
+        console.print(Panel(plan["launch"][first], title=f"{kind} of {first} (one per run, {len(plan['launch'])} "
+                                                         "with the base pass; NeMo-Run writes them at launch)"))
     console.print("[dim]Dry run: nothing was built or launched.[/]")

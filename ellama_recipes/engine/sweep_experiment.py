@@ -132,11 +132,13 @@ def in_process_executor() -> Any:
 
 
 def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path, detach: bool = False,
-                   title: str = "ellama-sweep") -> dict[str, Any]:
+                   title: str = "ellama-sweep", dryrun: bool = False) -> dict[str, Any]:
     """Run ``jobs`` as one NeMo-Run experiment (K = ``parallel`` at a time) and wait for it (local) or return once
     submitted (``detach``, Slurm). Returns ``{"experiment", "states": {task: state}, "log_dir"}``.
 
     A failed task does not stop the others; the caller reads each point's run folder to see what finished.
+    ``dryrun``: nothing runs and nothing stays on disk; returns ``{"launch": {task: sbatch script or command}}`` as
+    NeMo-Run materializes them for the real launch (``base_dir`` is then a scratch folder).
     """
     base_dir = Path(base_dir).absolute()
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,9 @@ def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path,
                     executor = local.clone()
                 deps = [ids[i - k]] if i >= k else None
                 ids.append(exp.add(task(job), executor=executor, name=job.name, dependencies=deps))
+            if dryrun:
+                exp.dryrun(log=False, delete_exp_dir=True)
+                return {"launch": {job.id: _dryrun_text(job._dryrun_info) for job in exp.jobs}}
             exp.run(sequential=False, detach=detach)
             states = {job.id: str(getattr(job, "state", "")) for job in exp.jobs}
             return {"experiment": exp._id, "states": states, "log_dir": str(exp._exp_dir)}
@@ -173,6 +178,13 @@ def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path,
             os.environ.pop("NEMORUN_HOME", None)
         else:
             os.environ["NEMORUN_HOME"] = old_home
+
+
+def _dryrun_text(info: Any) -> str:
+    request = info.request
+    if hasattr(request, "materialize"):  # Slurm: the sbatch script
+        return request.materialize()
+    return "\n".join(" ".join(role.args) for roles in request.role_params.values() for role in roles)
 
 
 __all__ = ["SweepJob", "train_point", "validate_point", "validate_partial", "task", "run_experiment"]
