@@ -256,3 +256,19 @@ def test_rerun_on_slurm_does_not_resubmit_points_still_in_the_queue(tiny_data, t
     assert result["unfinished"] == ["lr0.2_r1-4"] and result["recommended"] == "lr0.05_r1-4"
     assert any("ellama-sweep_123" in m and S.SUBMITTED in m for m in messages)
     assert (spec.out / "sweep.png").is_file()
+
+
+def test_build_mode_builds_the_data_once_then_reblends_each_ratio(tiny_hf, tmp_path):
+    spec = S.SweepSpec(size="tiny", restore_from=None, out=tmp_path / "sw", lr_fractions=[0.1], ratios=["4:1", "1:4"],
+                       data_domain=[SAMPLE / "domain"], data_general=[SAMPLE / "general"], tokenizer=tiny_hf, steps=4)
+    points = S.grid(spec)
+    S.prepare_blends(spec, points, echo=lambda m: None)
+    built = spec.out / "data" / "manifest.json"
+    assert built.is_file() and spec.source_manifest == built
+    stamp = built.stat().st_mtime_ns
+    for p in points:
+        m = json.loads(p.manifest.read_text())
+        assert json.loads((p.manifest.parent / "reblend.json").read_text())["from"] == str(built.absolute())
+        assert abs(m["realized"]["general_to_domain_token_ratio"] - p.general_to_domain) / p.general_to_domain <= 0.02
+    S.prepare_blends(spec, points, echo=lambda m: None)  # a re-run reuses the built data
+    assert built.stat().st_mtime_ns == stamp
