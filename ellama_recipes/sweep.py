@@ -465,7 +465,7 @@ def write_chart(result: dict, path: Path) -> int:
         ax.set_ylabel("domain validation loss decrease vs base (%)   [more gain ->]")
         ax.set_title(f"ellama sweep ({result['size']}): LR fraction x general:domain ratio, {len(pts)} runs")
         ax.grid(True, alpha=0.25)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp.png")

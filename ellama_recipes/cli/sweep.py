@@ -108,7 +108,8 @@ def result_table(result: dict) -> Table:
     base = result["base"]
     t = Table(title=f"ellama sweep: base model domain {_f(base['val_loss_domain'])}, general "
                     f"{_f(base['val_loss_general'])}; budget {result['max_regression_pct']:g}%", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1))
-    for col in ("run", "status", "domain", "gain", "gen.", "regr.", "tokens", "wall", "front"):
+    t.caption = "domain / gen.: final validation losses; gain / regr.: change from the base; PF: Pareto front"
+    for col in ("run", "status", "domain", "gain", "gen.", "regr.", "tokens", "wall", "PF"):
         t.add_column(col, justify="left" if col in ("run", "status") else "right", no_wrap=True)
     for e in result["points"]:
         d, g = e["val_loss_domain"], e["val_loss_general"]
@@ -117,7 +118,7 @@ def result_table(result: dict) -> Table:
             f"[bold green]{e['name']}*[/]" if rec else e["name"], "done" if e["status"] == "finished" else e["status"],
             _f(d["final"]), _f(e["domain_gain_pct"], "{:+.2f}%"),
             _f(g["final"]), _f(e["general_regression_pct"], "{:+.2f}%"),
-            _tokens(e["tokens_seen"]), _f(e["wall_time_s"], "{:.0f}"), "yes" if e["pareto"] else "",
+            _tokens(e["tokens_seen"]), _f(e["wall_time_s"], "{:.0f}s"), "y" if e["pareto"] else "",
         )
     return t
 
