@@ -410,7 +410,7 @@ def summarize(spec: SweepSpec, points: list[SweepPoint], base: dict[str, float] 
         "pareto_front": front,
         "recommended": rec,
         "recommendation": why,
-        "unfinished": [e["name"] for e in entries if e["status"] != "finished"],
+        "unfinished": ([] if base else ["base"]) + [e["name"] for e in entries if e["status"] != "finished"],
         "chart": "sweep.png",
     }
 

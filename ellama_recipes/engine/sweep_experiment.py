@@ -125,10 +125,23 @@ def task(job: SweepJob) -> Any:
 
 
 def in_process_executor() -> Any:
-    """One local process per task, using this environment's python (NeMo-Run runs ``python -m ...fdl_runner``)."""
+    """One local process per task, using this environment's python (NeMo-Run runs ``python -m ...fdl_runner``).
+
+    Each task gets its own free ``MASTER_PORT`` for its single-process torch.distributed group, so tasks running
+    side by side (``--parallel K``) never share one (an inherited MASTER_PORT would make them collide).
+    """
     bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     return run.LocalExecutor(ntasks_per_node=1, launcher=None, env_vars=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path, detach: bool = False,
@@ -153,14 +166,10 @@ def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path,
     # module without a source file is skipped by NeMo-Run (inspect.getsource raises TypeError).
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        local = None
         with run.Experiment(title, base_dir=str(base_dir), log_level="WARN") as exp:
             ids: list[str] = []
             for i, job in enumerate(jobs):
-                executor = job.executor
-                if executor is None:
-                    local = local or in_process_executor()
-                    executor = local.clone()
+                executor = job.executor if job.executor is not None else in_process_executor()
                 deps = [ids[i - k]] if i >= k else None
                 ids.append(exp.add(task(job), executor=executor, name=job.name, dependencies=deps))
             if dryrun:
