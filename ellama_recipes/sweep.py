@@ -175,7 +175,13 @@ class SweepSpec:
 
 
 def check_spec(spec: SweepSpec) -> None:
-    """UserError listing every problem with the inputs (before anything is built or launched)."""
+    """UserError listing every problem with the inputs (before anything is built or launched). Makes every path
+    absolute: NeMo-Run runs the tasks from another working directory."""
+    for name in ("out", "restore_from", "data", "tokenizer"):
+        if getattr(spec, name) is not None:
+            setattr(spec, name, Path(getattr(spec, name)).expanduser().absolute())
+    spec.data_domain = [Path(p).expanduser().absolute() for p in spec.data_domain]
+    spec.data_general = [Path(p).expanduser().absolute() for p in spec.data_general]
     problems = []
     if spec.data is not None and (spec.data_domain or spec.data_general or spec.tokenizer):
         problems.append("pass either --data MANIFEST or --data-domain/--data-general/--tokenizer, not both")
