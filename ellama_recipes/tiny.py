@@ -12,14 +12,24 @@ Python::
 
     from ellama_recipes.tiny import build_tiny_base
     hf_dir = build_tiny_base(Path("tiny-hf"))
+
+A random-init base makes "general regression" meaningless, so the quickstart uses :func:`trained_tiny_base`: the
+same model after a short pretraining on the bundled *general* sample only (plain torch, the size table's base max
+LR with warmup + cosine), cached under ``$ELLAMA_CACHE`` (default ``~/.cache/ellama-recipes``) keyed by the
+architecture, the training settings and the bundled sample's bytes. Continued pretraining then adds the domain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 from ellama_recipes.errors import UserError
 from ellama_recipes.sizes import SIZES, Architecture
@@ -173,3 +183,121 @@ def read_hf_config(hf_dir: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); re-download the model.") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny base that has learned general text
+# ---------------------------------------------------------------------------------------------------------------------
+BASE_PRETRAIN_VERSION = 1  # bump when the training below changes (invalidates the cache)
+
+
+def _general_texts() -> list[str]:
+    from ellama_recipes.data.bundled import sample_dir
+
+    texts = []
+    for path in sorted((sample_dir() / "general").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.append(json.loads(line)["text"])
+    return texts
+
+
+def pretrain_tiny_base(
+    hf_dir: Path, texts: list[str], *, steps: int = 60, seq_length: int = 256, batch_size: int = 16,
+    max_lr: float | None = None, seed: int = 0, echo: Callable[[str], None] | None = None,
+) -> dict:
+    """Train the HF model in ``hf_dir`` in place on ``texts`` (packed ``bos text eos`` streams, next-token loss).
+
+    AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warmup over 10% of the steps then cosine decay to
+    10% of ``max_lr`` (default: the tiny size's base max LR, so continued pretraining's 10% rule holds literally).
+    Returns the training record (also written to ``hf_dir/ellama_base_pretrain.json``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    max_lr = SIZES["tiny"].base_max_lr if max_lr is None else max_lr
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    stream: list[int] = []
+    for ids in tok(texts)["input_ids"]:
+        stream += ids + [tok.eos_token_id]
+    n = len(stream) // seq_length
+    if n < batch_size:
+        raise UserError(f"Only {len(stream)} tokens of text to pretrain the tiny base on; need at least "
+                        f"{batch_size * seq_length}.")
+    data = torch.tensor(stream[: n * seq_length]).view(n, seq_length)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=max_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, steps // 10)
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order = torch.randperm(n, generator=gen)
+    pos, losses, t0 = 0, [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        x = data[order[pos: pos + batch_size]]
+        pos += batch_size
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if echo and (step % 10 == 0 or step == steps - 1):
+            echo(f"[tiny base] step {step + 1}/{steps} loss {losses[-1]:.3f}")
+    model.eval()
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    record = {"steps": steps, "seq_length": seq_length, "batch_size": batch_size, "max_lr": max_lr,
+              "tokens_seen": steps * batch_size * seq_length, "corpus_tokens": len(stream),
+              "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - t0,
+              "data": "bundled general sample (en, de, fr, es)"}
+    (Path(hf_dir) / "ellama_base_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ELLAMA_CACHE") or Path.home() / ".cache" / "ellama-recipes")
+
+
+def trained_tiny_base(out_dir: Path, *, steps: int = 60, seed: int = 0, cache: bool = True,
+                      echo: Callable[[str], None] | None = None) -> Path:
+    """:func:`build_tiny_base` + :func:`pretrain_tiny_base` on the bundled general sample, copied to ``out_dir``.
+
+    The result is cached (``cache_root()/tiny-base-<key>``); the key covers everything that changes the weights.
+    """
+    from ellama_recipes.atomic import atomic_dir
+    from ellama_recipes.data.bundled import sample_dir
+
+    arch = SIZES["tiny"].arch
+    h = hashlib.sha256(json.dumps({"arch": arch.__dict__, "steps": steps, "seed": seed,
+                                   "version": BASE_PRETRAIN_VERSION}, sort_keys=True, default=str).encode())
+    for path in sorted(sample_dir().glob("*/*.jsonl")):
+        if path.parent.name in ("domain", "general"):  # the tokenizer trains on both, the model on general
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    cached = cache_root() / f"tiny-base-{h.hexdigest()[:16]}"
+    if not (cache and (cached / "ellama_base_pretrain.json").is_file()):
+        target = cached if cache else Path(out_dir)
+        with atomic_dir(target, replace=True) as tmp:
+            build_tiny_base(tmp / "m", arch=arch, seed=seed)
+            pretrain_tiny_base(tmp / "m", _general_texts(), steps=steps, seed=seed, echo=echo)
+            for child in (tmp / "m").iterdir():
+                child.rename(tmp / child.name)
+            (tmp / "m").rmdir()
+        if not cache:
+            return Path(out_dir)
+    elif echo:
+        echo(f"[tiny base] reusing the cached pretrained base {cached}")
+    with atomic_dir(Path(out_dir), replace=False) as tmp:
+        for child in cached.iterdir():
+            shutil.copy2(child, tmp / child.name)
+    return Path(out_dir)
