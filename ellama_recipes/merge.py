@@ -6,8 +6,9 @@
 ``merged = (1 - alpha) * base + alpha * adapted``, tensor by tensor, computed in float32 and stored in the input
 dtype. alpha 0 and 1 copy the base's / adapted's tensor bytes (bit-exact); alpha 0.5 is the mean.
 
-Streaming: both inputs are read one tensor at a time (safetensors ``safe_open``) and the output safetensors file
-is written one tensor at a time (its header is computed up front from the shapes, then each merged tensor's bytes
+Streaming: both inputs are read one tensor at a time (plain reads at the offsets of the safetensors header, not a
+memory map, so pages of tensors already merged do not stay resident) and the output safetensors file is written
+one tensor at a time (its header is computed up front from the shapes, then each merged tensor's bytes
 are appended), so peak memory is about one tensor pair, not two models. The output keeps the adapted model's
 shard layout and index. Before anything is written the two checkpoints must agree on architecture (config.json
 shape keys), tokenizer (tokenizer files byte-identical) and every tensor's name, shape and dtype; a mismatch is a
@@ -138,10 +139,10 @@ class _StreamingSafetensorsWriter:
         self.f.write(raw)
         self.i = 0
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: memoryview) -> None:
         exp_name, exp_bytes = self.expected[self.i]
-        if name != exp_name or len(data) != exp_bytes:
-            raise RuntimeError(f"streaming writer: got {name} ({len(data)} bytes), expected {exp_name} ({exp_bytes})")
+        if name != exp_name or data.nbytes != exp_bytes:
+            raise RuntimeError(f"streaming writer: got {name} ({data.nbytes} bytes), expected {exp_name} ({exp_bytes})")
         self.f.write(data)
         self.i += 1
 
@@ -151,19 +152,66 @@ class _StreamingSafetensorsWriter:
             raise RuntimeError(f"streaming writer closed after {self.i} of {len(self.expected)} tensors")
 
 
+class _TensorReader:
+    """Read single tensors of a safetensors file with plain file reads (header offsets), one at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+        self.f = None
+
+    def __enter__(self) -> "_TensorReader":
+        self.f = open(self.path, "rb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def get(self, name: str):
+        import torch
+
+        info = self.header[name]
+        beg, end = info["data_offsets"]
+        self.f.seek(self.base + beg)
+        buf = bytearray(end - beg)
+        if self.f.readinto(buf) != len(buf):
+            raise UserError(f"{self.path} is truncated (tensor {name}); re-export the model.")
+        if not _TORCH_DTYPES:
+            _TORCH_DTYPES.update(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
+                                 I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
+                                 BOOL=torch.bool)
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+_TORCH_DTYPES = {}
+
+
 def _itemsize(dtype: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
 
 
-def _tensor_bytes(t) -> bytes:
+def _tensor_bytes(t) -> memoryview:
+    """The tensor's raw bytes without a copy (a view of its storage)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch_uint8()).numpy())
+
+
+def torch_uint8():
     import torch
 
-    t = t.contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    return torch.uint8
 
 
 def interpolate(b, a, alpha: float):
-    """(1 - alpha) * b + alpha * a in float32, cast back to the input dtype; alpha 0 / 1 return the input."""
+    """(1 - alpha) * b + alpha * a in float32, cast back to the input dtype; alpha 0 / 1 return the input.
+
+    Works in place on the freshly read inputs, so at most about three tensors of this size are alive at once.
+    """
     import torch
 
     if alpha == 0:
@@ -174,13 +222,14 @@ def interpolate(b, a, alpha: float):
         if not torch.equal(a, b):
             raise UserError("An integer tensor differs between --base and --adapted; it cannot be interpolated.")
         return b
-    return ((1.0 - alpha) * b.float() + alpha * a.float()).to(b.dtype)
+    out = b.float().mul(1.0 - alpha)
+    out.add_(a.float().mul_(alpha))
+    return out.to(b.dtype)
 
 
 def merge_one(base: Path, adapted: Path, alpha: float, out: Path, *, replace: bool = False,
               progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``(1 - alpha) * base + alpha * adapted`` to the HF directory ``out`` (atomically)."""
-    from safetensors import safe_open
 
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha {alpha}: must be between 0 (the base) and 1 (the adapted model).")
@@ -188,12 +237,12 @@ def merge_one(base: Path, adapted: Path, alpha: float, out: Path, *, replace: bo
     base_file = {n: f for n, (f, _, _) in _tensor_table(Path(base)).items()}
     total, done = len(table), 0
     with atomic_dir(Path(out), replace=replace) as tmp, ExitStack() as stack:
-        opened: dict[Path, Any] = {}
+        readers: dict[Path, _TensorReader] = {}
 
-        def handle(path: Path):
-            if path not in opened:  # memory-mapped; a tensor is read only when asked for
-                opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return opened[path]
+        def reader(path: Path) -> "_TensorReader":
+            if path not in readers:
+                readers[path] = stack.enter_context(_TensorReader(path))
+            return readers[path]
 
         for fname in weight_files(adapted):
             names = [n for n, (f, _, _) in table.items() if f == fname]
@@ -201,8 +250,8 @@ def merge_one(base: Path, adapted: Path, alpha: float, out: Path, *, replace: bo
             writer = _StreamingSafetensorsWriter(tmp / fname, [(n, table[n][1], table[n][2]) for n in names], meta)
             try:
                 for name in names:
-                    ta = handle(Path(adapted) / fname).get_tensor(name)
-                    tb = handle(Path(base) / base_file[name]).get_tensor(name)
+                    ta = reader(Path(adapted) / fname).get(name)
+                    tb = reader(Path(base) / base_file[name]).get(name)
                     writer.write(name, _tensor_bytes(interpolate(tb, ta, alpha)))
                     del ta, tb
                     done += 1
