@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -151,3 +152,23 @@ def test_peak_memory_is_about_one_tensor_pair_not_two_models(tmp_path):
         + 0.3 * load_file(str(adapted / "model.safetensors"))["model.layers.5.w"])
     # loading both models would need 2 * 6 * 24 = 288 MiB; streaming holds a few tensors (measured ~100 MiB)
     assert used < 5 * tensor_mb, f"merge used {used:.0f} MiB over an idle process ({tensor_mb:.0f} MiB per tensor)"
+
+
+def test_alpha_sweep_with_eval_writes_the_tradeoff(pair, tmp_path):
+    base, adapted = pair
+    sample = Path(__file__).resolve().parents[1] / "ellama_recipes" / "sample_data" / "general" / "general_en.jsonl"
+    (tmp_path / "gen.jsonl").write_text("\n".join(sample.read_text(encoding="utf-8").splitlines()[:4]) + "\n")
+    out = tmp_path / "sweep"
+    assert main(["merge", "--base", str(base), "--adapted", str(adapted), "--alpha", "0.25", "--alpha", "0.75",
+                 "--out", str(out), "--eval", "--data", f"general={tmp_path / 'gen.jsonl'}",
+                 "--tasks", "ecom_product_classification", "--tasks", "general_en_continuation", "--limit", "8"]) == 0
+    trade = json.loads((out / "tradeoff.json").read_text())
+    assert [p["alpha"] for p in trade["points"]] == [0.25, 0.75]
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert [m["label"] for m in ev["models"]] == ["base", "alpha=0.25", "alpha=0.75"]
+    for p, m in zip(trade["points"], ev["models"][1:]):
+        assert p["domain_gain_pct"] == m["domain_gain_pct"] and p["general_regression_pct"] == m["general_regression_pct"]
+        assert p["domain_basis"] == "tasks" and isinstance(p["general_regression_pct"], float)
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["merge", "--base", str(base), "--adapted", str(adapted), "--alpha", "0.5", "--out",
+                 str(tmp_path / "one"), "--eval"]) == 2  # one merge: nothing to trade off
