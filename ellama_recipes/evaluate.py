@@ -376,7 +376,7 @@ def model_perplexity(model_dir: Path, sources: list[TextSource], *, max_length: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(_device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(_device()).eval()
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
     per: dict[str, dict] = {}
     for s in sources:
