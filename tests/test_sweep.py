@@ -241,6 +241,16 @@ def test_slurm_dryrun_materializes_one_sbatch_job_per_point_plus_the_base_pass(t
         assert f"fdl_runner -n {name} " in script  # its own task
         assert str(spec.out.absolute() / "nemo_run") in script  # the sweep's NeMo-Run folder
     assert not spec.out.exists()
+    # the base pass is the recipe's own partial with llm.validate in place of llm.pretrain, nothing else changed
+    from ellama_recipes.engine import sweep_experiment as E
+    from ellama_recipes.recipes import get_recipe
+
+    cfg = S.base_point(spec, S.grid(spec)).cfg
+    train, val = get_recipe("pretrain").build_partial(cfg), E.validate_partial(cfg)
+    assert val.__fn_or_cls__ is E.validate and train.__fn_or_cls__ is not E.validate
+    assert set(val.__arguments__) == set(train.__arguments__)
+    for key in train.__arguments__:
+        assert repr(val.__arguments__[key]) == repr(train.__arguments__[key]), key
 
 
 def test_rerun_on_slurm_does_not_resubmit_points_still_in_the_queue(tiny_data, tmp_path):
