@@ -24,12 +24,13 @@ import json
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nemo_run as run
+
+from ellama_recipes.engine.nemo_run_env import nemo_run_home
 
 
 @dataclass
@@ -156,37 +157,18 @@ def run_experiment(jobs: list[SweepJob], *, parallel: int, base_dir: str | Path,
     base_dir = Path(base_dir).absolute()
     base_dir.mkdir(parents=True, exist_ok=True)
     k = max(int(parallel), 1)
-    old_home, old_stdin, old_main = os.environ.get("NEMORUN_HOME"), sys.stdin, sys.modules.get("__main__")
-    os.environ["NEMORUN_HOME"] = str(base_dir)
-    # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one.
-    sys.stdin = open(os.devnull)  # noqa: SIM115
-    # NeMo-Run saves the source of this process's __main__ into the experiment folder and every task's
-    # fdl_runner executes it before the task (nemo_run.run.experiment.maybe_load_external_main): the driver's
-    # main here is the CLI, which would run again inside each task. The tasks need nothing from it: a main
-    # module without a source file is skipped by NeMo-Run (inspect.getsource raises TypeError).
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        with run.Experiment(title, base_dir=str(base_dir), log_level="WARN") as exp:
-            ids: list[str] = []
-            for i, job in enumerate(jobs):
-                executor = job.executor if job.executor is not None else in_process_executor()
-                deps = [ids[i - k]] if i >= k else None
-                ids.append(exp.add(task(job), executor=executor, name=job.name, dependencies=deps))
-            if dryrun:
-                exp.dryrun(log=False, delete_exp_dir=True)
-                return {"launch": {job.id: _dryrun_text(job._dryrun_info) for job in exp.jobs}}
-            exp.run(sequential=False, detach=detach)
-            states = {job.id: str(getattr(job, "state", "")) for job in exp.jobs}
-            return {"experiment": exp._id, "states": states, "log_dir": str(exp._exp_dir)}
-    finally:
-        if old_main is not None:
-            sys.modules["__main__"] = old_main
-        sys.stdin.close()
-        sys.stdin = old_stdin
-        if old_home is None:
-            os.environ.pop("NEMORUN_HOME", None)
-        else:
-            os.environ["NEMORUN_HOME"] = old_home
+    with nemo_run_home(base_dir), run.Experiment(title, base_dir=str(base_dir), log_level="WARN") as exp:
+        ids: list[str] = []
+        for i, job in enumerate(jobs):
+            executor = job.executor if job.executor is not None else in_process_executor()
+            deps = [ids[i - k]] if i >= k else None
+            ids.append(exp.add(task(job), executor=executor, name=job.name, dependencies=deps))
+        if dryrun:
+            exp.dryrun(log=False, delete_exp_dir=True)
+            return {"launch": {job.id: _dryrun_text(job._dryrun_info) for job in exp.jobs}}
+        exp.run(sequential=False, detach=detach)
+        states = {job.id: str(getattr(job, "state", "")) for job in exp.jobs}
+        return {"experiment": exp._id, "states": states, "log_dir": str(exp._exp_dir)}
 
 
 def _dryrun_text(info: Any) -> str:
