@@ -428,27 +428,33 @@ def _map_groups(fn: Callable[[Group], Any], groups: list[Group], workers: int) -
         return list(pool.map(fn, groups))
 
 
+def verify_group(g: Group, engine: torch.Tensor, hf: HFWeights, spec: dict, direction: str,
+                 progress: Progress | None = None) -> list[TensorCheck]:
+    """Split one engine tensor with the plain-torch splitters and compare each piece with the HF tensor read from
+    disk, bit for bit."""
+    out = []
+    for name, part in zip(g.hf, bridge.verify_split(g, engine, spec)):
+        h = hf.get(name) if name in hf.entries else None
+        out.append(check_tensor(name, g.megatron, h, part, direction))
+        del h
+        if progress:
+            progress(part.numel() * part.dtype.itemsize)
+    return out
+
+
+def _unmapped(hf: HFWeights, groups: list[Group]) -> list[TensorCheck]:
+    mapped = {h for g in groups for h in g.hf}
+    return [TensorCheck(n, None, list(hf.shape(n)), str(hf.dtype(n)), "missing_in_engine")
+            for n in sorted(set(hf.names()) - mapped)]
+
+
 def verify_groups(wdir: Path, hf: HFWeights, spec: dict, groups: list[Group], direction: str, *, workers: int = 1,
                   progress: Progress | None = None) -> VerifyReport:
-    """Read back each engine tensor and the HF tensors, split the engine one with the plain-torch splitters and
-    compare bit for bit; HF tensors no group accounts for are reported too."""
-
-    def one(g: Group) -> list[TensorCheck]:
-        engine = read_group(wdir, g)
-        parts = bridge.verify_split(g, engine, spec)
-        out = []
-        for name, part in zip(g.hf, parts):
-            h = hf.get(name) if name in hf.entries else None
-            out.append(check_tensor(name, g.megatron, h, part, direction))
-            if progress:
-                progress(part.numel() * part.dtype.itemsize)
-        return out
-
-    rep = VerifyReport([c for cs in _map_groups(one, groups, workers) for c in cs])
-    mapped = {h for g in groups for h in g.hf}
-    for name in sorted(set(hf.names()) - mapped):
-        rep.checks.append(TensorCheck(name, None, list(hf.shape(name)), str(hf.dtype(name)), "missing_in_engine"))
-    return rep
+    """Read back each engine tensor and its HF tensors and compare (:func:`verify_group`); HF tensors no group
+    accounts for are reported too."""
+    checks = _map_groups(lambda g: verify_group(g, read_group(wdir, g), hf, spec, direction, progress), groups,
+                         workers)
+    return VerifyReport([c for cs in checks for c in cs] + _unmapped(hf, groups))
 
 
 def verify_engine_against_hf(ckpt: Path, hf_dir: Path, *, workers: int = 1) -> VerifyReport:
@@ -769,17 +775,22 @@ def export_engine_to_hf(ckpt: Path, out: Path, *, workers: int = 1, shard_bytes:
     shards = SafetensorsShards(Path(out), [(h, s, plan.dtype) for g in plan.groups for h, s in zip(g.hf, g.hf_shapes)],
                                shard_bytes)
 
-    def one(g: Group) -> None:
-        for name, t in zip(g.hf, bridge.to_hf(g, read_group(wdir, g), plan.spec, plan.dtype)):
+    written = HFWeights(Path(out))  # the headers are on disk already
+
+    def one(g: Group) -> list[TensorCheck]:
+        engine = read_group(wdir, g)
+        for name, t in zip(g.hf, bridge.to_hf(g, engine, plan.spec, plan.dtype)):
             shards.write(name, t)
             if progress:
                 progress(t.numel() * t.dtype.itemsize)
+            del t
+        # read back what was just written and check it against the same engine tensor, split independently
+        return verify_group(g, engine, written, plan.spec, "export", verify_progress)
 
-    _map_groups(one, plan.groups, workers)
+    checks = _map_groups(one, plan.groups, workers)
     shards.finish()
     write_hf_config(plan, Path(out))
-    return verify_groups(wdir, HFWeights(Path(out)), plan.spec, plan.groups, "export", workers=workers,
-                         progress=verify_progress)
+    return VerifyReport([c for cs in checks for c in cs] + _unmapped(HFWeights(Path(out)), plan.groups))
 
 
 def verify_export_tensors(ckpt: Path, hf_dir: Path) -> VerifyReport:

@@ -1,0 +1,265 @@
+"""Benchmark: `ellama import-hf` / `ellama export-hf` (streamed) side by side with NeMo's own HF connectors.
+
+Not a unit test (minutes, ~14 GB for NeMo's side). Run under the heavy-work lock::
+
+    flock /tmp/ellama-heavy.lock python benchmarks/bench_convert.py                 # 1.5B, NeMo side by side
+    flock /tmp/ellama-heavy.lock python benchmarks/bench_convert.py --deep-layers 32 # + a deeper model (ours)
+
+It builds a randomly initialised Llama-3-architecture model in bf16 safetensors, 1 GB shards (default: the
+1.5B shape of issue 15: hidden 2048, 16 layers, GQA 32/8, ffn 8192, vocab 128,256, untied; a word-level
+tokenizer of 128,256 entries so vocab == tokenizer), written tensor by tensor. Then, each step in a fresh process
+whose peak RSS is read exactly from ``wait4`` (ru_maxrss):
+
+- ours:  ``ellama import-hf --from HF`` and ``ellama export-hf --from CKPT`` (both verify every tensor bit-exact;
+         export skips the logits check above 1 GiB - it would build the whole model);
+- NeMo:  ``HFLlamaImporter`` / ``HFLlamaExporter`` (NeMo 2.7.3's, what ``llm.import_ckpt`` / ``llm.export_ckpt`` run:
+         whole HF model + whole Megatron model, ``apply_transforms``, ``nemo_save`` / ``save_pretrained``) with only
+         the CPU fixes the previous ellama import/export had: a TE-free config and the TE-free RMSNorm names, cast to
+         and from the float32 local norm (upstream's mapping asserts on the dtype change, or skips the norms);
+- base:  a process that only imports NeMo and ellama's engine (the fixed overhead of the two above).
+
+and prints wall time, MB/s of model bytes, peak RSS and RSS / model bytes, then the projection of our peak RSS for
+Llama 3.1 8B / 70B / 405B from ``base + k x largest tensor group`` with k measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA = {  # HF config fields: Llama 3.1 8B / 70B / 405B (for the projection)
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8),
+    "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                num_key_value_heads=8),
+    "405b": dict(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
+                 num_key_value_heads=8),
+}
+
+
+def spec_for(hidden: int, layers: int, ffn: int, heads: int, groups: int, vocab: int) -> dict:
+    from ellama_recipes.engine.llama_bridge import spec_from_hf
+
+    return spec_from_hf({"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+                         "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": groups,
+                         "vocab_size": vocab, "max_position_embeddings": 131072,
+                         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+
+
+def largest_group_bytes(spec: dict, itemsize: int = 2) -> int:
+    import torch
+
+    from ellama_recipes.engine.llama_bridge import expand
+
+    return max(sum(torch.Size(s).numel() for s in g.hf_shapes) * itemsize for g in expand(spec))
+
+
+def build_model(out: Path, spec: dict, shard_bytes: int = 1 << 30) -> int:
+    """Random bf16 Llama in 1 GB safetensors shards + config + a word-level tokenizer of vocab_size entries."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from ellama_recipes.engine.convert import SafetensorsShards
+    from ellama_recipes.engine.llama_bridge import expand, hf_from_spec
+
+    out.mkdir(parents=True)
+    v = spec["vocab_size"]
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, **{f"w{i}": i for i in range(2, v)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|end_of_text|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>").save_pretrained(str(out))
+    LlamaConfig(**{**hf_from_spec(spec), "dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1,
+                   "initializer_range": 0.02}).save_pretrained(str(out))
+    groups = expand(spec)
+    shards = SafetensorsShards(out, [(h, s, torch.bfloat16) for g in groups for h, s in zip(g.hf, g.hf_shapes)],
+                               shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    for g in groups:
+        for h, s in zip(g.hf, g.hf_shapes):
+            t = torch.randn(s, generator=gen) * (0.1 if g.row.kind == "norm" else 0.02) + (1.0 if g.row.kind == "norm" else 0.0)
+            shards.write(h, t.to(torch.bfloat16))
+    shards.finish()
+    return shards.total
+
+
+NEMO_IMPORT = r"""
+import json, sys
+from pathlib import Path
+from ellama_recipes.engine import cpu_compat
+from ellama_recipes.engine.convert import te_free_overrides
+from ellama_recipes.engine.llama_bridge import llama31_config, spec_from_hf
+from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel, TransformFns
+from nemo.lightning import io
+import torch
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+def cast(dtype):
+    def f(weight):
+        return weight.to(dtype)
+    return f
+
+class CpuImporter(HFLlamaImporter):  # NeMo's importer (HF model load, apply_transforms, nemo_save); CPU fixes only
+    def init(self):  # TE-free config
+        spec = spec_from_hf(json.loads((src / "config.json").read_text()))
+        return LlamaModel(llama31_config(spec, params_dtype=torch.bfloat16, bf16=True, **te_free_overrides()),
+                          tokenizer=self.tokenizer)
+    def nemo_setup(self, model, trainer=None, *args, **kwargs):  # a synchronous save: no writer process
+        return super().nemo_setup(model, trainer, *args, **{**kwargs, "ckpt_async_save": False})
+    def save_hf_tokenizer_assets(self, name_or_path, save_path=None):
+        return super().save_hf_tokenizer_assets(name_or_path, save_path=str(out) + "-tok")
+    def convert_state(self, source, target):  # upstream's mapping with TE-free norm names, cast to fp32 RMSNorm
+        m = {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
+             "model.layers.*.self_attn.o_proj.weight": "decoder.layers.*.self_attention.linear_proj.weight",
+             "model.layers.*.mlp.down_proj.weight": "decoder.layers.*.mlp.linear_fc2.weight",
+             "lm_head.weight": "output_layer.weight"}
+        t = [io.state_transform(source_key=s, target_key=d, fn=cast(torch.float32)) for s, d in [
+                ("model.layers.*.input_layernorm.weight", "decoder.layers.*.input_layernorm.weight"),
+                ("model.layers.*.post_attention_layernorm.weight", "decoder.layers.*.pre_mlp_layernorm.weight"),
+                ("model.norm.weight", "decoder.final_layernorm.weight")]] + [
+             io.state_transform(source_key=("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+                                            "model.layers.*.self_attn.v_proj.weight"),
+                                target_key="decoder.layers.*.self_attention.linear_qkv.weight", fn=TransformFns.merge_qkv),
+             io.state_transform(source_key=("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+                                target_key="decoder.layers.*.mlp.linear_fc1.weight", fn=TransformFns.merge_fc1)]
+        return io.apply_transforms(source, target, mapping=m, transforms=t)
+
+if __name__ == "__main__":
+    cpu_compat.apply_conversion_redirects()
+    CpuImporter(str(src))(output_path=out, overwrite=False)
+"""
+
+NEMO_EXPORT = r"""
+import sys
+from pathlib import Path
+from ellama_recipes.engine.convert import _mcore_gpt, load_engine_model
+from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, TransformFns
+from nemo.lightning import io
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+def cast(dtype):
+    def f(weight):
+        return weight.to(dtype)
+    return f
+
+class CpuExporter(HFLlamaExporter):  # NeMo's exporter (init, apply_transforms, save_pretrained), TE-free norm names
+    def convert_state(self, source, target, source_config=None):
+        m = {"decoder.layers.*.self_attention.linear_proj.weight": "model.layers.*.self_attn.o_proj.weight",
+             "decoder.layers.*.mlp.linear_fc2.weight": "model.layers.*.mlp.down_proj.weight"}
+        dt = next(target.parameters()).dtype
+        t = [io.state_transform(source_key=s, target_key=d, fn=cast(dt)) for s, d in [
+                ("decoder.layers.*.input_layernorm.weight", "model.layers.*.input_layernorm.weight"),
+                ("decoder.layers.*.pre_mlp_layernorm.weight", "model.layers.*.post_attention_layernorm.weight"),
+                ("decoder.final_layernorm.weight", "model.norm.weight")]] + [
+             io.state_transform(source_key="decoder.layers.*.self_attention.linear_qkv.weight",
+                                target_key=("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+                                            "model.layers.*.self_attn.v_proj.weight"), fn=TransformFns.split_qkv),
+             io.state_transform(source_key="decoder.layers.*.mlp.linear_fc1.weight",
+                                target_key=("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+                                fn=TransformFns.split_fc1),
+             io.state_transform(source_key="embedding.word_embeddings.weight", target_key="model.embed_tokens.weight",
+                                fn=TransformFns.prune_padding),
+             io.state_transform(source_key="output_layer.weight", target_key="lm_head.weight", fn=TransformFns.prune_padding)]
+        return io.apply_transforms(source, target, mapping=m, transforms=t)
+
+if __name__ == "__main__":
+    ex = CpuExporter(str(src))
+    model, trainer = load_engine_model(src)
+    target = ex.init(next(_mcore_gpt(model).parameters()).dtype)
+    ex.convert_state(model, target, model.config).save_pretrained(out, safe_serialization=True)
+"""
+
+BASE = "import nemo.collections.llm, ellama_recipes.engine.convert, ellama_recipes.engine.llama_bridge"
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float, int]:
+    """(wall s, peak RSS bytes, returncode) of one fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import threading
+
+    err: list[bytes] = []
+    th = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    th.start()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    th.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.stderr.write(err[0].decode(errors="replace")[-3000:])
+    return wall, ru.ru_maxrss * 1024, proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--deep-layers", type=int, default=0, help="also run ours on a deeper model (same shapes)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/ellama-bench-convert"))
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's connectors (they need ~14 GB)")
+    args = ap.parse_args()
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    py = sys.executable
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    rows = []
+    wall, rss, rc = run([py, "-c", BASE], env)
+    base = rss
+    rows.append(("base: python + NeMo + ellama engine imported", 0, wall, rss, rc))
+    depths = [args.layers] + ([args.deep_layers] if args.deep_layers else [])
+    for layers in depths:
+        spec = spec_for(2048, layers, 8192, 32, 8, 128256)
+        d = args.workdir / f"L{layers}"
+        nbytes = build_model(d / "hf", spec)
+        tag = f"{layers} layers, {nbytes / 1e9:.2f} GB"
+        w = ["--workers", str(args.workers)]
+        rows.append((f"ellama import-hf ({tag})", nbytes, *run(
+            [py, "-m", "ellama_recipes", "import-hf", "--from", str(d / "hf"), "--out", str(d / "ck"), "--no-progress"] + w, env)))
+        rows.append((f"ellama export-hf ({tag})", nbytes, *run(
+            [py, "-m", "ellama_recipes", "export-hf", "--from", str(d / "ck"), "--out", str(d / "hf-out"), "--no-progress"] + w, env)))
+        if not args.no_nemo and layers == args.layers:
+            (d / "nemo_import.py").write_text(NEMO_IMPORT)  # files, not -c: megatron's writer spawns a manager
+            (d / "nemo_export.py").write_text(NEMO_EXPORT)
+            rows.append((f"NeMo HFLlamaImporter ({tag})", nbytes, *run(
+                [py, str(d / "nemo_import.py"), str(d / "hf"), str(d / "nemo-ck")], env)))
+            rows.append((f"NeMo HFLlamaExporter ({tag})", nbytes, *run(
+                [py, str(d / "nemo_export.py"), str(d / "ck"), str(d / "nemo-hf")], env)))
+        if layers == args.layers:
+            group = largest_group_bytes(spec)
+        shutil.rmtree(d, ignore_errors=True)
+
+    print(f"\n{'step':58} {'wall s':>8} {'MB/s':>8} {'peak RSS GB':>12} {'RSS/model':>10} rc")
+    for name, nbytes, wall, rss, rc in rows:
+        mbs = f"{nbytes / 1e6 / wall:8.1f}" if nbytes else f"{'':8}"
+        ratio = f"{rss / nbytes:10.2f}" if nbytes else f"{'':10}"
+        print(f"{name:58} {wall:8.1f} {mbs} {rss / 1e9:12.2f} {ratio} {rc}")
+    ours = [r for r in rows if r[0].startswith("ellama")]
+    k = max((r[3] - base) / group for r in ours)
+    print(f"\nlargest tensor group (bf16) of the {args.layers}-layer model: {group / 1e9:.3f} GB; base RSS "
+          f"{base / 1e9:.2f} GB; measured k = (peak - base) / group = {k:.2f} (workers={args.workers})")
+    print(f"{'projection (ours)':18} {'model GB':>9} {'largest group GB':>17} {'peak RSS GB':>12}")
+    for name, h in LLAMA.items():
+        spec = spec_for(h["hidden_size"], h["num_hidden_layers"], h["intermediate_size"], h["num_attention_heads"],
+                        h["num_key_value_heads"], 128256)
+        from ellama_recipes.engine.llama_bridge import expand
+        import torch
+
+        model = sum(torch.Size(s).numel() for g in expand(spec) for s in g.hf_shapes) * 2
+        g = largest_group_bytes(spec)
+        print(f"llama 3.1 {name:8} {model / 1e9:9.1f} {g / 1e9:17.2f} {(base + k * g) / 1e9:12.2f}")
+    print(f"\nhost: {os.cpu_count()} cores; ru_maxrss of each process; python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
