@@ -95,7 +95,12 @@ def make_executor(cfg: TrainConfig) -> Any:
             nodes=c.num_nodes,
             launcher="torchrun",
             # torchrun (the role's entrypoint) and the ranks' python resolve from this environment first.
-            env_vars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
+            env_vars={
+                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                "PYTHONUNBUFFERED": "1",
+                # torchrun's --local-ranks-filter: only local rank 0 on the console (all ranks stay in its logs)
+                "PET_LOCAL_RANKS_FILTER": "0",
+            },
         )
     if c.executor == "slurm":
         return run.SlurmExecutor(
@@ -111,6 +116,7 @@ def make_executor(cfg: TrainConfig) -> Any:
             packager=run.Packager(),  # the container has ellama-recipes installed (see Dockerfile)
             tunnel=run.LocalTunnel(job_dir=job_dir(cfg)),
             launcher="torchrun",
+            retries=c.slurm_retries,
             env_vars={"TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NVTE_FUSED_ATTN": "1", "NVTE_FLASH_ATTN": "1"},
         )
     raise UserError(f"Unknown executor {c.executor!r}. Valid executors: local, slurm.")
@@ -149,6 +155,8 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
     materializes them for the real launch)."""
     import tempfile
 
+    from ellama_recipes.recipes import get_recipe
+
     if in_process(cfg):
         return LaunchPlan(
             executor="in-process",
@@ -160,11 +168,14 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
             exp.dryrun(log=False, delete_exp_dir=True)
             info = exp.jobs[0]._dryrun_info
         if cfg.cluster.executor == "slurm":
+            run_ckpts = Path(cfg.checkpoint.out_dir).expanduser().absolute() / "checkpoints"
             notes = [
-                f"Slurm time limit cluster.slurm_time={cfg.cluster.slurm_time}: at the limit Slurm stops the job; "
-                "re-submitting the same command resumes from the newest complete checkpoint in "
-                f"{Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'checkpoints'} (checkpoint.save_every="
-                f"{cfg.checkpoint.save_every} steps bounds the lost work).",
+                f"Time limit cluster.slurm_time={cfg.cluster.slurm_time}. A job that exits non-zero (a crashed rank, "
+                f"a node failure) is requeued by the script (`scontrol requeue`, up to cluster.slurm_retries="
+                f"{cfg.cluster.slurm_retries} times) and resumes from the newest complete checkpoint in {run_ckpts}. "
+                "A job that reaches the time limit is ended by Slurm and not requeued: submit the same command again "
+                f"to resume there (checkpoint.save_every={cfg.checkpoint.save_every} steps bounds the lost work).",
+                f"A launch writes this script to {job_dir(cfg)}/{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch.",
             ]
             if not cfg.cluster.slurm_account:
                 notes.append(
@@ -176,6 +187,8 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
         args = [a.replace(tmp, job_dir(cfg)) for a in role.args]
         entry = str(torchrun_path()) if Path(role.args[0]).name == "torchrun" else role.args[0]
     notes = [
+        "Environment of the launch: PATH starts with this Python's bin folder; PET_LOCAL_RANKS_FILTER=0 (torchrun "
+        "shows local rank 0 on the console).",
         f"The launch writes the serialized task and torchrun's logs under {job_dir(cfg)}/experiments/; ranks > 0 "
         f"log to {Path(cfg.checkpoint.out_dir).expanduser().absolute() / 'logs' / 'ranks'}/rank-N.log.",
     ]

@@ -22,10 +22,9 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER  # noqa: F401 (re-exported for the recipes)
 from ellama_recipes.errors import ConfigError, UserError
 from ellama_recipes.sizes import Architecture, Size, get_size
-
-MANIFEST_PLACEHOLDER = "<unset: pass --data DIR/manifest.json (written by `ellama data build`)>"
 
 PRECISIONS = ("bf16", "fp8", "fp32")
 FP8_RECIPES = ("delayed", "current")
@@ -145,7 +144,8 @@ class ClusterSpec:
     cpu_fallback: bool = False
     slurm_account: str | None = None
     slurm_partition: str | None = None
-    slurm_time: str = "04:00:00"
+    slurm_time: str = "04:00:00"  # the job's time limit; Slurm ends the job there (see slurm_retries)
+    slurm_retries: int = 3  # NeMo-Run's sbatch script requeues a job that exited non-zero this many times
     container_image: str = "nvcr.io/nvidia/nemo:25.09"
     job_dir: str | None = None  # where the executor writes scripts/logs; defaults to <checkpoint.out_dir>/launch
 

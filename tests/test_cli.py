@@ -115,3 +115,13 @@ def test_bad_paths_fail_fast_before_nemo_is_imported(tmp_path):
 def test_model_override_with_from_exit_2(cli, tmp_path):
     r = cli("pretrain", "--size", "tiny", "--from", tmp_path, "--dryrun", "model.hidden_size=256")
     assert r.code == 2 and "model.hidden_size=256" in r.err and "--from checkpoint" in r.err
+
+
+def test_local_multi_node_launch_needs_the_rendezvous_env(cli, tmp_path, monkeypatch):
+    for key in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    r = cli("pretrain", "--size", "tiny", "--nodes", "2", "--data", manifest, "--from-scratch", "--out", tmp_path / "r")
+    assert r.code == 2 and "NODE_RANK, MASTER_ADDR, MASTER_PORT is not set" in r.err and "--executor slurm" in r.err
+    assert not (tmp_path / "r").exists()

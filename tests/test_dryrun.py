@@ -80,6 +80,11 @@ def test_slurm_dryrun_produces_sbatch_script(cli, tmp_path):
         assert line in script
     assert "srun" in script and "torchrun" in script and "--nnodes 60" in script and "--nproc-per-node 8" in script
     assert "--container-image nvcr.io/nvidia/nemo" in script
+    # a failed job is requeued by the script (cluster.slurm_retries) and the dry run says what the time limit does
+    assert "export TORCHX_MAX_RETRIES=3" in script and "scontrol requeue" in script
+    assert "#SBATCH --time=04:00:00" in script
+    notes = " ".join(launch["notes"])
+    assert "cluster.slurm_time=04:00:00" in notes and "not requeued" in notes and "ellama-cpt-70b.sbatch" in notes
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 

@@ -209,3 +209,33 @@ def truncate_after(path: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _step_checkpoint_class():
+    from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+
+    class StepCheckpoint(ModelCheckpoint):
+        """NeMo's ``ModelCheckpoint`` with ``{step}`` = optimizer steps completed, the ``step`` of metrics.jsonl.
+
+        Upstream fills ``{step}`` from the ``step`` metric NeMo logs inside ``training_step``, i.e. before that
+        step's optimizer update: the checkpoint saved after 20 steps was named ``step=19`` while metrics.jsonl
+        called it step 20. Here the name uses ``trainer.global_step`` at save time (20).
+        """
+
+        def _monitor_candidates(self, trainer):
+            candidates = super()._monitor_candidates(trainer)
+            candidates["step"] = torch.tensor(int(trainer.global_step))
+            return candidates
+
+    StepCheckpoint.__module__ = __name__
+    StepCheckpoint.__qualname__ = "StepCheckpoint"
+    return StepCheckpoint
+
+
+def __getattr__(name: str) -> Any:
+    # StepCheckpoint subclasses a NeMo class: built on first use so importing this module stays light.
+    if name == "StepCheckpoint":
+        cls = _step_checkpoint_class()
+        globals()["StepCheckpoint"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,77 +21,8 @@ from typing import Any
 import torch
 from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
 
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER, SIDES, load_manifest  # noqa: F401 (re-exported)
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER
-
-SIDES = ("domain", "general")
-
-
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and check ``manifest.json``; prefixes are resolved against its folder (UserError on any problem)."""
-    if path in (None, "", MANIFEST_PLACEHOLDER):
-        raise UserError(
-            "No data manifest was given. Fix: run `ellama data build ... --out DIR` and pass --data DIR/manifest.json."
-        )
-    p = Path(path)
-    if p.is_dir():
-        p = p / "manifest.json"
-    if not p.is_file():
-        raise UserError(
-            f"Data manifest {str(path)!r} does not exist. Fix: pass the manifest.json written by "
-            f"`ellama data build --out DIR` (e.g. --data DIR/manifest.json)."
-        )
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"Data manifest {str(p)!r} is not valid JSON ({exc}). Fix: re-run `ellama data build`.") from None
-    problems: list[str] = []
-    blend = m.get("blend") if isinstance(m, dict) else None
-    if not isinstance(blend, list) or not blend or len(blend) % 2:
-        problems.append("`blend` must be a non-empty list [w1, prefix1, w2, prefix2, ...]")
-        blend = []
-    sources = m.get("sources") if isinstance(m, dict) else None
-    if not isinstance(sources, list) or not sources:
-        problems.append("`sources` must be a non-empty list of {prefix, side, lang, documents, tokens}")
-        sources = []
-    root = p.parent
-    weights, prefixes = blend[0::2], blend[1::2]
-    for w, pre in zip(weights, prefixes):
-        if not isinstance(w, (int, float)) or w < 0:
-            problems.append(f"blend weight {w!r} for {pre!r} must be a number >= 0")
-        if not isinstance(pre, str):
-            problems.append(f"blend prefix {pre!r} must be a string")
-            continue
-        full = (root / pre) if not Path(pre).is_absolute() else Path(pre)
-        for ext in (".bin", ".idx"):
-            if not Path(str(full) + ext).is_file():
-                problems.append(f"blend prefix {pre!r}: {full}{ext} is missing")
-    side_of: dict[str, str] = {}
-    for i, s in enumerate(sources):
-        if not isinstance(s, dict) or "prefix" not in s or s.get("side") not in SIDES:
-            problems.append(f"sources[{i}] must have a `prefix` and `side` in {SIDES}, got {s!r}")
-            continue
-        side_of[s["prefix"]] = s["side"]
-    for pre in prefixes:
-        if isinstance(pre, str) and sources and pre not in side_of:
-            problems.append(f"blend prefix {pre!r} has no entry in `sources` (its side is unknown)")
-    if problems:
-        raise UserError(
-            f"Data manifest {str(p)} is malformed. Fix: re-run `ellama data build` to rewrite it.", problems=problems
-        )
-
-    def absolute(pre: str) -> str:
-        return str(Path(pre) if Path(pre).is_absolute() else (root / pre).resolve())
-
-    return {
-        **m,
-        "path": str(p.resolve()),
-        "train_blend": [x for w, pre in zip(weights, prefixes) for x in (float(w), absolute(pre))],
-        "side_prefixes": {
-            side: [absolute(pre) for pre in prefixes if side_of.get(pre) == side and isinstance(pre, str)]
-            for side in SIDES
-        },
-    }
 
 
 def load_tokenizer(tokenizer_from: str | None, vocab_size: int):

@@ -198,7 +198,10 @@ def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> r
         pipeline_dtype=torch.bfloat16 if low_precision else torch.float32,
         gradient_as_bucket_view=True,
         ckpt_async_save=False,  # synchronous: the checkpoint is complete before training goes on
-        ckpt_parallel_load=True,
+        # Fully-parallel load/save exchange shards between DP ranks through CUDA buffers
+        # (megatron.core.dist_checkpointing.exchange_utils: `.cuda()`): CPU processes read/write their own shards.
+        ckpt_parallel_load=gpu,
+        ckpt_parallel_save=gpu,
         ddp=run.Config(
             DistributedDataParallelConfig,
             check_for_nan_in_grad=True,
@@ -268,9 +271,11 @@ def logger(cfg: TrainConfig, run_name: str = RUN_NAME) -> run.Config:
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
 
+    from ellama_recipes.engine.callbacks import StepCheckpoint
+
     run_dir = _abs(cfg.checkpoint.out_dir)
     ckpt = run.Config(
-        nl.ModelCheckpoint,
+        StepCheckpoint,
         dirpath=str(run_dir / "checkpoints"),
         monitor="step",
         mode="max",

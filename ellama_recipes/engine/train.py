@@ -24,7 +24,10 @@ def prepare_rank(run_dir: str | None = None) -> None:
     - No CUDA: the runtime CPU redirects of :mod:`ellama_recipes.engine.cpu_compat` (gloo, CPU tensors).
     - Launched by torchrun with ``RANK`` > 0: this process's stdout/stderr go to ``RUN/logs/ranks/rank-N.log``
       (rank 0 keeps the console), so the console shows one rank's progress, not N interleaved copies. (A folder:
-      NeMo moves the loose files of RUN/logs into run_N/ on every restart.)
+      NeMo moves the loose files of RUN/logs into run_N/ on every restart.) The launcher shows only local rank 0
+      on the console (``PET_LOCAL_RANKS_FILTER=0``), so import-time output of other ranks stays in torchrun's
+      per-rank logs in the job folder.
+    - ``ELLAMA_FAIL_RANK=N``: rank N raises here (fault injection for the launch's failure handling).
     """
     import torch
 
@@ -37,6 +40,9 @@ def prepare_rank(run_dir: str | None = None) -> None:
         sys.stderr.flush()
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
+    fail = os.environ.get("ELLAMA_FAIL_RANK")
+    if fail is not None and fail.strip() == str(rank):  # fault injection: how a crashing rank is tested
+        raise RuntimeError(f"ELLAMA_FAIL_RANK={fail}: rank {rank} fails on purpose (fault-injection hook).")
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
