@@ -13,22 +13,22 @@ from rich.table import Table
 from ellama_recipes.cli.app import app
 from ellama_recipes.cli.common import console
 
-HELP = """Choose the knobs before the big run: sweep the max-LR fraction x the general:domain mix ratio.
-
-Every grid point is one continued-pretraining run of the registered pretrain recipe with two knobs changed
-(schedule.lr_fraction and the blend, re-weighted from the already tokenized sources), in OUT/runs/<name>/; the runs
-form one NeMo-Run experiment (local: one at a time or --parallel K; Slurm: one job per point). The --from
-checkpoint's per-source validation losses are measured first (OUT/base). At the end: OUT/sweep.json, OUT/sweep.png
-(general loss increase vs domain loss decrease, Pareto front) and a table with the recommended point: the largest
-domain gain whose general regression stays within --max-regression (default 1%). Re-running the same command skips
-finished points and resumes unfinished ones. Trailing key=value pairs override the recipe for every point.
-
-Examples:
-
-  ellama sweep --size 8b --from ckpt/8b --data data/manifest.json --out sweep/ --lr-fraction 0.05,0.1,0.2 --ratio 4:1,1:1,1:4 --steps 2000 --executor slurm cluster.slurm_account=llm --dryrun
-
-  ellama sweep --size tiny --from .quickstart/base --data .quickstart/data/manifest.json --out sweep/ --lr-fraction 0.1,0.2 --ratio 4:1,1:4 --steps 20
-"""
+HELP = (
+    "Choose the knobs before the big run: sweep the max-LR fraction x the general:domain mix ratio.\n\n"
+    "Every grid point is one continued-pretraining run of the registered pretrain recipe with two knobs changed "
+    "(schedule.lr_fraction and the blend, re-weighted from the already tokenized sources), in OUT/runs/<name>/; the "
+    "runs form one NeMo-Run experiment (local: one at a time or --parallel K; Slurm: one job per point). The --from "
+    "checkpoint's per-source validation losses are measured first (OUT/base). At the end: OUT/sweep.json, "
+    "OUT/sweep.png (general loss increase vs domain loss decrease, Pareto front) and a table with the recommended "
+    "point: the largest domain gain whose general regression stays within --max-regression (default 1%). Re-running "
+    "the same command skips finished points and resumes unfinished ones. Trailing key=value pairs override the "
+    "recipe for every point.\n\n"
+    "Examples:\n\n"
+    "  ellama sweep --size 8b --from ckpt/8b --data data/manifest.json --out sweep/ --lr-fraction 0.05,0.1,0.2 "
+    "--ratio 4:1,1:1,1:4 --steps 2000 --executor slurm cluster.slurm_account=llm --dryrun\n\n"
+    "  ellama sweep --size tiny --from .quickstart/base --data .quickstart/data/manifest.json --out sweep/ "
+    "--lr-fraction 0.1,0.2 --ratio 4:1,1:4 --steps 20\n"
+)
 
 
 @app.command("sweep", help=HELP)
