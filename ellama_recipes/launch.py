@@ -262,8 +262,10 @@ def _failing_rank_error(cfg: TrainConfig, task_dir: str) -> str:
     if not found:
         return f"No traceback found; see the logs under {task_dir} and {Path(cfg.checkpoint.out_dir) / 'logs'}."
     _, path, tb = min(found, key=lambda x: x[0])  # the earliest failure is the cause; the others follow it
-    tail = "\n".join(tb.strip().splitlines()[-25:])
-    return f"{path}:\n{tail}"
+    lines = [line[2:] if line.startswith(": ") else line for line in tb.strip().splitlines()]
+    error = next((line for line in reversed(lines) if line and not line.startswith(" ")), lines[-1])
+    frames = [line for line in lines[1:] if line.startswith("  File ")][-4:]
+    return f"{error}\n    (from {path}; last frames:)\n" + "\n".join(frames)
 
 
 __all__ = ["LaunchPlan", "in_process", "job_dir", "launch", "make_executor", "render", "torchrun_path", "write_sbatch"]

@@ -1,32 +1,160 @@
-"""Only ellama_recipes/engine/ may import NeMo (nemo.*) or megatron-core (megatron.*). nemo_run is the launcher."""
+"""The house rules of the package's imports, checked on the source (module-level statements only):
+
+- only ``ellama_recipes/engine/`` imports NeMo (``nemo.*``), megatron-core (``megatron.*``) or NeMo-Run at module level;
+- nothing outside ``engine/`` imports ``ellama_recipes.engine`` at module level, except the registered stage recipes
+  (``recipes/``) and the CLI entry points (``cli/``);
+- data flows one way: ``data/`` imports none of recipe / recipes / engine / cli / launch at module level;
+- no import circles between the package's modules at module level.
+"""
 
 from __future__ import annotations
 
-import re
+import ast
 from pathlib import Path
+
+import pytest
 
 import ellama_recipes
 
 PKG = Path(ellama_recipes.__file__).parent
-PATTERN = re.compile(r"^\s*(?:from|import)\s+(nemo|megatron)(?:\.|\s|$)", re.MULTILINE)
+HEAVY = ("nemo", "megatron", "nemo_run")
 
 
-def test_only_engine_imports_nemo_or_megatron():
-    offenders = []
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG)
-        if rel.parts[0] == "engine":
-            continue
-        for m in PATTERN.finditer(path.read_text(encoding="utf-8")):
-            line = path.read_text(encoding="utf-8")[: m.start()].count("\n") + 1
-            offenders.append(f"{rel}:{line}: {m.group(0).strip()}")
-    assert not offenders, "NeMo/megatron imported outside ellama_recipes/engine/:\n" + "\n".join(offenders)
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
-def test_pattern_catches_what_it_should():
-    assert PATTERN.search("from nemo.collections import llm")
-    assert PATTERN.search("    import megatron.core")
-    assert not PATTERN.search("import nemo_run as run")
+def module_level_imports(source: str, module: str = "ellama_recipes.x") -> list[tuple[int, str]]:
+    """(line, imported module) for every import executed when the module is imported: top-level statements and
+    the bodies of top-level if/try/with blocks, not functions or classes; ``if TYPE_CHECKING:`` is skipped."""
+    out: list[tuple[int, str]] = []
+    package = module.rsplit(".", 1)[0]
+
+    def visit(stmts):
+        for node in stmts:
+            if isinstance(node, ast.Import):
+                out.extend((node.lineno, a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                out.append((node.lineno, base))
+                # `from ellama_recipes import launch` imports the submodule ellama_recipes.launch
+                out.extend((node.lineno, f"{base}.{a.name}") for a in node.names)
+            elif isinstance(node, ast.If):
+                test = ast.unparse(node.test)
+                if "TYPE_CHECKING" not in test:
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, (ast.Try, ast.With)):
+                visit(node.body)
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+                visit(getattr(node, "orelse", []))
+                visit(getattr(node, "finalbody", []))
+
+    visit(ast.parse(source).body)
+    return out
+
+
+def _sources():
+    for path in sorted(PKG.rglob("*.py")):
+        yield path.relative_to(PKG), _module_name(path), module_level_imports(path.read_text(encoding="utf-8"),
+                                                                                _module_name(path))
+
+
+def _is(name: str, top: str) -> bool:
+    return name == top or name.startswith(top + ".")
+
+
+def test_only_engine_imports_nemo_megatron_nemo_run():
+    offenders = [
+        f"{rel}:{line}: import {name}"
+        for rel, _, imports in _sources()
+        if rel.parts[0] != "engine"
+        for line, name in imports
+        if any(_is(name, h) for h in HEAVY)
+    ]
+    assert not offenders, "NeMo / megatron / NeMo-Run imported at module level outside engine/:\n" + "\n".join(offenders)
+
+
+def test_only_recipes_and_cli_import_the_engine():
+    offenders = [
+        f"{rel}:{line}: import {name}"
+        for rel, _, imports in _sources()
+        if rel.parts[0] not in ("engine", "recipes", "cli")
+        for line, name in imports
+        if _is(name, "ellama_recipes.engine")
+    ]
+    assert not offenders, "ellama_recipes.engine imported at module level outside engine/, recipes/, cli/:\n" + "\n".join(
+        offenders)
+
+
+def test_data_flows_one_way():
+    higher = ("ellama_recipes.recipe", "ellama_recipes.recipes", "ellama_recipes.engine", "ellama_recipes.cli",
+              "ellama_recipes.launch", "ellama_recipes.plan")
+    offenders = [
+        f"{rel}:{line}: import {name}"
+        for rel, _, imports in _sources()
+        if rel.parts[0] == "data"
+        for line, name in imports
+        if any(_is(name, h) for h in higher)
+    ]
+    assert not offenders, "data/ imports a higher layer at module level:\n" + "\n".join(offenders)
+
+
+def find_cycles(graph: dict[str, list[str]]) -> list[str]:
+    """Every import circle reachable in ``graph`` (module -> modules it imports), as ``a -> b -> a``."""
+    cycles, state = [], {}
+
+    def dfs(node, stack):
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                dfs(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for mod in graph:
+        if mod not in state:
+            dfs(mod, [])
+    return cycles
+
+
+def test_no_import_circles():
+    modules = {mod: imports for _, mod, imports in _sources()}
+    graph = {
+        mod: sorted({name for _, name in imports if name in modules and name != mod}) for mod, imports in modules.items()
+    }
+    assert not find_cycles(graph), "module-level import circles:\n" + "\n".join(find_cycles(graph))
+
+
+def test_the_circle_finder_finds_circles():
+    assert find_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a -> b -> c -> a"]
+    assert find_cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
+
+
+@pytest.mark.parametrize(
+    "source,hits",
+    [
+        ("from nemo.collections import llm", ["nemo.collections", "nemo.collections.llm"]),
+        ("import megatron.core", ["megatron.core"]),
+        ("def f():\n    import nemo\n", []),  # lazy: fine
+        ("try:\n    import nemo_run as run\nexcept ImportError:\n    pass\n", ["nemo_run"]),
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import nemo\n", ["typing", "typing.TYPE_CHECKING"]),
+        ("from . import launch", ["ellama_recipes", "ellama_recipes.launch"]),
+    ],
+)
+def test_the_import_scanner_sees_what_it_should(source, hits):
+    assert [name for _, name in module_level_imports(source, "ellama_recipes.x")] == hits
 
 
 def test_no_generic_top_level_module():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from rich.panel import Panel
 from rich.table import Table
 
 from ellama_recipes.cli.common import console, print_json
@@ -46,7 +45,10 @@ def _launch(cfg) -> None:
         plan = launch.write_sbatch(cfg, launch.render(cfg, partial))
         console.print(f"sbatch script: {plan.script_file}")
     result = launch.launch(cfg, partial)
-    console.print(Panel.fit("\n".join(f"{k}: {v}" for k, v in result.items()), title=f"{cfg.stage} finished"))
+    # Plain lines, not a box: paths stay whole (copyable) on any terminal width.
+    console.print(f"[bold green]{cfg.stage} finished[/]")
+    for k, v in result.items():
+        console.print(f"  {k}: {v}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _dryrun(cfg, *, as_json: bool) -> None:
