@@ -253,11 +253,12 @@ class TrainConfig:
                 f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={m.num_query_groups} (GQA needs whole groups)."
             )
-        if m.num_query_groups % tp and tp % m.num_query_groups:
+        if m.num_query_groups % tp:
+            # megatron-core's TransformerConfig splits KV heads across TP ranks and never replicates them.
             out.append(
-                f"model.num_query_groups={m.num_query_groups} (KV heads) and parallel.tensor_parallel={tp}: "
-                f"one must divide the other so KV heads split (or replicate) evenly across TP ranks. "
-                f"Fix: pick TP from {_divisors(m.num_query_groups)} or a multiple of {m.num_query_groups}."
+                f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by parallel.tensor_parallel="
+                f"{tp}: megatron-core splits the KV heads across TP ranks (no replication). "
+                f"Fix: pick TP from {_divisors(m.num_query_groups)}."
             )
         if m.num_layers % pp:
             out.append(

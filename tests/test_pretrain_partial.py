@@ -218,3 +218,46 @@ def test_cpu_grad_clipping_really_clips():
     finally:
         if own:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["parallel.tensor_parallel=3", "cluster.gpus_per_node=3", "schedule.global_batch_size=6"],
+         "not divisible by parallel.tensor_parallel=3"),
+        (["parallel.tensor_parallel=4", "cluster.gpus_per_node=4", "schedule.global_batch_size=8"],
+         "num_query_groups=2 (KV heads) is not divisible"),
+        (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor_parallel > 1"),
+    ],
+)
+def test_parallel_rules_match_what_megatron_core_refuses(overrides, needle):
+    """Each rule validate() applies is one megatron-core's own TransformerConfig enforces in every rank: the config
+    refused here would fail there (and a config accepted here is accepted there)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def megatron(cfg):
+        m, p = cfg.model, cfg.parallel
+        return TransformerConfig(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
+            sequence_parallel=p.sequence_parallel, pipeline_dtype=torch.float32, use_cpu_initialization=True,
+        )
+
+    bad = build_pretrain_config("tiny", overrides=overrides)
+    assert any(needle in p for p in bad.problems()), bad.problems()
+    with pytest.raises(ValueError):
+        megatron(bad)
+    good = build_pretrain_config("tiny", gpus_per_node=2, overrides=["parallel.tensor_parallel=2"])
+    assert good.problems() == []
+    megatron(good)
+
+
+def test_global_batch_rule_matches_megatron_core():
+    from megatron.core.num_microbatches_calculator import ConstantNumMicroBatchesCalculator
+
+    bad = build_pretrain_config("tiny", gpus_per_node=2, overrides=["schedule.global_batch_size=10"])
+    assert any("global_batch_size=10 is not divisible by micro_batch_size*DP = 2*2" in p for p in bad.problems())
+    with pytest.raises(AssertionError):
+        ConstantNumMicroBatchesCalculator(10, 2, 2, False, 0)
+    ConstantNumMicroBatchesCalculator(8, 2, 2, False, 0)  # the tiny default at DP2 is accepted
