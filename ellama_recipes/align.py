@@ -318,8 +318,12 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
 
 
 def _stage_summary(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The stage's own summary of its run folder (SFT: losses; DPO: reward accuracy, margins)."""
+    out_dir = summary.get("out_dir")
     if stage == "sft":
         from ellama_recipes.engine.sft import summarize
 
-        return summarize(summary.get("out_dir"))
-    return summary
+        return summarize(out_dir)
+    from ellama_recipes.engine.dpo import summarize as dpo_summarize
+
+    return dpo_summarize(out_dir)

@@ -35,7 +35,7 @@ Tokenized examples (what the engine reads; ``seq_length`` = tokens the model see
 Python::
 
     from ellama_recipes.data.chat import load_chat_tokenizer, prepare
-    tok = load_chat_tokenizer("runs/cpt")          # HF tokenizer dir, engine checkpoint, or run folder
+    tok = load_chat_tokenizer("checkpoints/base")  # HF tokenizer dir or engine checkpoint
     report = prepare("sft", ["ellama_recipes/sample_data/sft"], tok, seq_length=4096, out_dir="runs/al/sft/data")
 """
 
@@ -206,18 +206,12 @@ def iter_rows(path: Path) -> Iterator[tuple[Any, str, Reject | None]]:
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def tokenizer_dir(path: str | Path) -> Path:
-    """The HF tokenizer folder of ``path``: the folder itself, an engine checkpoint's ``context/nemo_tokenizer``,
-    or (for a run folder) the one of its latest checkpoint."""
+    """The HF tokenizer folder of ``path``: the folder itself, or an engine checkpoint's ``context/nemo_tokenizer``
+    (a run folder is resolved to its checkpoint first, by ``ellama align`` / ``ellama_recipes.convert``)."""
     p = Path(path)
     for cand in (p, p / "context" / "nemo_tokenizer"):
         if (cand / "tokenizer_config.json").is_file() or (cand / "tokenizer.json").is_file():
             return cand
-    ckpts = p / "checkpoints"
-    if ckpts.is_dir():
-        for c in sorted(ckpts.iterdir(), reverse=True):
-            cand = c / "context" / "nemo_tokenizer"
-            if (cand / "tokenizer_config.json").is_file():
-                return cand
     raise UserError(
         f"No tokenizer found at {str(p)!r} (looked for tokenizer.json / tokenizer_config.json there and in "
         f"context/nemo_tokenizer/). Fix: pass an engine checkpoint written by `ellama import-hf` or `ellama pretrain`, "
@@ -322,7 +316,7 @@ class ChatTokenizer:
 
 
 def load_chat_tokenizer(path: str | Path) -> ChatTokenizer:
-    """The tokenizer of an HF tokenizer folder, an engine checkpoint or a run folder (see :func:`tokenizer_dir`)."""
+    """The tokenizer of an HF tokenizer folder or an engine checkpoint (see :func:`tokenizer_dir`)."""
     d = tokenizer_dir(path)
     from transformers import AutoTokenizer
 

@@ -17,10 +17,14 @@ Real-size defaults (tuned for H100 80GB SXM, 8 GPUs per node; the layouts are th
   values are the published per-size ones, so they are the defaults.
 - ``train_steps`` defaults to ``epochs x train rows / global batch`` of the prepared data (``ellama align``
   computes it; ``--sft-steps`` overrides); ``data.epochs`` = 2.
-- 70b: 8 nodes (64 GPUs, TP4 PP4 VPP5 CP2 -> DP2): the CPT layout on fewer nodes, since a batch of 128 needs
-  ``128 % DP == 0`` (60 nodes give DP15). 405b: global batch 144 (not 128): with PP18 x VPP7 the interleaved
-  schedule needs the micro batches per DP rank (144 / DP4 = 36) to be a multiple of PP=18.
-- tiny: the CPU smoke size; LR 1e-3 (the randomly initialised tiny stand-in needs a large LR to move in 30 steps).
+- Layout (:func:`sft_layout`): the size row's parallelism on the most nodes (up to the row's) whose data-parallel
+  size fits a batch of 128: 8b 8 nodes (DP32); 70b 32 nodes (TP4 PP4 VPP5 CP2 -> DP8; 60 nodes give DP15, which
+  does not divide 128). 405b: no node count fits 128 with PP18 x VPP7 (the interleaved schedule needs the micro
+  batches per DP rank to be a multiple of PP), so 144 nodes (DP4) and a global batch of 144.
+- LR by model size (> 20B parameters: the 70B value); all of it derived from the size row, so a new row needs no
+  SFT code.
+- CPU smoke sizes (``cpu_fallback`` rows, i.e. tiny): LR 1e-3 (the randomly initialised stand-in needs a large LR to
+  move in 30 steps), the row's batch and sequence length.
 """
 
 from __future__ import annotations
@@ -32,20 +36,40 @@ from typing import Any
 
 from ellama_recipes.recipe import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
-from ellama_recipes.sizes import get_size
+from ellama_recipes.sizes import Size, get_size
 
 DATA_PLACEHOLDER = "<unset: `ellama align` prepares RUN2/sft/data/{train,validation}.jsonl from --sft>"
 
-# size -> (peak LR, citation), (global batch, micro batch, seq length), num_nodes (None: the size row's)
-SFT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"lr": 1e-3, "lr_source": "tiny CPU smoke size (random-init stand-in)", "gbs": 8, "mbs": 2,
-             "seq": 256, "nodes": None, "warmup": 3, "steps": 30},
-    "8b": {"lr": 5e-6, "lr_source": "Tulu 3 SFT, 8B", "gbs": 128, "mbs": 1, "seq": 4096, "nodes": None},
-    "70b": {"lr": 2e-6, "lr_source": "Tulu 3 SFT, 70B", "gbs": 128, "mbs": 1, "seq": 4096, "nodes": 8},
-    "405b": {"lr": 2e-6, "lr_source": "Tulu 3 SFT, 70B/405B", "gbs": 144, "mbs": 1, "seq": 4096, "nodes": None},
-}
-EPOCHS = 2  # Tulu 3
-WARMUP_RATIO = 0.03  # Tulu 3
+# Tulu 3 SFT (Lambert et al. 2024): peak LR 5e-6 for 8B, 2e-6 for 70B (and 405B); effective batch 128; 2 epochs;
+# max sequence 4096; warmup ratio 0.03.
+TULU3_LR_SMALL, TULU3_LR_LARGE = 5e-6, 2e-6
+TULU3_LARGE_FROM_PARAMS = 20e9  # models above this use the 70B LR
+TULU3_GLOBAL_BATCH = 128
+TULU3_SEQ_LENGTH = 4096
+EPOCHS = 2
+WARMUP_RATIO = 0.03
+# The CPU smoke sizes (size row cpu_fallback): the randomly initialised tiny stand-in needs a large LR to move in 30
+# steps; batch and sequence as in its pretraining row.
+SMOKE = dict(lr=1e-3, warmup_steps=3, train_steps=30)
+
+
+def sft_layout(sz: Size, global_batch: int, micro_batch: int) -> tuple[int, int]:
+    """``(num_nodes, global_batch_size)`` for SFT on the size row's parallelism.
+
+    The most nodes (up to the row's) whose data-parallel size divides ``global_batch`` (and, with an interleaved
+    pipeline, leaves a whole number of micro batches per pipeline stage). When no node count gives exactly
+    ``global_batch`` (405b: PP18 x VPP7), the row's node count with the batch rounded up to the next multiple.
+    """
+    p = sz.parallelism
+    mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    step_of = lambda dp: micro_batch * dp * (p.pipeline_parallel if p.virtual_pipeline_parallel else 1)  # noqa: E731
+    fits = [n for n in range(sz.num_nodes, 0, -1) if (n * sz.gpus_per_node) % mp == 0]
+    for n in fits:
+        if global_batch % step_of(n * sz.gpus_per_node // mp) == 0:
+            return n, global_batch
+    n = fits[0] if fits else sz.num_nodes
+    step = step_of(max(n * sz.gpus_per_node // mp, 1))
+    return n, math.ceil(global_batch / step) * step
 
 
 @dataclass
@@ -120,33 +144,42 @@ def build_config(
     executor, restore_from, out_dir, train_steps, save_every ...).
     """
     sz = get_size(size)
-    d = SFT_DEFAULTS[sz.name]
-    steps = d.get("steps", 1000)
+    if sz.cpu_fallback:  # a CPU smoke size: its own batch and sequence, a large LR, few steps
+        lr, lr_source = SMOKE["lr"], "CPU smoke size (random-init stand-in)"
+        nodes, gbs, mbs, seq = sz.num_nodes, sz.global_batch_size, sz.micro_batch_size, sz.seq_length
+        steps, warmup = SMOKE["train_steps"], SMOKE["warmup_steps"]
+    else:
+        large = sz.arch.num_parameters() > TULU3_LARGE_FROM_PARAMS
+        lr = TULU3_LR_LARGE if large else TULU3_LR_SMALL
+        lr_source = f"Tulu 3 SFT ({'70B/405B' if large else '8B'}: {lr:g})"
+        mbs, seq = 1, TULU3_SEQ_LENGTH
+        nodes, gbs = sft_layout(sz, TULU3_GLOBAL_BATCH, mbs)
+        steps = 1000  # replaced by data.epochs x rows / global batch once the data is prepared (ellama align)
+        warmup = max(1, round(WARMUP_RATIO * steps))
     cfg = base_config(
         SFTConfig,
         sz,
         ScheduleSpec(
-            base_max_lr=d["lr"],
+            base_max_lr=lr,
             lr_fraction=1.0,
             min_lr_ratio=0.0,
-            warmup_steps=d.get("warmup", max(1, round(WARMUP_RATIO * steps))),
+            warmup_steps=warmup,
             train_steps=steps,
-            global_batch_size=d["gbs"],
-            micro_batch_size=d["mbs"],
-            seq_length=d["seq"],
+            global_batch_size=gbs,
+            micro_batch_size=mbs,
+            seq_length=seq,
             val_check_interval=sz.val_check_interval,
             limit_val_batches=max(1, sz.limit_val_batches // 4),
         ),
         data=SFTDataSpec(num_workers=sz.num_workers),
-        lr_source=d["lr_source"],
+        lr_source=lr_source,
     )
     cfg.optimizer.weight_decay = 0.0  # Tulu 3 SFT
-    if d["nodes"] is not None:
-        cfg.cluster.num_nodes = d["nodes"]
+    cfg.cluster.num_nodes = nodes
     cfg.checkpoint.out_dir = "runs/aligned/sft"
     apply_flags(cfg, **flags)
-    if flags.get("train_steps") is not None:  # warmup follows the step count (Tulu 3: 3%)
-        cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, round(WARMUP_RATIO * flags["train_steps"])))
+    if flags.get("train_steps") is not None:  # the warmup follows the step count
+        set_train_steps(cfg, flags["train_steps"])
     if train is not None:
         cfg.data.train = str(train)
     if validation is not None:
@@ -164,9 +197,10 @@ def steps_for(cfg: SFTConfig, train_rows: int) -> int:
 def set_train_steps(cfg: SFTConfig, steps: int) -> None:
     """Set the step count and the warmup that goes with it (3% of the steps, Tulu 3)."""
     cfg.schedule.train_steps = steps
-    cfg.schedule.warmup_steps = max(1, min(round(WARMUP_RATIO * steps), steps - 1)) if steps > 1 else 0
-    if cfg.size == "tiny":
-        cfg.schedule.warmup_steps = min(SFT_DEFAULTS["tiny"]["warmup"], max(steps - 1, 0))
+    if cfg.cluster.cpu_fallback:
+        cfg.schedule.warmup_steps = min(SMOKE["warmup_steps"], max(steps - 1, 0))
+    else:
+        cfg.schedule.warmup_steps = max(1, min(round(WARMUP_RATIO * steps), steps - 1)) if steps > 1 else 0
 
 
 def check_inputs(cfg: SFTConfig) -> list[str]:
