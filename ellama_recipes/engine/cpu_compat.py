@@ -401,6 +401,7 @@ def redirect_progress_timers() -> None:
     """
     if torch.cuda.is_available():
         return
+    check_engine_versions()
     from nemo.lightning.pytorch.callbacks import progress_printer
 
     upstream = progress_printer.ProgressPrinter.log_megatron_timers
