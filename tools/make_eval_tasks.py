@@ -11,9 +11,11 @@ the harness's ``multiple_choice`` output type), so it is meaningful from a 4-lay
 Domain tasks (EcomGPT-style, prompts in the serialisation the domain data uses: ``Product:``, ``Category:`` ...):
 
 - ``ecom_product_classification``  product title -> one of the 6 categories
-- ``ecom_attribute_extraction``    title + description -> the value of one attribute (4 candidates of that key)
+- ``ecom_attribute_extraction``    title + description -> the value of one attribute stated there (the distractors:
+                                   the product's other attribute values, then other values of that attribute)
 - ``ecom_title_generation``        category + attributes + description -> the product's title (4 titles, same category)
-- ``ecom_review_sentiment``        review text -> positive (4-5 stars) / negative (1-2 stars), balanced
+- ``ecom_review_sentiment``        a review under its true star rating vs under the mirrored one (5 <-> 1, 4 <-> 2),
+                                   balanced positive / negative, in the domain data's ``Review (N/5 stars): text``
 
 General tasks (from general text of the same generator):
 
@@ -89,7 +91,8 @@ def build(out: Path = OUT, seed: int = HELD_OUT_SEED) -> dict[str, int]:
             items.append(_mc(f"Product: {p['title']}\nCategory:", categories, categories.index(p["category"])))
     tasks["ecom_product_classification"] = items
 
-    # attribute extraction: the value must be stated in the title or description (extraction, not recall)
+    # attribute extraction: the value must be stated in the title or description (extraction, not recall); the
+    # distractors are the product's other attribute values (also in its text), then values of the same key
     values: dict[tuple[str, str], set[str]] = {}
     for p in products:
         for k, v in p["attributes"].items():
@@ -97,16 +100,18 @@ def build(out: Path = OUT, seed: int = HELD_OUT_SEED) -> dict[str, int]:
     items = []
     for p in products:
         desc = _plain(p["description"])
-        keys = [k for k, v in sorted(p["attributes"].items())
-                if k != "model" and v in desc and len(values[(p["category"], k)]) >= 4]
+        keys = [k for k, v in sorted(p["attributes"].items()) if k != "model" and v in desc]
         if not keys:
             continue
         k = rng.choice(keys)
         v = p["attributes"][k]
-        wrong = rng.sample(sorted(values[(p["category"], k)] - {v}), 3)
+        others = [x for kk, x in sorted(p["attributes"].items()) if kk not in (k, "model") and x != v]
+        same_key = sorted(values[(p["category"], k)] - {v} - set(others))
+        wrong = (rng.sample(others, min(3, len(others))) + rng.sample(same_key, len(same_key)))[:3]
+        if len(wrong) < 3:
+            continue
         choices, gold = _shuffled(rng, v, wrong)
-        items.append(_mc(f"Product: {p['title']}\nDescription: {desc}\nAttributes: {k}:",
-                         choices, gold))
+        items.append(_mc(f"Product: {p['title']}\nDescription: {desc}\nAttributes: {k}:", choices, gold))
         if len(items) == 200:
             break
     tasks["ecom_attribute_extraction"] = items
@@ -121,11 +126,15 @@ def build(out: Path = OUT, seed: int = HELD_OUT_SEED) -> dict[str, int]:
                          "Product:", choices, gold))
     tasks["ecom_title_generation"] = items
 
-    # review sentiment: balanced positive (4-5 stars) / negative (1-2 stars)
+    # review sentiment: balanced positive (4-5 stars) / negative (1-2 stars). Scored the way the domain data reads
+    # ("Review (N/5 stars): text"): the review under its true rating vs under the mirrored rating (6 - N).
     pos = [r for r in reviews if r["rating"] >= 4][:100]
     neg = [r for r in reviews if r["rating"] <= 2][:100]
-    items = [_mc(f"Review: {r['text']}\nSentiment:", ["negative", "positive"], int(r["rating"] >= 4))
-             for r in pos + neg]
+    items = []
+    for r in pos + neg:
+        right, wrong = (f"{n}/5 stars): {r['text']}" for n in (r["rating"], 6 - r["rating"]))
+        choices, gold = _shuffled(rng, right, [wrong])
+        items.append(_mc("Review (", choices, gold, sentiment="positive" if r["rating"] >= 4 else "negative"))
     rng.shuffle(items)
     tasks["ecom_review_sentiment"] = items
 
