@@ -51,6 +51,8 @@ DEFINITIONS = {
     "general_regression_pct": "100 * (G(base) - G(m)) / G(base), G = macro-average of the task scores over general "
                               "tasks; without general tasks: 100 * (PPL_general(m) - PPL_general(base)) / "
                               "PPL_general(base)",
+    "ppl_domain_gain_pct": "100 * (PPL_domain(base) - PPL_domain(m)) / PPL_domain(base) (always, when measured)",
+    "ppl_general_regression_pct": "100 * (PPL_general(m) - PPL_general(base)) / PPL_general(base) (always, when measured)",
 }
 
 
@@ -431,6 +433,11 @@ def compare(base: dict, m: dict) -> dict[str, Any]:
         else:
             out[key] = None
             out[f"{side}_basis"] = None
+    # Always reported alongside when both have perplexity (informative where the task suites sit near chance):
+    for side, key, sign in (("domain", "ppl_domain_gain_pct", -1), ("general", "ppl_general_regression_pct", 1)):
+        bp = base["perplexity"].get("pooled", {}).get(side, {}).get("ppl")
+        np_ = m["perplexity"].get("pooled", {}).get(side, {}).get("ppl")
+        out[key] = _pct(np_, bp, sign) if bp is not None and np_ is not None else None
     return out
 
 

@@ -137,7 +137,7 @@ def _eval_is_current(out: Path, models: list[Path]) -> bool:
 
 
 def run_quickstart(
-    out: Path, *, steps: int | None = None, base_steps: int = 60, align_steps: int | None = None,
+    out: Path, *, steps: int | None = None, base_steps: int = 150, align_steps: int | None = None,
     eval_limit: int | None = None, align: bool = True, fresh: bool = False, prompt: str = "Product:", echo=print,
 ) -> dict[str, Any]:
     from ellama_recipes.data.bundled import sample_dir
@@ -255,6 +255,8 @@ def eval_row(e: dict) -> dict[str, Any]:
             "general_score": e.get("general_score"),
             **{f"ppl_{k}": v.get("ppl") for k, v in pooled.items()},
             "domain_gain_pct": e.get("domain_gain_pct"), "general_regression_pct": e.get("general_regression_pct"),
+            "ppl_domain_gain_pct": e.get("ppl_domain_gain_pct"),
+            "ppl_general_regression_pct": e.get("ppl_general_regression_pct"),
             "tasks": {k: t["score"] for k, t in e.get("tasks", {}).items()}}
 
 

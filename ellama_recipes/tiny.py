@@ -268,7 +268,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ELLAMA_CACHE") or Path.home() / ".cache" / "ellama-recipes")
 
 
-def trained_tiny_base(out_dir: Path, *, steps: int = 60, seed: int = 0, cache: bool = True,
+def trained_tiny_base(out_dir: Path, *, steps: int = 150, seed: int = 0, cache: bool = True,
                       echo: Callable[[str], None] | None = None) -> Path:
     """:func:`build_tiny_base` + :func:`pretrain_tiny_base` on the bundled general sample, copied to ``out_dir``.
 

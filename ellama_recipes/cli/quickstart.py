@@ -36,7 +36,7 @@ def _f(x, fmt="{:+.2f}") -> str:
 def quickstart(
     out: Path = typer.Option(Path(".quickstart"), "--out", help="Working directory for every stage's output."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Continued-pretraining steps (default: the tiny recipe's)."),
-    base_steps: int = typer.Option(60, "--base-steps", help="Steps of the tiny base's general-text pretraining."),
+    base_steps: int = typer.Option(150, "--base-steps", help="Steps of the tiny base's general-text pretraining."),
     align_steps: Optional[int] = typer.Option(None, "--align-steps", help="SFT and DPO steps each (default: the recipes')."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="At most N examples per eval task."),
     align: bool = typer.Option(True, "--align/--no-align", help="Run SFT + DPO after CPT (when `ellama align` exists)."),
@@ -83,13 +83,14 @@ def quickstart(
     table.add_row("total", "", f"{total:.1f}", style="bold")
     console.print(table)
     ev = Table(title="base vs adapted (ellama eval; definitions: ellama eval --help)")
-    for col in ("model", "domain score", "general score", "ppl domain", "ppl general", "domain gain %",
-                "general regr. %"):
+    for col in ("model", "domain score", "general score", "domain gain %", "general regr. %", "ppl domain",
+                "ppl general", "ppl domain gain %", "ppl general regr. %"):
         ev.add_column(col, justify="left" if col == "model" else "right")
     for r in summary["eval"]:
         ev.add_row(r["model"], _f(r["domain_score"], "{:.3f}"), _f(r["general_score"], "{:.3f}"),
-                   _f(r.get("ppl_domain"), "{:.2f}"), _f(r.get("ppl_general"), "{:.2f}"),
-                   _f(r["domain_gain_pct"]), _f(r["general_regression_pct"]))
+                   _f(r["domain_gain_pct"]), _f(r["general_regression_pct"]),
+                   _f(r.get("ppl_domain"), "{:.1f}"), _f(r.get("ppl_general"), "{:.1f}"),
+                   _f(r.get("ppl_domain_gain_pct")), _f(r.get("ppl_general_regression_pct")))
     console.print(ev)
     console.print(f"[bold]{summary['final_model']} vs base: domain_gain_pct {_f(summary['domain_gain_pct'])} %, "
                   f"general_regression_pct {_f(summary['general_regression_pct'])} %[/]")
