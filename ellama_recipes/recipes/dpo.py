@@ -15,11 +15,10 @@ Defaults and their sources:
   hyper-parameters: effective batch size 128, max sequence length 2048, warmup ratio 0.1); decay: cosine to 10%
   like every stage here. 2000 steps is about one epoch of a Tulu-3-sized preference mix (~270k pairs / 128).
 - parallelism: the size row's TP / PP (and VPP), context parallel 1 (DPO sequences are short; the per-sequence
-  log-prob sums are not split across CP ranks, see :mod:`ellama_recipes.engine.dpo`), and far fewer nodes than
-  pretraining (:data:`NODES`: data parallel 4, so 128 pairs are 32 micro batches per replica). Per-GPU memory is
-  below pretraining's: no reference model on the GPUs (its log-probs are precomputed), sequences of 2048 instead of
-  8192, and the distributed optimizer still shards Adam's state over DP (8b TP2 DP4 ~40 GiB, 70b TP4 PP4 DP4
-  ~45 GiB, 405b TP8 PP18 DP4 ~30 GiB of weights + grads + optimizer state, before activations).
+  log-prob sums are not split across CP ranks, see :mod:`ellama_recipes.engine.dpo`); nodes and batch from the same
+  rule as SFT (:func:`ellama_recipes.recipes.sft.sft_layout` on the row with CP 1: the most nodes whose data-parallel
+  size divides the batch; 405b's interleaved PP18 rounds the batch up to 144). Per-GPU memory stays below
+  pretraining's: no reference model on the GPUs (its log-probs are precomputed), sequences of 2048 instead of 8192.
 - tiny (CPU): a larger LR (the tiny base is a random-init stand-in; 1e-5 would not move it in a few CPU steps),
   batch 8 pairs (micro batch 2), 20 steps, validation every 5 steps on the held-out pairs, fp32.
 
@@ -30,7 +29,7 @@ the engine (why: :mod:`ellama_recipes.engine.dpo`). Run layout: ``RUN/checkpoint
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ TULU3_GLOBAL_BATCH = 128  # Tulu 3 DPO: effective batch size 128 (pairs)
 TULU3_SEQ_LENGTH = 2048  # Tulu 3 DPO: max sequence length 2048
 TRAIN_STEPS = 2000
 MIN_LR_RATIO = 0.10
-NODES = {"8b": 1, "70b": 8, "405b": 72}  # x 8 GPUs: DP 4 with the size row's TP x PP (2, 16, 144 GPUs per replica)
 
 TINY = dict(lr=1e-3, global_batch_size=8, micro_batch_size=2, train_steps=20, warmup_steps=2,
             val_check_interval=5, save_every=10, seq_length=256)
@@ -150,8 +148,11 @@ def build_config(
         data=PairDataSpec(num_workers=sz.num_workers),
     )
     cfg.parallel.context_parallel = 1
-    if size in NODES:
-        cfg.cluster.num_nodes = NODES[size]
+    if not tiny:
+        from ellama_recipes.recipes.sft import sft_layout
+
+        row = replace(sz, parallelism=replace(sz.parallelism, context_parallel=1))
+        cfg.cluster.num_nodes, cfg.schedule.global_batch_size = sft_layout(row, TULU3_GLOBAL_BATCH, 1)
     cfg.checkpoint.out_dir = "runs/align/dpo"
     if tiny:
         cfg.checkpoint.save_every = TINY["save_every"]
