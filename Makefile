@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ellama-installed
 QS_OUT  ?= .quickstart
 
-.PHONY: install quickstart test dryrun-70b plan-70b bench clean
+.PHONY: install quickstart test dryrun-70b plan-70b bench gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ plan-70b: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_tokenize.py
+
+# The GPU proof kit's wheels + tiny inputs into .gpu-kit/ (then on the GPU host: bash benchmarks/gpu/run.sh)
+gpu-kit: install
+	$(BIN)/python benchmarks/gpu/fetch_wheels.py
 
 clean:
 	rm -rf $(QS_OUT) .pytest_cache build *.egg-info
