@@ -118,13 +118,11 @@ def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_size_matches(size_name: str, spec: dict, src: str) -> None:
-    """`--size S` together with a source: the source must be S's architecture (every row alike)."""
-    a = get_size(size_name).arch
-    names = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-             "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads"}
-    bad = [f"{hf}: {spec[k]} (size {size_name} has {getattr(a, k)})" for k, hf in names.items()
-           if spec[k] != getattr(a, k)]
+def _require_size(size_name: str, spec: dict, src: str) -> None:
+    """`--size S` together with a source: the source must have S's architecture (every size row alike)."""
+    from ellama_recipes.engine.llama_bridge import spec_mismatches
+
+    bad = spec_mismatches(spec, get_size(size_name).arch)
     if bad:
         raise UserError(
             f"{src} is not a Llama 3.1 {size_name} model. Pass the --size that matches it, or leave --size out: "
@@ -156,7 +154,7 @@ def describe_import(size: str | None, out: Path, source: str | Path | None = Non
         if _is_hf_dir(Path(source)):
             cfg = json.loads((Path(source) / "config.json").read_text())
             if size is not None:
-                _check_size_matches(size, spec_from_hf(cfg, Path(source) / "config.json"), str(source))
+                _require_size(size, spec_from_hf(cfg, Path(source) / "config.json"), str(source))
             plan["architecture"] = {k: cfg.get(k) for k in keys + ("torch_dtype",)}
             plan["files"] = sorted(p.name for p in Path(source).iterdir() if p.is_file())
     elif kind == "hub":
@@ -205,7 +203,7 @@ def import_hf(size: str | None, out: Path, source: str | Path | None = None, pro
         cfg = read_hf_config(hf_dir)
         spec = spec_from_hf(cfg, hf_dir / "config.json")
         if size is not None and kind != "built":
-            _check_size_matches(size, spec, str(source or get_size(size).hf_repo))
+            _require_size(size, spec, str(source or get_size(size).hf_repo))
 
         from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes
 

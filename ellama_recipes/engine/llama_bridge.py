@@ -161,6 +161,16 @@ def spec_from_nemo(config: Any, source_config: dict | None = None) -> dict[str, 
     return out
 
 
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+def spec_mismatches(spec: Any, expected: Any, fields: tuple[str, ...] = SHAPE_FIELDS) -> list[str]:
+    """``"<HF name>: <got> (expected <want>)"`` for each field where ``spec`` differs from ``expected``."""
+    s, e = _as_dict(spec), _as_dict(expected)
+    hf = {f.spec: f.hf for f in CONFIG_FIELDS}
+    return [f"{hf[k]}: {s[k]} (expected {e[k]})" for k in fields if s[k] != e[k]]
+
+
 def llama31_config(spec: Any, **extra: Any):
     """A NeMo ``Llama31Config`` for the architecture, plus ``extra`` fields (seq_length, params_dtype, ...)."""
     from nemo.collections.llm.gpt.model.llama import Llama31Config
