@@ -132,6 +132,8 @@ def main() -> int:
         for p in data.iterdir():
             if p.name not in ("manifest.json", "tokenized"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for cache in list(data.rglob("cache")):  # megatron's dataset index caches from CPU runs of proof.py
+            shutil.rmtree(cache)
     wheels = sorted((KIT / "wheels").glob("*.whl"), key=lambda p: -p.stat().st_size)
     for w in wheels:
         print(f"{w.stat().st_size / 2**20:8.2f} MiB  {w.name}")
