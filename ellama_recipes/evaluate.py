@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -204,12 +205,13 @@ def run_tasks(model_dir: Path, tasks: list[TaskRef], *, limit: int | None = None
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     tm = _task_manager(any(t.origin == "harness" for t in tasks))
-    lm = HFLM(pretrained=str(model_dir), device=device or _device(), batch_size=batch_size, dtype="float32")
-    try:
-        res = simple_evaluate(model=lm, tasks=[t.spec for t in tasks], task_manager=tm, limit=limit,
-                              log_samples=False, bootstrap_iters=0, verbosity="WARNING")
-    except (ConnectionError, OSError) as exc:
-        raise _task_error(tasks[0], exc) from None
+    with _single_process_env():
+        lm = HFLM(pretrained=str(model_dir), device=device or _device(), batch_size=batch_size, dtype="float32")
+        try:
+            res = simple_evaluate(model=lm, tasks=[t.spec for t in tasks], task_manager=tm, limit=limit,
+                                  log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        except (ConnectionError, OSError) as exc:
+            raise _task_error(tasks[0], exc) from None
     out: dict[str, dict] = {}
     for t in tasks:
         r = res["results"].get(t.name)
@@ -221,6 +223,25 @@ def run_tasks(model_dir: Path, tasks: list[TaskRef], *, limit: int | None = None
         out[t.name] = {"side": t.side, "metric": metric, "score": score, "metrics": metrics,
                        "samples": r.get("sample_len"), "origin": t.origin}
     return out
+
+
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def _single_process_env():
+    """Hide torchrun-style variables left behind by an in-process training run (the quickstart trains in this
+    process before evaluating): with LOCAL_RANK set, accelerate (inside HFLM) would try to join a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _device() -> str:

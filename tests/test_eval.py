@@ -102,7 +102,7 @@ def test_gain_and_regression_follow_the_stated_definitions():
     assert c["domain_gain_pct"] == pytest.approx(25.0) and c["general_regression_pct"] == pytest.approx(10.0)
 
 
-def test_a_task_answered_right_by_construction_scores_one(model_dir, tmp_path):
+def test_a_task_answered_right_by_construction_scores_one(model_dir, tmp_path, monkeypatch):
     # The right choice is a strict prefix of every wrong one: its log-likelihood is the wrong one's minus the
     # (negative) log-probabilities of the extra tokens, so any model ranks it first.
     rows = [{"q": f"Product {i}: a kettle", "choices": ["steel", "steel and some glass", "steel and a lid"], "gold": 0}
@@ -115,7 +115,12 @@ def test_a_task_answered_right_by_construction_scores_one(model_dir, tmp_path):
         "metadata:\n  version: 1.0\n  side: domain\n")
     refs = ev.resolve_tasks([str(tmp_path / "by_construction.yaml")])
     assert refs[0].side == "domain" and refs[0].metric == "acc"
+    # what an in-process training run (the quickstart's) leaves in the environment: accelerate inside HFLM would
+    # otherwise try to join a process group ("environment variable RANK expected")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     res = ev.run_tasks(model_dir, refs)
+    assert os.environ["LOCAL_RANK"] == "0"  # restored afterwards
     assert res["by_construction"]["score"] == 1.0 and res["by_construction"]["samples"] == 12
 
 
