@@ -516,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = prepare_inputs(a.inputs or (work / "inputs"))
     checks: dict = {}
     if not a.skip_chain:
-        checks["chain"] = check_chain(work / "chain", inputs, mode, budget, reference=(mode == "gpu"),
+        # the chain may not eat the throughput's share: it stops starting work 150 s before the end
+        chain_budget = budget if a.skip_throughput else Budget(max(budget.left() - 150, 60))
+        checks["chain"] = check_chain(work / "chain", inputs, mode, chain_budget, reference=(mode == "gpu"),
                                       align=not a.skip_align)
     if not a.skip_throughput:
         steps = a.proxy_steps or (10 if mode == "gpu" else 4)
