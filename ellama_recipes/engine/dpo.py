@@ -407,12 +407,19 @@ def policy_logps(trainer: pl.Trainer, pl_module: DPOLlamaModel, pairs: list[dict
 
     mp = trainer.strategy.model  # MegatronParallel
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     mine = list(range(dp_rank, len(pairs), dp))
     m = micro_batch_size
+    # whole micro batches, a multiple of the pipeline depth (the interleaved schedule needs that); the padding
+    # repeats one of this rank's own pairs and is dropped below
     n_micro = max(1, math.ceil(len(mine) / m))
-    padded = mine + [mine[-1] if mine else 0] * (n_micro * m - len(mine))
+    n_micro = math.ceil(n_micro / pp) * pp
+    filler = mine[-1] if mine else 0
+    padded = mine + [filler] * (n_micro * m - len(mine))
     micro = [collate_pairs([{**pairs[i], "pair_index": i} for i in padded[k * m:(k + 1) * m]], seq_length, pad_id)
              for k in range(n_micro)]
+    own = torch.zeros(len(pairs), dtype=torch.bool)
+    own[mine] = True
     reduction = _CollectLogps()
     chunks = list(mp)
     was_training = [c.training for c in chunks]
@@ -428,7 +435,7 @@ def policy_logps(trainer: pl.Trainer, pl_module: DPOLlamaModel, pairs: list[dict
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     table = torch.zeros((len(pairs), 2), dtype=torch.float64, device=dev)
     seen = torch.zeros((len(pairs),), dtype=torch.float64, device=dev)
-    group = 64  # micro batches per schedule call
+    group = math.ceil(64 / pp) * pp  # micro batches per schedule call
     try:
         for start in range(0, n_micro, group):
             part = micro[start:start + group]
@@ -442,8 +449,10 @@ def policy_logps(trainer: pl.Trainer, pl_module: DPOLlamaModel, pairs: list[dict
                 forward_only=True,
             )
             for o in outs or []:
-                idx = o["index"].to(dev)
-                table[idx] = o["logps"].to(dev, torch.float64)
+                idx = o["index"].cpu()
+                keep = own[idx]  # this DP rank's pairs only (each pair is summed over DP exactly once)
+                idx = idx[keep].to(dev)
+                table[idx] = o["logps"][keep.to(o["logps"].device)].to(dev, torch.float64)
                 seen[idx] = 1.0
             report(f"[ellama] reference log-probs: {min(start + group, n_micro)}/{n_micro} micro batches")
     finally:
