@@ -475,11 +475,13 @@ class ReferenceLogps(pl.Callback):
 
     Fresh run (step 0): computed with the current weights (= the ``--from`` SFT checkpoint = the reference) and
     saved to ``RUN/reference_logps.pt``. Resumed run: loaded from that file (the weights are no longer the
-    reference). The file records the pair count and a fingerprint of the token ids so stale tables are refused.
+    reference). The file records the pair count, a fingerprint of the token ids and the reference checkpoint, so
+    a table made for other data or another ``--from`` is refused.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, reference: str | None = None) -> None:
         self.path = Path(path)
+        self.reference = reference
 
     @staticmethod
     def fingerprint(pairs: list[dict]) -> str:
@@ -503,10 +505,11 @@ class ReferenceLogps(pl.Callback):
                     "missing. Fix: start the DPO stage over (delete its run folder) from the SFT checkpoint."
                 )
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            if saved.get("fingerprint") != fp:
+            if saved.get("fingerprint") != fp or saved.get("reference") != self.reference:
                 raise UserError(
-                    f"{self.path} was computed for other preference data than {dm.data_dir}. Fix: start the DPO stage "
-                    "over in a new run folder."
+                    f"{self.path} was computed for other preference data or another reference checkpoint "
+                    f"({saved.get('reference')}) than this run's ({dm.data_dir}, {self.reference}). Fix: start the DPO "
+                    "stage over in a new run folder."
                 )
             pl_module.reference_logps = saved["logps"]
             if trainer.global_rank == 0:
@@ -518,7 +521,7 @@ class ReferenceLogps(pl.Callback):
         pl_module.reference_logps = table
         if trainer.global_rank == 0:
             tmp = self.path.with_name(self.path.name + ".tmp")
-            torch.save({"logps": table, "fingerprint": fp, "pairs": len(pairs)}, tmp)
+            torch.save({"logps": table, "fingerprint": fp, "pairs": len(pairs), "reference": self.reference}, tmp)
             os.replace(tmp, self.path)
             print(f"[ellama] reference log-probs of {len(pairs)} pairs saved to {self.path}", flush=True)
         if torch.distributed.is_initialized():
@@ -651,7 +654,7 @@ def build_dpo_partial(cfg) -> Any:
     layout = nr.RunLayout.of(cfg)
     s, d = cfg.schedule, cfg.data
     src = str(nr._abs(cfg.checkpoint.restore_from)) if cfg.checkpoint.restore_from else None
-    tr = nr.trainer(cfg, callbacks=[run.Config(ReferenceLogps, path=str(layout.root / REFERENCE_FILE))])
+    tr = nr.trainer(cfg, callbacks=[run.Config(ReferenceLogps, path=str(layout.root / REFERENCE_FILE), reference=src)])
     tr.callbacks = [c for c in tr.callbacks if getattr(c, "__fn_or_cls__", None) is not MetricsJsonl]
     tr.callbacks.insert(1, run.Config(DPOMetricsJsonl, path=str(layout.metrics), log_every=cfg.checkpoint.log_every))
     # Lightning counts validation "batches" as items fetched from the loader (micro batches here, the step pulls
