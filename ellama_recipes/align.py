@@ -286,6 +286,12 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
         cfg = cfgs[stage]
         if stage == "sft":
             cfg.data.pad_id = tok.pad_id
+        if stage == "dpo" and results.get("sft", {}).get("skipped") is False and _has_checkpoints(cfg):
+            raise UserError(
+                f"SFT was (re)trained just now, but {cfg.checkpoint.out_dir} already holds DPO checkpoints trained "
+                f"from the previous SFT result; resuming them would mix the two. Fix: remove {cfg.checkpoint.out_dir} "
+                "(or pass a new --out) and re-run this command: SFT is complete and will be skipped."
+            )
         done = stage_complete(cfg)
         if done:
             echo(f"[ellama] {stage}: already complete ({cfg.schedule.train_steps} steps, {done['checkpoint']}); "
@@ -315,6 +321,11 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
         if stage == "sft":
             sft_ckpt = str(done["checkpoint"]) if done else None
     return results
+
+
+def _has_checkpoints(cfg: Any) -> bool:
+    d = Path(cfg.checkpoint.out_dir) / "checkpoints"
+    return d.is_dir() and any(d.iterdir())
 
 
 def _stage_summary(stage: str, summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,14 +20,14 @@ from conftest import SAMPLE_DATA, subprocess_env
 SFT_STEPS = 24
 
 
-def _run_sft(base: Path, out: Path) -> subprocess.CompletedProcess:
+def _run_sft(base: Path, out: Path, save_every: int = 12) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import json
         from ellama_recipes.align import AlignRequest, run
         if __name__ == "__main__":
             req = AlignRequest(size="tiny", from_path={str(base)!r}, sft=[{str(SAMPLE_DATA / 'sft')!r}],
                                dpo=[{str(SAMPLE_DATA / 'preference')!r}], out={str(out)!r}, sft_steps={SFT_STEPS},
-                               save_every=12)
+                               save_every={save_every})
             res = run(req, stages=("sft",))
             print("RESULT " + json.dumps(res, default=str))
     """)
@@ -58,6 +58,8 @@ def test_sft_loss_falls_and_metrics_rows(sft_run):
     assert len(val) >= 2, rows
     first, last = sum(r["loss"] for r in train[:4]) / 4, sum(r["loss"] for r in train[-4:]) / 4
     assert last < first - 0.5, (first, last)
+    print(f"SFT loss: mean of steps 1-4 {first:.4f} -> steps {SFT_STEPS - 3}-{SFT_STEPS} {last:.4f}; "
+          f"val_loss {val[0]:.4f} (step {[r['step'] for r in rows if 'val_loss' in r][0]}) -> {val[-1]:.4f}")
     assert val[-1] < val[0], val
     # the run folder has pretraining's layout and a completion record naming its last complete checkpoint
     assert (out / "sft" / "checkpoints").is_dir() and (out / "sft" / "logs").is_dir()
@@ -111,6 +113,7 @@ def test_masking_proof_on_the_engine_loss(sft_run):
                           env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     proof = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PROOF "))[6:])
+    print("masking proof (engine loss):", json.dumps(proof))
     assert proof["n_loss"] > 0 and proof["n_prompt"] > proof["n_loss"]
     assert proof["changed_prompt"] == proof["base"], proof  # prompt labels do not count at all
     assert abs(proof["changed_response"] - proof["base"]) > 1e-4, proof  # a response label does
@@ -141,3 +144,48 @@ def test_rerun_skips_the_complete_stage(sft_run, tiny_base):
     assert "sft: already complete" in proc.stdout + proc.stderr
     assert "sft data unchanged: reusing" in proc.stdout + proc.stderr
     assert (out / "sft" / "metrics.jsonl").read_text() == before  # nothing trained again
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_ends_like_the_uninterrupted_run(sft_run, tiny_base, tmp_path):
+    import os
+    import signal
+    import time
+
+    ref_out, _ = sft_run
+    out = tmp_path / "run2"
+    code = textwrap.dedent(f"""
+        from ellama_recipes.align import AlignRequest, run
+        if __name__ == "__main__":
+            run(AlignRequest(size="tiny", from_path={str(tiny_base)!r}, sft=[{str(SAMPLE_DATA / 'sft')!r}],
+                             dpo=[{str(SAMPLE_DATA / 'preference')!r}], out={str(out)!r}, sft_steps={SFT_STEPS},
+                             save_every=10), stages=("sft",))
+    """)
+    metrics = out / "sft" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=subprocess_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and any(r.get("step", 0) >= 14 for r in _rows(metrics)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "sft" / "complete.json").exists()
+    again = _run_sft(tiny_base, out, save_every=10)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    import re
+
+    resumed = re.search(r"resumed from step (\d+)", again.stdout + again.stderr)
+    # checkpoints every 10 steps = the validation interval (as pretraining's resume test): the step-10 checkpoint
+    # is written after that step's validation
+    assert resumed and int(resumed.group(1)) == 10, (again.stdout + again.stderr)[-3000:]
+    rows, ref = _rows(metrics), _rows(ref_out / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("loss") is not None] == list(range(1, SFT_STEPS + 1))  # no step twice
+    final, ref_final = rows[-1], ref[-1]
+    assert final["step"] == ref_final["step"] == SFT_STEPS
+    assert final["loss"] == pytest.approx(ref_final["loss"], rel=1e-4)
+    assert final["val_loss"] == pytest.approx(ref_final["val_loss"], rel=1e-4)

@@ -96,6 +96,14 @@ class SFTDataModule(FineTuningDataModule):
         self.limit_val_batches = max(int(limit_val_batches), 1)
         self.tokenizer_from, self.vocab_size = tokenizer_from, vocab_size
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Megatron's "single" sampler (pretraining's), not FineTuningDataModule's "batch" one: every sequence is padded
+        # to seq_length already, and the batch sampler's length is in global batches while Lightning counts the
+        # micro batches NeMo's step fetches, so after a resume Lightning ended the epoch early, validated at the
+        # wrong step and restarted the data (the resumed run diverged from the uninterrupted one).
+        self.data_sampler.dataloader_type = "single"
+
     @property
     def train_path(self) -> Path:
         return self._train_path
@@ -119,7 +127,16 @@ class SFTDataModule(FineTuningDataModule):
         return self._create_dataloader(self._create_dataset(self.train_path), mode="train")
 
     def val_dataloader(self):
-        return self._create_dataloader(self._create_dataset(self.validation_path, is_test=True), mode="validation")
+        # Not FineTuningDataModule._create_dataloader: it records trainer.global_step as ``init_global_step``, the
+        # base of the consumed-samples count saved in every checkpoint. Lightning builds the validation loader at
+        # the first validation (step val_check_interval), so checkpoints after it would store too few consumed
+        # samples and a resumed run would replay data (NeMo 2.7.3). Only the train loader may set it.
+        from nemo.lightning.data import WrappedDataLoader
+
+        ds = self._create_dataset(self.validation_path, is_test=True)
+        return WrappedDataLoader(mode="validation", dataset=ds, num_workers=self.num_workers,
+                                 pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                                 collate_fn=ds.collate_fn)
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -205,7 +222,9 @@ def trainer(cfg) -> run.Config:
     callbacks = [c for c in tr.callbacks if getattr(c, "__fn_or_cls__", None) is not MetricsJsonl]
     callbacks.append(run.Config(SFTMetricsJsonl, path=path, log_every=cfg.checkpoint.log_every))
     tr.callbacks = callbacks
-    tr.limit_val_batches = cfg.schedule.limit_val_batches
+    # The validation loader holds exactly schedule.limit_val_batches global batches (SFTDataModule); run all of it.
+    # (An int limit would count micro batches: NeMo's dataloader_iter step pulls num_microbatches per step.)
+    tr.limit_val_batches = 1.0
     return tr
 
 
