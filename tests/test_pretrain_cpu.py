@@ -1,9 +1,10 @@
 """Continued pretraining of the tiny model on CPU through the real CLI and NeMo's llm.pretrain.
 
-One session fixture builds the inputs (tiny HF base -> `import_hf` engine checkpoint; bundled sample data ->
-`data.pipeline.build` manifest), one uninterrupted 30-step run is the reference, and a second run of the same
-command is SIGKILLed after step 25 and re-run. Runtime: ~4-5 minutes on 2 CPU cores (prep ~50 s, three training
-processes of ~40-70 s each); the checks on partial/corrupt checkpoints are plain file checks.
+The shared session fixtures (tests/conftest.py) build the inputs once per test run (tiny HF base -> `ellama
+import-hf` engine checkpoint; bundled sample data -> `data.pipeline.build` manifest). One uninterrupted 30-step run
+is the reference; a second run of the same command SIGKILLs its whole process group right after step 25 (from
+inside the run, so the step is exact on any host) and is re-run. Runtime: ~4-5 minutes on 2 CPU cores; the checks
+on partial/corrupt checkpoints are plain file checks.
 """
 
 from __future__ import annotations
@@ -14,45 +15,47 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import TinyInputs, leaked_processes, subprocess_env
+
+pytestmark = pytest.mark.slow
 
 STEPS = 30  # tiny defaults: save_every 20, val every 10 steps on 4 domain + 4 general batches
 KILL_AFTER = 25
 TIMEOUT = 600
 
-_PREP = """
-import sys
-from pathlib import Path
-if __name__ == "__main__":
-    from ellama_recipes.tiny import build_tiny_base
-    from ellama_recipes.convert import import_hf
-    from ellama_recipes.data.pipeline import build
-    from ellama_recipes.data.sample import sample_dir
-    root, s = Path(sys.argv[1]), sample_dir()
-    build_tiny_base(root / "base_hf", seed=0)
-    import_hf("tiny", root / "base", source=root / "base_hf", progress=False)
-    build(domain=[s / "domain"], general=[s / "general"], tokenizer=root / "base_hf", out=root / "data",
-          ratio="1:1", non_english=0.10, mix="graph", progress=False)
+# Runs `ellama ARGS...` exactly like `python -m ellama_recipes ARGS...`, except that right after the metrics record
+# of step KILL_AFTER is written the run SIGKILLs its own process group (the trainer, its data-loader workers and
+# multiprocessing's resource tracker all at once: a node failure). Polling metrics.jsonl from outside could miss
+# step 25 on a fast host and kill at step 30 or after the run ended.
+_KILL_DRIVER = """
+if __name__ == "__main__":  # a spawned child (checkpoint writer, data workers) re-imports this file: run nothing there
+    import os, signal, sys
+    from ellama_recipes.engine import callbacks
+
+    kill_after = int(sys.argv[1])
+    upstream = callbacks.MetricsJsonl.on_train_batch_end
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        upstream(self, trainer, *args, **kwargs)
+        if trainer.global_step >= kill_after:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    callbacks.MetricsJsonl.on_train_batch_end = on_train_batch_end
+    from ellama_recipes.cli.main import main
+    sys.exit(main(sys.argv[2:]))
 """
 
 
-def _env():
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def _args(inputs: TinyInputs, out: Path) -> list[str]:
+    return ["pretrain", "--size", "tiny", "--from", str(inputs.base), "--data", str(inputs.manifest),
+            "--out", str(out), "--steps", str(STEPS)]
 
 
-def _cmd(inputs: Path, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "ellama_recipes", "pretrain", "--size", "tiny",
-        "--from", str(inputs / "base"), "--data", str(inputs / "data" / "manifest.json"),
-        "--out", str(out), "--steps", str(STEPS),
-    ]
+def _cmd(inputs: TinyInputs, out: Path) -> list[str]:
+    return [sys.executable, "-m", "ellama_recipes", *_args(inputs, out)]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -61,20 +64,13 @@ def _metrics(run: Path) -> list[dict]:
 
 def _run(cmd, log: Path) -> subprocess.CompletedProcess:
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=TIMEOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=TIMEOUT)
     return proc
 
 
 @pytest.fixture(scope="session")
-def cpt_inputs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cpt_inputs")
-    script = root / "prep.py"
-    script.write_text(_PREP)
-    proc = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, env=_env(),
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (root / "base" / "weights").is_dir() and (root / "data" / "manifest.json").is_file()
-    return root
+def cpt_inputs(tiny_inputs) -> TinyInputs:
+    return tiny_inputs
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +108,9 @@ def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
     assert lrs[-1] < lrs[lrs.index(peak) + 1] and lrs[-1] >= 0.1 * max_lr * (1 - 1e-3)
     # checkpoints every 20 steps + the final one; TensorBoard events
     names = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
-    assert any("step=19-" in n for n in names) and any("step=29-" in n for n in names), names
+    # identified by consumed samples (steps x global batch 8), whatever step number the name carries
+    assert any(n.endswith("consumed_samples=160.0") for n in names), names
+    assert any("consumed_samples=240.0" in n for n in names), names
     events = list((reference_run / "logs").rglob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -129,29 +127,31 @@ def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
 def test_sigkill_and_resume_matches_uninterrupted_run(cpt_inputs, reference_run, tmp_path):
     out = tmp_path / "run"
     cmd = _cmd(cpt_inputs, out)
+    driver = tmp_path / "kill_driver.py"
+    driver.write_text(_KILL_DRIVER)
     log1 = tmp_path / "log1.txt"
     with open(log1, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    deadline = time.time() + TIMEOUT
+        # its own process group, so the SIGKILL takes the run's children and nothing of pytest's
+        proc = subprocess.Popen([sys.executable, str(driver), str(KILL_AFTER), *_args(cpt_inputs, out)], stdout=f,
+                                stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     try:
-        while time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and any(r["step"] >= KILL_AFTER for r in _metrics(out)):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed:\n" + log1.read_text()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("timed out waiting for step %d" % KILL_AFTER)
+        proc.wait(timeout=TIMEOUT)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a no-op when the run killed its group itself
+        except ProcessLookupError:
+            pass
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(r["step"] for r in _metrics(out))
-    assert KILL_AFTER <= killed_at < STEPS
+    assert proc.returncode == -signal.SIGKILL, log1.read_text()[-3000:]
+    assert [r["step"] for r in _metrics(out)] == list(range(1, KILL_AFTER + 1))
+    # nothing of the killed run survives it (data-loader workers, resource tracker)
+    survivors = {p: c for p, c in leaked_processes(grace_s=5.0).items() if str(out) in c or "multiprocessing" in c}
+    assert not survivors, survivors
 
     # Plant a newer half-written checkpoint (NeMo's -unfinished marker) and a newer corrupt one (truncated
     # shard): resume must skip both, say so, and continue from the last complete checkpoint (step 20).
     ckpts = out / "checkpoints"
-    good = next(p for p in ckpts.iterdir() if p.is_dir() and p.name.endswith("step=19-consumed_samples=160.0"))
+    good = next(p for p in ckpts.iterdir() if p.is_dir() and p.name.endswith("consumed_samples=160.0"))
     partial = ckpts / "cpt--step=22-consumed_samples=184.0"
     shutil.copytree(good, partial)
     Path(str(partial) + "-unfinished").touch()
@@ -189,7 +189,7 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
     from ellama_recipes.engine.resume import checkpoint_problem, find_resumable
 
     src = reference_run / "checkpoints"
-    good = next(p for p in src.iterdir() if p.name.endswith("step=19-consumed_samples=160.0"))
+    good = next(p for p in src.iterdir() if p.name.endswith("consumed_samples=160.0"))
     d = tmp_path / "checkpoints"
     d.mkdir()
     shutil.copytree(good, d / good.name)
@@ -226,21 +226,21 @@ def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     from ellama_recipes.recipe import build_pretrain_config
     from ellama_recipes.sizes import SIZES
 
-    cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs / "base"))
+    cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs.base))
     mc = build_pretrain_partial(cfg).model.config
     tiny = SIZES["tiny"].arch
     assert (mc.num_layers, mc.hidden_size, mc.num_query_groups, mc.vocab_size) == (
         tiny.num_layers, tiny.hidden_size, tiny.num_query_groups, tiny.vocab_size)
     assert mc.old_context_len == tiny.original_max_position_embeddings
     assert mc.seq_length == SIZES["8b"].seq_length  # the recipe's, not the checkpoint's
-    spec = model_spec_from_checkpoint(cpt_inputs / "base")
+    spec = model_spec_from_checkpoint(cpt_inputs.base)
     assert spec["num_layers"] == tiny.num_layers and spec["rope_theta"] == tiny.rope_theta
 
 
 def test_dangling_last_link_is_skipped(reference_run, tmp_path):
     from ellama_recipes.engine.resume import checkpoint_problem, find_resumable
 
-    good = next(p for p in (reference_run / "checkpoints").iterdir() if p.name.endswith("step=19-consumed_samples=160.0"))
+    good = next(p for p in (reference_run / "checkpoints").iterdir() if p.name.endswith("consumed_samples=160.0"))
     d = tmp_path / "checkpoints"
     d.mkdir()
     shutil.copytree(good, d / good.name)
