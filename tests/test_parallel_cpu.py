@@ -10,7 +10,8 @@ single-process run. Measured on 2 CPU cores (Nov 2026): TP2 and DP2 differ by <=
 PP2 by 0. PP2 x VPP2 (interleaved) did not match (step-1 loss off by
 5e-3), so CPU runs refuse it at validate time.
 
-Runtime: ~5 min on 2 cores (one 1-process run, three 2-process runs, one 4-process run, one resumed run, export /
+Runtime: 4 min 12 s on 2 cores incl. the shared tiny fixtures (one 1-process run, three 2-process runs, one
+4-process run, one resumed run, a failing 2-process launch, export /
 import / export of the tiny model).
 """
 
