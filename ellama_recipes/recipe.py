@@ -666,13 +666,3 @@ def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
 def _divisors(n: int, limit: int | None = None) -> list[int]:
     divs = [k for k in range(1, n + 1) if n % k == 0]
     return [k for k in divs if limit is None or k <= limit]
-
-
-def __getattr__(name: str) -> Any:
-    # Compatibility for callers written before the stage registry: the pretraining config and its builder live in
-    # ellama_recipes.recipes.pretrain (import them from there).
-    if name in ("PretrainConfig", "build_pretrain_config"):
-        from ellama_recipes.recipes import pretrain
-
-        return pretrain.PretrainConfig if name == "PretrainConfig" else pretrain.build_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -223,7 +223,7 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
 def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     """`--size` picks the recipe defaults; the model shape is the `--from` checkpoint's (here: tiny under 8b)."""
     from ellama_recipes.engine.nemo_recipe import build_pretrain_partial, model_spec_from_checkpoint
-    from ellama_recipes.recipe import build_pretrain_config
+    from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
     from ellama_recipes.sizes import SIZES
 
     cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs.base))
