@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,13 +20,20 @@ from ellama_recipes.quickstart import align_available
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_quickstart_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ELLAMA_CACHE", str(tmp_path / "cache"))  # build and pretrain the tiny base here, for real
+def test_quickstart_end_to_end_and_resume(tmp_path):
+    # The CLI in a child process, as users run it (in-process training leaves DataLoader workers to the process's
+    # exit). ELLAMA_CACHE: build and pretrain the tiny base here, for real.
+    env = {**os.environ, "ELLAMA_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "qs"
-    args = ["quickstart", "--out", str(out), "--base-steps", "20", "--steps", "10", "--align-steps", "2",
-            "--eval-limit", "24"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
+    args = [sys.executable, "-m", "ellama_recipes", "quickstart", "--out", str(out), "--base-steps", "20",
+            "--steps", "10", "--align-steps", "2", "--eval-limit", "24"]
+
+    def run() -> str:
+        p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    printed = run()
     report = json.loads((out / "report.json").read_text())
 
     aligned = align_available()
@@ -55,7 +65,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 4
 
     # re-running reuses every finished stage (pretraining re-enters the trainer, which has nothing left to do)
-    assert main(args) == 0
+    run()
     again = json.loads((out / "report.json").read_text())
     reused = [d["name"] for d in again["stage_details"] if d["reused"]]
     assert reused == [n for n in names if n not in ("pretrain (CPT)", "align (SFT -> DPO)")]
