@@ -129,25 +129,15 @@ def _experiment(cfg: TrainConfig, partial: Any, base_dir: str) -> Iterator[Any]:
 
     from ellama_recipes.recipes import get_recipe
 
+    from ellama_recipes.engine.nemo_run_env import nemo_run_home
+
     recipe = get_recipe(cfg.stage)
-    old_home, old_stdin = os.environ.get("NEMORUN_HOME"), sys.stdin
-    os.environ["NEMORUN_HOME"] = base_dir
-    # NeMo-Run's Slurm packaging shells out through `invoke`, which reads stdin: give it an empty one so it works
-    # without a terminal (CI, pytest capture).
-    sys.stdin = open(os.devnull)  # noqa: SIM115
-    try:
-        with run.Experiment(
-            recipe.experiment_name(cfg), executor=make_executor(cfg), log_level="ERROR", base_dir=base_dir
-        ) as exp:
-            exp.add(partial, name=recipe.name)
-            yield exp
-    finally:
-        sys.stdin.close()
-        sys.stdin = old_stdin
-        if old_home is None:
-            os.environ.pop("NEMORUN_HOME", None)
-        else:
-            os.environ["NEMORUN_HOME"] = old_home
+    # NEMORUN_HOME -> base_dir and an empty stdin (NeMo-Run's Slurm packaging reads it), both restored on exit
+    with nemo_run_home(base_dir), run.Experiment(
+        recipe.experiment_name(cfg), executor=make_executor(cfg), log_level="ERROR", base_dir=base_dir
+    ) as exp:
+        exp.add(partial, name=recipe.name)
+        yield exp
 
 
 def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:

@@ -32,6 +32,7 @@ from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ra
 from ellama_recipes.data.clean import CleanConfig, StageStats, clean
 from ellama_recipes.data.manifest import write_json_atomic, write_source_sidecar
 from ellama_recipes.data.mine import Budget
+from ellama_recipes.data.mine import count_lines as count_text_lines
 from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
@@ -71,21 +72,13 @@ class _Progress:
 
 
 def count_lines(paths: list[Path]) -> int:
-    n = 0
-    for p in paths:
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
+    """Records in ``paths``: Parquet rows from the metadata, JSONL lines by mine's byte counter."""
+    import pyarrow.parquet as pq
 
-            n += pq.ParquetFile(p).metadata.num_rows
-            continue
-        last = b"\n"
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                n += chunk.count(b"\n")
-                last = chunk[-1:]
-        if last != b"\n":
-            n += 1
-    return n
+    parquet = [p for p in paths if p.suffix == ".parquet"]
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parquet) + count_text_lines(
+        [p for p in paths if p.suffix != ".parquet"]
+    )
 
 
 class RejectSink:
