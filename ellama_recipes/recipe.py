@@ -282,6 +282,15 @@ class TrainConfig:
                 f"{s.micro_batch_size}*{dp} = {s.micro_batch_size * dp}. Fix: change the node count, the parallelism, "
                 f"or set schedule.global_batch_size to a multiple of {s.micro_batch_size * dp}."
             )
+        elif dp is not None and vpp is not None and pp > 1 and (s.global_batch_size // (s.micro_batch_size * dp)) % pp:
+            # megatron's interleaved schedule refuses a last group of micro batches smaller than PP
+            micro = s.global_batch_size // (s.micro_batch_size * dp)
+            out.append(
+                f"the interleaved pipeline (parallel.virtual_pipeline_parallel={vpp}) needs "
+                f"micro batches per step ({micro} = global batch / (micro batch x DP)) to be a multiple of "
+                f"parallel.pipeline_parallel={pp}. Fix: set schedule.global_batch_size to a "
+                f"multiple of {s.micro_batch_size * dp * pp}, or parallel.virtual_pipeline_parallel=null."
+            )
         if cp > 1 and s.seq_length % (2 * cp):
             out.append(
                 f"schedule.seq_length={s.seq_length} must be divisible by 2*CP = {2 * cp} when context parallel is on "
@@ -291,6 +300,12 @@ class TrainConfig:
             out.append(
                 "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1. "
                 "Fix: set parallel.sequence_parallel=false or raise TP."
+            )
+        elif p.sequence_parallel and s.seq_length % (tp * cp):
+            out.append(
+                f"schedule.seq_length={s.seq_length} must be divisible by TP*CP = {tp}*{cp} = {tp * cp} with "
+                "parallel.sequence_parallel=true (each rank's share of the sequence, seq_length / CP, is split "
+                f"across the TP ranks). Fix: set schedule.seq_length to a multiple of {tp * cp}."
             )
         if s.warmup_steps >= s.train_steps:
             out.append(

@@ -114,6 +114,18 @@ def test_rule_sp_needs_tp():
     _one(_problems("8b", "parallel.tensor_parallel=1", "schedule.global_batch_size=1472"), "sequence_parallel=true needs parallel.tensor_parallel > 1")
 
 
+def test_rule_sp_seq_divisible_by_tp_times_cp():
+    _one(_problems("8b", "schedule.seq_length=8191"), "seq_length=8191 must be divisible by TP*CP = 2*1 = 2")
+    _one(_problems("70b", "schedule.seq_length=8196"), "seq_length=8196 must be divisible by TP*CP = 4*2 = 8")
+
+
+def test_rule_interleaved_micro_batches_divisible_by_pp():
+    # 70b: PP4 VPP5 DP15, micro batch 1: 1470 / 15 = 98 micro batches per step, not a multiple of 4
+    _one(_problems("70b", "schedule.global_batch_size=1470"), "micro batches per step (98 = global batch")
+    assert not any("micro batches per step" in p for p in _problems("70b", "parallel.virtual_pipeline_parallel=null",
+                                                                    "schedule.global_batch_size=1470"))
+
+
 def test_rule_fp8_needs_hopper_at_launch():
     cfg = build_pretrain_config("8b", fp8=True, manifest="/data/manifest.json", restore_from="/ckpt/8b")
     assert cfg.problems() == []  # dry run: fine without a GPU

@@ -98,21 +98,12 @@ class SFTConfig(TrainConfig):
 
     def stage_problems(self, *, at_launch: bool = False) -> list[str]:
         out = []
-        d, s, p = self.data, self.schedule, self.parallel
+        d = self.data
         if not 0 < d.val_fraction < 1:
             out.append(f"data.val_fraction={d.val_fraction} must be in (0, 1).")
         if d.epochs <= 0:
             out.append(f"data.epochs={d.epochs} must be > 0.")
-        dp = self.data_parallel
-        if p.virtual_pipeline_parallel and dp and s.global_batch_size % (s.micro_batch_size * dp) == 0:
-            micro = s.global_batch_size // (s.micro_batch_size * dp)
-            if micro % p.pipeline_parallel:
-                out.append(
-                    f"the interleaved pipeline (parallel.virtual_pipeline_parallel={p.virtual_pipeline_parallel}) needs "
-                    f"micro batches per step ({micro} = global batch / (micro batch x DP)) to be a multiple of "
-                    f"parallel.pipeline_parallel={p.pipeline_parallel}. Fix: set schedule.global_batch_size to a "
-                    f"multiple of {s.micro_batch_size * dp * p.pipeline_parallel}, or parallel.virtual_pipeline_parallel=null."
-                )
+        # (interleaved pipeline: micro batches per step % PP is a TrainConfig rule, shared by every stage)
         if at_launch:
             for name in ("train", "validation"):
                 path = getattr(d, name)
