@@ -373,8 +373,9 @@ class TrainConfig:
             )
         if p.sequence_parallel:
             out.append(
-                "parallel.sequence_parallel=true needs CUDA (its reduce-scatter / all-gather run on NCCL) and none is "
-                "visible. Fix: set parallel.sequence_parallel=false for a CPU run."
+                "parallel.sequence_parallel=true needs CUDA (Transformer Engine's layer norms: megatron-core's TE-free "
+                "layer spec, the one CPU processes build, refuses it) and none is visible. Fix: set "
+                "parallel.sequence_parallel=false for a CPU run."
             )
         if p.context_parallel > 1:
             out.append(

@@ -51,6 +51,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 from ellama_recipes.recipes.sft import build_config as build_sft_config
@@ -58,6 +59,7 @@ from ellama_recipes.recipes.sft import build_config as build_sft_config
 pytestmark = [pytest.mark.engine]
 
 SPAWN_TIMEOUT_S = 180
+CUDA = torch.cuda.is_available()
 
 # The violating configs: tiny (CPU processes, the CPU model config), each breaking one rule.
 WORLD = ("parallel.tensor_parallel=2", "cluster.gpus_per_node=3")
@@ -430,3 +432,46 @@ def test_interleaved_pipeline_micro_batches_divisible_by_pp(stage, spawned):
                    "parallel.pipeline_parallel=2")
     _rejected(spawned["vpp_micro"], "RuntimeError", "The remainder of M (the total micro-batches) divided by N",
               "schedules.py:forward_backward_pipelining_with_interleaving")
+
+
+# ----------------------------------------------------------------------------- CPU processes (at launch, no CUDA)
+def _cpu_layer_spec(config):
+    """The layer spec NeMo builds a rank's model from (``GPTConfig.transformer_layer_spec`` = default_layer_spec):
+    without Transformer Engine, megatron's local (TE-free) spec, the one every CPU process uses."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = config.transformer_layer_spec
+    spec = spec if isinstance(spec, ModuleSpec) else spec(config)
+    assert spec.submodules.input_layernorm.__name__ == "WrappedTorchNorm", spec  # the TE-free spec
+    return spec
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-process rule: a CUDA host never runs ranks as CPU processes")
+def test_cpu_processes_refuse_sequence_parallel(rank):
+    """Rule (at launch without CUDA): sequence parallel needs CUDA. Not for the collectives (gloo runs the
+    reduce-scatter): megatron's TE-free layer spec, the only one CPU processes can build, refuses it."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    cfg = _cfg("parallel.tensor_parallel=2", "cluster.gpus_per_node=2", "parallel.sequence_parallel=true")
+    assert cfg.problems() == []
+    assert any("parallel.sequence_parallel=true needs CUDA" in p for p in cfg.problems(at_launch=True))
+    config = rank.connect(cfg)  # accepted by the configs
+    with pytest.raises(AssertionError, match="sequence parallel not supported by torch LayerNorm"):
+        build_module(_cpu_layer_spec(config).submodules.input_layernorm, config=config,
+                     hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-process rule: a CUDA host never runs ranks as CPU processes")
+def test_cpu_processes_refuse_context_parallel(rank):
+    """Rule (at launch without CUDA): context parallel needs Transformer Engine's attention."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+
+    cfg = _cfg("parallel.context_parallel=2", "cluster.gpus_per_node=2")
+    assert cfg.problems() == []
+    assert any("parallel.context_parallel=2 needs CUDA" in p for p in cfg.problems(at_launch=True))
+    config = rank.connect(cfg)
+    core_attention = _cpu_layer_spec(config).submodules.self_attention.submodules.core_attention
+    with pytest.raises(AssertionError, match="Context parallelism is only supported by TEDotProductAttention"):
+        build_module(core_attention, config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                     attention_type="self")
