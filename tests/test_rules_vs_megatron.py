@@ -74,6 +74,7 @@ CP_SEQ = ("parallel.context_parallel=2", "cluster.gpus_per_node=2", "schedule.se
 SP_NO_TP = ("parallel.sequence_parallel=true",)
 SP_SEQ = ("parallel.tensor_parallel=2", "cluster.gpus_per_node=2", "parallel.sequence_parallel=true",
           "schedule.seq_length=255")
+DIST_OPT = ("optimizer.distributed_optimizer=true", "cluster.gpus_per_node=2")  # DP 2; tiny default: false
 VPP_MICRO = ("parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2", "cluster.gpus_per_node=2",
              "schedule.micro_batch_size=2", "schedule.global_batch_size=6")  # DP 1: 3 micro batches per step
 
@@ -103,6 +104,10 @@ def rank():
         @staticmethod
         def strategy(cfg):
             return fdl.build(nemo_recipe.trainer(cfg).strategy)
+
+        @staticmethod
+        def optimizer(cfg):
+            return fdl.build(nemo_recipe.optimizer(cfg))
 
         @staticmethod
         def connect(cfg):
@@ -231,6 +236,32 @@ def _rank_main(rank: int, port: int, out: str, sc: dict) -> None:
 
     run_with("vpp_micro", interleaved_step, **s["mp"])
 
+    # CPU processes: megatron's distributed optimizer, after every redirect a CPU rank applies; the same step with
+    # the engine's non-distributed optimizer (the tiny default) is the control
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    s = sc["dist_opt"]
+    cpu_compat.prepare_cpu_process()
+
+    def optimizer_step(ddp_config, opt_config):
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # NeMo's seed setup, redirected
+        tc = TransformerConfig(**s["tc"])
+        model = GPTModel(config=tc, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                         vocab_size=s["vocab"], max_sequence_length=s["seq"], position_embedding_type="rope")
+        ddp = DistributedDataParallel(tc, ddp_config, model)
+        opt = get_megatron_optimizer(opt_config, [ddp])
+        ids = torch.arange(s["mbs"] * s["seq"]).view(s["mbs"], s["seq"]) % s["vocab"]
+        mask = torch.ones(1, 1, s["seq"], s["seq"]).tril() < 0.5
+        ddp(ids, ids, attention_mask=mask, labels=ids).mean().backward()
+        ddp.finish_grad_sync()
+        assert opt.step()[0], "optimizer step not taken"
+
+    run_with("dist_opt_off", lambda: optimizer_step(*s["off"]), **s["mp"])
+    run_with("dist_opt", lambda: optimizer_step(*s["on"]), **s["mp"])
+
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, indent=1))
     dist.destroy_process_group()
 
@@ -281,6 +312,16 @@ def spawned(rank, tmp_path_factory) -> dict[str, dict]:
                         pipeline_dtype=torch.float32),
         },
     }
+    on, off = _cfg(*DIST_OPT), _cfg(*DIST_OPT[1:])
+    assert not off.optimizer.distributed_optimizer
+
+    def engine_configs(cfg):  # the DDP config of the engine's MegatronStrategy, its megatron OptimizerConfig
+        return rank.strategy(cfg).ddp_config, rank.optimizer(cfg).config
+
+    sc["dist_opt"] = {"mp": _mp(on), "tc": _tc(on, normalization="RMSNorm", gated_linear_unit=True,
+                                              add_bias_linear=False),
+                      "vocab": on.model.vocab_size, "seq": 16, "mbs": on.schedule.micro_batch_size,
+                      "on": engine_configs(on), "off": engine_configs(off)}
     out = tmp_path_factory.mktemp("gloo_pair")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -475,3 +516,15 @@ def test_cpu_processes_refuse_context_parallel(rank):
     with pytest.raises(AssertionError, match="Context parallelism is only supported by TEDotProductAttention"):
         build_module(core_attention, config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
                      attention_type="self")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-process rule: a CUDA host never runs ranks as CPU processes")
+def test_cpu_processes_refuse_the_distributed_optimizer(spawned):
+    """Rule (at launch without CUDA): the distributed optimizer needs CUDA. With every CPU redirect applied, the
+    engine's non-distributed optimizer takes a DDP step over gloo, the distributed one cannot be built: megatron's
+    DistributedOptimizer allocates on CUDA (and accepts only torch.cuda parameters)."""
+    cfg = _cfg(*DIST_OPT)
+    assert cfg.problems() == []
+    assert any("optimizer.distributed_optimizer=true needs CUDA" in p for p in cfg.problems(at_launch=True))
+    assert spawned["dist_opt_off"]["type"] is None, spawned["dist_opt_off"]
+    _rejected(spawned["dist_opt"], "AssertionError", "Torch not compiled with CUDA enabled", "distrib_optimizer.py:__init__")
