@@ -14,7 +14,7 @@ Where a check is plain arithmetic on the config, it runs in this process on the 
 ``set_model_parallel_attributes`` + ``TransformerConfig.__post_init__``), NeMo's ``init_parallel_ranks`` and
 ``MegatronDataSampler.setup``. Where a check needs process groups of size 2 (context parallel, sequence parallel,
 the interleaved pipeline, ``initialize_model_parallel``, the GQA attention), the megatron code runs in two CPU
-processes over gloo, spawned once for all of them (``spawned`` fixture, ~12 s).
+processes over gloo, spawned once for all of them (``spawned`` fixture, ~25 s).
 
 Rule (TrainConfig.problems / SFT)      library code that rejects it (0.15.3 / 2.7.3)
 -------------------------------------  ------------------------------------------------------------------------
@@ -36,9 +36,25 @@ sequence parallel needs TP > 1         ModelParallelConfig.__post_init__ (ValueE
 sequence parallel: seq % (TP*CP)       tensor_parallel.mappings._reduce_scatter_along_first_dim (AssertionError), in
                                        LanguageModelEmbedding.forward
 interleaved pipeline: micro batches    schedules.forward_backward_pipelining_with_interleaving (RuntimeError)
-per step % PP
+per step % PP (was SFT-only; every stage runs this schedule, so it is a TrainConfig rule now)
 
-Runtime: ~40 s on 2 cores (NeMo import ~20 s, shared with the other engine tests in one session; spawn ~12 s):
+At launch on CPU processes (no CUDA):
+sequence parallel                      the TE-free layer spec CPU ranks build: torch_norm.WrappedTorchNorm
+                                       ("sequence parallel not supported by torch LayerNorm"); gloo itself would
+                                       run the reduce-scatter
+context parallel                       the TE-free core attention: dot_product_attention.DotProductAttention
+                                       ("Context parallelism is only supported by TEDotProductAttention!")
+distributed optimizer, bf16            optimizer.MixedPrecisionOptimizer.__init__ allocates on device='cuda', after
+                                       every CPU redirect (fp32 + the plain optimizer, the control, take a DDP step)
+(virtual pipeline on CPU processes is not a megatron check: tests/test_parallel_cpu.py measures it)
+
+sequence parallel: the gloo pair proves the TP split with CP=1; the CP factor follows from the data step, which
+cuts each rank's sequence to seq / CP before the embedding splits it across TP. No rule was found that megatron /
+NeMo do not need; none was removed. heads % query groups is the one megatron never checks (it crashes instead).
+No `ellama pretrain` launch here: validate() runs before the launch and cannot be bypassed across processes; the
+gloo pair runs the same megatron functions a launched rank runs.
+
+Runtime: ~40 s on 2 cores (NeMo import ~10-20 s, shared with the other engine tests in one session; spawn ~25 s):
 ``.venv/bin/pytest -q tests/test_rules_vs_megatron.py``.
 """
 
@@ -75,6 +91,7 @@ SP_NO_TP = ("parallel.sequence_parallel=true",)
 SP_SEQ = ("parallel.tensor_parallel=2", "cluster.gpus_per_node=2", "parallel.sequence_parallel=true",
           "schedule.seq_length=255")
 DIST_OPT = ("optimizer.distributed_optimizer=true", "cluster.gpus_per_node=2")  # DP 2; tiny default: false
+BF16 = ("precision.mode=bf16", "cluster.gpus_per_node=2")  # tiny default: fp32
 VPP_MICRO = ("parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2", "cluster.gpus_per_node=2",
              "schedule.micro_batch_size=2", "schedule.global_batch_size=6")  # DP 1: 3 micro batches per step
 
@@ -251,6 +268,8 @@ def _rank_main(rank: int, port: int, out: str, sc: dict) -> None:
         tc = TransformerConfig(**s["tc"])
         model = GPTModel(config=tc, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                          vocab_size=s["vocab"], max_sequence_length=s["seq"], position_embedding_type="rope")
+        if opt_config.bf16:  # bf16-mixed: the precision plugin hands megatron bf16 parameters
+            model = model.bfloat16()
         ddp = DistributedDataParallel(tc, ddp_config, model)
         opt = get_megatron_optimizer(opt_config, [ddp])
         ids = torch.arange(s["mbs"] * s["seq"]).view(s["mbs"], s["seq"]) % s["vocab"]
@@ -261,6 +280,7 @@ def _rank_main(rank: int, port: int, out: str, sc: dict) -> None:
 
     run_with("dist_opt_off", lambda: optimizer_step(*s["off"]), **s["mp"])
     run_with("dist_opt", lambda: optimizer_step(*s["on"]), **s["mp"])
+    run_with("bf16", lambda: optimizer_step(*s["bf16"]), **s["mp"])
 
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, indent=1))
     dist.destroy_process_group()
@@ -321,7 +341,8 @@ def spawned(rank, tmp_path_factory) -> dict[str, dict]:
     sc["dist_opt"] = {"mp": _mp(on), "tc": _tc(on, normalization="RMSNorm", gated_linear_unit=True,
                                               add_bias_linear=False),
                       "vocab": on.model.vocab_size, "seq": 16, "mbs": on.schedule.micro_batch_size,
-                      "on": engine_configs(on), "off": engine_configs(off)}
+                      "on": engine_configs(on), "off": engine_configs(off),
+                      "bf16": engine_configs(_cfg(*BF16))}
     out = tmp_path_factory.mktemp("gloo_pair")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -522,9 +543,22 @@ def test_cpu_processes_refuse_context_parallel(rank):
 def test_cpu_processes_refuse_the_distributed_optimizer(spawned):
     """Rule (at launch without CUDA): the distributed optimizer needs CUDA. With every CPU redirect applied, the
     engine's non-distributed optimizer takes a DDP step over gloo, the distributed one cannot be built: megatron's
-    DistributedOptimizer allocates on CUDA (and accepts only torch.cuda parameters)."""
+    DistributedOptimizer is a MixedPrecisionOptimizer, whose __init__ allocates on device='cuda' (and behind that
+    _build_model_and_main_param_groups accepts only torch.cuda parameters)."""
     cfg = _cfg(*DIST_OPT)
     assert cfg.problems() == []
     assert any("optimizer.distributed_optimizer=true needs CUDA" in p for p in cfg.problems(at_launch=True))
     assert spawned["dist_opt_off"]["type"] is None, spawned["dist_opt_off"]
     _rejected(spawned["dist_opt"], "AssertionError", "Torch not compiled with CUDA enabled", "distrib_optimizer.py:__init__")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-process rule: a CUDA host never runs ranks as CPU processes")
+def test_cpu_processes_refuse_bf16(spawned):
+    """Rule (at launch without CUDA): bf16 needs a CUDA GPU. The engine's bf16 OptimizerConfig on bf16 parameters:
+    megatron's MixedPrecisionOptimizer.__init__ allocates its found-inf flag with device='cuda' (optimizer.py), and
+    behind that Float16OptimizerWithFloat16Params accepts only torch.cuda parameters. fp32 (the control) steps."""
+    cfg = _cfg(*BF16)
+    assert cfg.problems() == []
+    assert any("precision.mode=bf16 needs a CUDA GPU" in p for p in cfg.problems(at_launch=True))
+    assert spawned["dist_opt_off"]["type"] is None, spawned["dist_opt_off"]
+    _rejected(spawned["bf16"], "AssertionError", "Torch not compiled with CUDA enabled", "optimizer.py:__init__")
