@@ -253,41 +253,5 @@ def test_sigkill_during_dpo_resumes_and_ends_where_the_uninterrupted_run_ends(dp
             assert (abs(b[k] - v) < 1e-6) if isinstance(v, float) else b[k] == v, (a["step"], k, v, b.get(k))
 
 
-_PARALLEL = textwrap.dedent("""
-    import sys
-    if __name__ == "__main__":
-        from ellama_recipes import launch
-        from ellama_recipes.recipes import get_recipe
-        from ellama_recipes.recipes.dpo import build_config
-        base, data, out, steps, save_every, val_every, nproc, *overrides = sys.argv[1:]
-        cfg = build_config("tiny", restore_from=base, data_dir=data, out_dir=out, train_steps=int(steps),
-                           save_every=int(save_every), gpus_per_node=int(nproc),
-                           overrides=[f"schedule.val_check_interval={val_every}", *overrides])
-        launch.launch(cfg, get_recipe("dpo").build_partial(cfg))
-""")
-
-
-@pytest.mark.slow
-@pytest.mark.engine
-def test_pipeline_parallel_dpo_matches_the_single_process_run(dpo_run, tiny_base, pairs):
-    """PP2 (two CPU ranks over gloo, torchrun via NeMo-Run): the first stage never sees labels, the last stage gets
-    whole pairs (the [c, r] rows of one micro batch travel together as [seq, 2m, hidden]). One step: the reference
-    pass over every pair and the first step's metrics must equal the single-process run's. (Measured Nov 2026 on
-    2 cores, 2 steps incl. validation: PP2 1.2e-7, TP2 5.5e-7, DP2 4.8e-7 from the single-process run.)"""
-    import torch
-
-    root = dpo_run["root"]
-    script, out = root / "run_parallel.py", root / "pp2"
-    script.write_text(_PARALLEL)
-    log = root / "pp2.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(script), str(tiny_base), str(pairs), str(out), "1", "1", "1", "2",
-                               "parallel.pipeline_parallel=2"],
-                              stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=TIMEOUT)
-    assert proc.returncode == 0, log.read_text()[-5000:]
-    ref_table = torch.load(dpo_run["out"] / "reference_logps.pt", weights_only=True)["logps"]
-    pp_table = torch.load(out / "reference_logps.pt", weights_only=True)["logps"]
-    assert pp_table.shape == ref_table.shape and (pp_table - ref_table).abs().max().item() < 1e-5
-    a, b = _rows(dpo_run["out"])[0], _rows(out)[0]
-    for k in ("loss", "dpo_loss", "nll_loss", "margin", "reward_accuracy"):
-        assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+# DPO across ranks (DP2 / TP2 / PP2 through `ellama align --gpus-per-node 2`, 6 steps against the single-process
+# chain, reference table included): tests/test_align_parallel.py.
