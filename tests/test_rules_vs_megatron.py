@@ -378,13 +378,15 @@ def test_world_size_divisible_by_tp_pp_cp(rank, app_state, spawned):
     _our_rule(cfg, "world size 3 (cluster.num_nodes=1 x cluster.gpus_per_node=3) is not divisible by TP*PP*CP")
     with pytest.raises(AssertionError, match=r"world_size: 3 must be divisible by total world_size"):
         init_parallel_ranks(cfg.cluster.world_size, 0, 0, rank.strategy(cfg).parallelism)
-    _rejected(spawned["world"], "RuntimeError", "world_size (2) is not divisible by 3", "parallel_state.py:initialize_model_parallel")
+    _rejected(spawned["world"], "RuntimeError", "world_size (2) is not divisible by 3",
+              "parallel_state.py:initialize_model_parallel")
 
 
 def test_heads_divisible_by_tp(rank):
     cfg = _cfg(*HEADS_TP)
     _our_rule(cfg, "model.num_attention_heads=4 is not divisible by parallel.tensor_parallel=3")
-    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of tensor_model_parallel_size \(3\)"):
+    with pytest.raises(ValueError,
+                       match=r"num_attention_heads \(4\) must be a multiple of tensor_model_parallel_size \(3\)"):
         rank.connect(cfg)
 
 
@@ -393,7 +395,8 @@ def test_kv_heads_divisible_by_tp(rank):
     cfg = _cfg(*KV_TP)
     _our_rule(cfg, "model.num_query_groups=2 (KV heads) is not divisible by parallel.tensor_parallel=4")
     assert not any("num_attention_heads=4 is not divisible" in p for p in cfg.problems())  # only the KV rule
-    with pytest.raises(ValueError, match=r"num_query_groups \(2\) must be a multiple of tensor_model_parallel_size \(4\)"):
+    with pytest.raises(ValueError,
+                       match=r"num_query_groups \(2\) must be a multiple of tensor_model_parallel_size \(4\)"):
         rank.connect(cfg)
 
 
@@ -403,7 +406,8 @@ def test_heads_divisible_by_query_groups(rank, spawned):
     cfg = _cfg(*GQA)
     _our_rule(cfg, "model.num_attention_heads=4 is not divisible by model.num_query_groups=3")
     rank.connect(cfg)  # accepted: nothing upstream checks it before the forward
-    _rejected(spawned["gqa"], "RuntimeError", "is invalid for input of size", "attention.py:get_query_key_value_tensors")
+    _rejected(spawned["gqa"], "RuntimeError", "is invalid for input of size",
+              "attention.py:get_query_key_value_tensors")
 
 
 def test_layers_divisible_by_pp(rank):
@@ -480,7 +484,8 @@ def test_sequence_parallel_seq_divisible_by_tp_times_cp(rank, spawned):
     cfg = _cfg(*SP_SEQ)
     _our_rule(cfg, "schedule.seq_length=255 must be divisible by TP*CP = 2*1 = 2")
     rank.connect(cfg)  # accepted by the configs
-    _rejected(spawned["sp_seq"], "AssertionError", "First dimension of the tensor should be divisible by tensor parallel size",
+    _rejected(spawned["sp_seq"], "AssertionError",
+              "First dimension of the tensor should be divisible by tensor parallel size",
               "mappings.py:_reduce_scatter_along_first_dim")
 
 
@@ -549,7 +554,8 @@ def test_cpu_processes_refuse_the_distributed_optimizer(spawned):
     assert cfg.problems() == []
     assert any("optimizer.distributed_optimizer=true needs CUDA" in p for p in cfg.problems(at_launch=True))
     assert spawned["dist_opt_off"]["type"] is None, spawned["dist_opt_off"]
-    _rejected(spawned["dist_opt"], "AssertionError", "Torch not compiled with CUDA enabled", "distrib_optimizer.py:__init__")
+    _rejected(spawned["dist_opt"], "AssertionError", "Torch not compiled with CUDA enabled",
+              "distrib_optimizer.py:__init__")
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-process rule: a CUDA host never runs ranks as CPU processes")
