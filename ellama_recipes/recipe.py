@@ -382,13 +382,6 @@ class TrainConfig:
                 f"parallel.context_parallel={p.context_parallel} needs CUDA attention kernels (Transformer Engine "
                 "ring attention) and none is visible. Fix: set parallel.context_parallel=1 for a CPU run."
             )
-        if p.virtual_pipeline_parallel is not None:
-            out.append(
-                f"parallel.virtual_pipeline_parallel={p.virtual_pipeline_parallel} (the interleaved pipeline schedule) "
-                "does not reproduce the single-process losses on CPU processes (measured: step-1 loss off by 5e-3 at "
-                "PP2 x VPP2 while plain PP2 matches exactly), so it is not run here. Fix: set "
-                "parallel.virtual_pipeline_parallel=null for a CPU run (plain pipeline parallel works)."
-            )
         if self.optimizer.distributed_optimizer:
             out.append(
                 "optimizer.distributed_optimizer=true needs CUDA (megatron's distributed optimizer shards its fp32 "

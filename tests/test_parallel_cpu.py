@@ -77,8 +77,9 @@ def single(tiny_inputs, tmp_path_factory) -> Path:
     "name,nproc,overrides",
     [
         ("tp2", 2, ["parallel.tensor_parallel=2"]),
-        # (PP2 x VPP2 does not match on CPU processes: refused at validate time, see test_recipe_config)
         ("pp2", 2, ["parallel.pipeline_parallel=2"]),
+        # interleaved schedule; needs unbatched P2P at PP=2 (engine.nemo_recipe.p2p_fields)
+        ("pp2vpp2", 2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2"]),
         ("dp2", 2, []),
     ],
 )

@@ -201,19 +201,23 @@ def test_launch_without_from_needs_from_scratch():
         ("optimizer.distributed_optimizer=true", "optimizer.distributed_optimizer=true needs CUDA"),
         ("parallel.context_parallel=2", "parallel.context_parallel=2 needs CUDA"),
         ("precision.mode=bf16", "precision.mode=bf16 needs a CUDA GPU"),
-        ("parallel.virtual_pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2 (the interleaved pipeline"),
     ],
 )
 def test_what_cpu_processes_cannot_run_is_a_launch_problem(override, needle):
     extra = ["parallel.tensor_parallel=2", "cluster.gpus_per_node=2"] if "sequence" in override else []
     if "context" in override:
         extra = ["cluster.gpus_per_node=2"]
-    if "virtual" in override:
-        extra = ["parallel.pipeline_parallel=2", "cluster.gpus_per_node=2"]
     cfg = build_pretrain_config("tiny", manifest="/m.json", restore_from="/ckpt", overrides=[override, *extra])
     assert cfg.problems() == []  # valid config; only this host cannot run it
     _one(cfg.problems(at_launch=True, gpu_capability=None), needle)
     assert not any("needs CUDA" in p or "needs a CUDA" in p for p in cfg.problems(at_launch=True, gpu_capability=(9, 0)))
+
+
+def test_interleaved_pipeline_runs_on_cpu_processes():
+    """PP2 x VPP2 is not refused on a CPU host: it runs there (tests/test_parallel_cpu.py matches it to 1 process)."""
+    cfg = build_pretrain_config("tiny", manifest="/m.json", restore_from="/ckpt", overrides=[
+        "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2", "cluster.gpus_per_node=2"])
+    assert cfg.problems(at_launch=True, gpu_capability=None) == []
 
 
 def test_gpu_sizes_on_a_cpu_host_are_refused_at_launch():

@@ -89,6 +89,7 @@ def model_config(cfg: TrainConfig) -> run.Config:
     # Dropout off for continued pretraining (Llama 3 recipe); bf16/fp8 params handled by the precision plugin.
     fields["hidden_dropout"] = 0.0
     fields["attention_dropout"] = 0.0
+    fields.update(p2p_fields(cfg))
     if not uses_gpu(cfg):
         # CPU processes (local, no CUDA, the size row's cpu_fallback): the TE/apex/CUDA fusions off, weights
         # allocated on the CPU, a device-aware data step. Part of the partial itself, so the dry run shows it and
@@ -100,6 +101,28 @@ def model_config(cfg: TrainConfig) -> run.Config:
         fields["use_cpu_initialization"] = True
         fields["data_step_fn"] = cpu_compat.cpu_gpt_data_step
     return run.Config(Llama31Config, **fields)
+
+
+def p2p_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """Pipeline send/recv settings of the model config: unbatched P2P for the interleaved schedule at PP = 2.
+
+    megatron-core 0.15.3 defaults to ``batch_p2p_comm=True``: pipeline_parallel/p2p_communication.py
+    ``_batched_p2p_ops`` posts ``[send_prev, recv_prev, send_next, recv_next]`` in one ``batch_isend_irecv``. With a
+    pipeline group of 2 ranks, prev == next (one peer), and the interleaved (VPP) schedule's steady state
+    (``send_forward_backward_recv_forward_backward``) sends an activation AND a gradient to that peer in one call.
+    Point-to-point messages between one pair of ranks are matched in the order they were posted (gloo and NCCL
+    alike, no tags), and both ranks post the same order while holding opposite prev/next roles, so the peer
+    receives the gradient as its activation and vice versa: same shapes, no error, wrong numbers (measured on CPU
+    processes: step-1 loss 8.36056 vs 8.36531 in one process, micro batches 3 and 4 wrong, 1 and 2 -- computed in
+    the warm-up, before any two-way exchange -- exact). Megatron-LM issues #750 and #1450 describe the same crossing.
+    The unbatched ``_p2p_ops`` orders the ops by rank parity and puts one direction on the world group when the
+    pipeline group has 2 ranks, so the pairs match: PP2 x VPP2 then reproduces the single process exactly. PP > 2
+    (the 70b/405b rows) has distinct prev/next peers and keeps megatron-core's batched default.
+    """
+    p = cfg.parallel
+    if p.virtual_pipeline_parallel is not None and p.pipeline_parallel == 2:
+        return {"batch_p2p_comm": False, "overlap_p2p_comm": False}
+    return {}
 
 
 # ----------------------------------------------------------------------------- precision
