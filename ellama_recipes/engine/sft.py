@@ -245,7 +245,7 @@ def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     result = llm.finetune(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume,
                           peft=None, tokenizer="data")
     if run_dir and trainer.global_rank == 0 and trainer.max_steps and trainer.global_step >= trainer.max_steps:
-        write_stage_complete(run_dir, RUN_NAME, int(trainer.max_steps))
+        write_stage_complete(run_dir, RUN_NAME, int(trainer.max_steps), summarize(run_dir))
     return result
 
 
