@@ -18,7 +18,10 @@ in the last bit).
 What proves the DPO split across data-parallel ranks (pairs, not rows; each pair on exactly one rank): the first DPO
 step is exactly ln 2 with zero rewards (policy == reference: the all-reduced reference table matches the policy
 pair by pair, nothing double-counted or missing), reward accuracies (multiples of 1/8) and ``val_pairs`` equal the
-single process's, and under DP2 rank 0 ran half of the reference pass's micro batches.
+single process's, and under DP2 rank 0 ran half of the reference pass's micro batches. Checked against two broken
+engines (Nov 2026, DP2): every DP rank computing every pair in the reference pass (table doubled by the all-reduce)
+-> step-1 dpo_loss 0.187 instead of ln 2, table off by 428; DPOLossReduction without its DP all-reduce -> val_pairs
+8 instead of 16, losses off by 0.11. Both launches still "succeeded"; this test fails on both.
 
 Runtime (2 cores): 4 min 20-50 s for the module (`pytest tests/test_align_parallel.py`: 50-54 s setup incl. the shared
 tiny base and the single-process chain, then 69-83 s per 2-process chain of two launches).
