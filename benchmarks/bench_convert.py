@@ -1,24 +1,33 @@
 """Benchmark: `ellama import-hf` / `ellama export-hf` (streamed) side by side with NeMo's own HF connectors.
 
-Not a unit test (minutes, ~14 GB for NeMo's side). Run under the heavy-work lock::
+Not a unit test (minutes; NeMo's side needs 1.5-2x the model's bytes). Run under the heavy-work lock::
 
-    flock /tmp/ellama-heavy.lock python benchmarks/bench_convert.py                 # 1.5B, NeMo side by side
-    flock /tmp/ellama-heavy.lock python benchmarks/bench_convert.py --deep-layers 32 # + a deeper model (ours)
+    flock /tmp/ellama-heavy.lock .venv/bin/python benchmarks/bench_convert.py                    # 1.5B, 2 rounds
+    flock /tmp/ellama-heavy.lock .venv/bin/python benchmarks/bench_convert.py --deep-layers 32 --nemo-deep
 
-It builds a randomly initialised Llama-3-architecture model in bf16 safetensors, 1 GB shards (default: the
-1.5B shape of issue 15: hidden 2048, 16 layers, GQA 32/8, ffn 8192, vocab 128,256, untied; a word-level
-tokenizer of 128,256 entries so vocab == tokenizer), written tensor by tensor. Then, each step in a fresh process
-whose peak RSS is read exactly from ``wait4`` (ru_maxrss):
+It builds (in a child process) a randomly initialised Llama-3-architecture model in bf16 safetensors, 1 GB shards
+(default: the 1.5B shape of issue 15: hidden 2048, 16 layers, GQA 32/8, ffn 8192, vocab 128,256, untied; a
+word-level tokenizer of 128,256 entries so vocab == tokenizer), written tensor by tensor, then runs every step in a
+fresh process whose peak RSS is read from ``wait4`` (ru_maxrss):
 
-- ours:  ``ellama import-hf --from HF`` and ``ellama export-hf --from CKPT`` (both verify every tensor bit-exact;
-         export skips the logits check above 1 GiB - it would build the whole model);
+- ours:  ``ellama import-hf --from HF`` and ``ellama export-hf --from CKPT`` (both verify every tensor bit-exact
+         by reading back what they wrote; export skips the logits check above 1 GiB - it would build the model);
 - NeMo:  ``HFLlamaImporter`` / ``HFLlamaExporter`` (NeMo 2.7.3's, what ``llm.import_ckpt`` / ``llm.export_ckpt`` run:
          whole HF model + whole Megatron model, ``apply_transforms``, ``nemo_save`` / ``save_pretrained``) with only
          the CPU fixes the previous ellama import/export had: a TE-free config and the TE-free RMSNorm names, cast to
          and from the float32 local norm (upstream's mapping asserts on the dtype change, or skips the norms);
-- base:  a process that only imports NeMo and ellama's engine (the fixed overhead of the two above).
+         NeMo's check nothing;
+- base:  a process that only imports NeMo and ellama's engine (the fixed overhead of all four).
 
-and prints wall time, MB/s of model bytes, peak RSS and RSS / model bytes, then the projection of our peak RSS for
+Fairness: both sides convert the same model in the same run; ``--rounds`` repeats every step, ours first in odd
+rounds and NeMo's first in even ones (import steps, then export steps); each step's output is deleted right after
+it, so every step writes new files from the same state. Both exporters read the same checkpoint (our import's).
+The HF source is warm in the page cache (just written by the builder), outputs are cold (new files); nothing
+drops the page cache. Wall is the median over rounds (min-max shown), peak RSS the largest. This process imports
+no torch until every step ran: a child's ru_maxrss starts at its parent's high-water RSS (the kernel carries it
+over fork + exec), which put a floor of the parent's ~2.5 GB under every row of the previous version of this bench.
+
+It prints wall time, MB/s of model bytes, peak RSS and RSS / model bytes, then the projection of our peak RSS for
 Llama 3.1 8B / 70B / 405B from ``base + k x largest tensor group`` with k measured here.
 """
 
@@ -200,51 +209,88 @@ def run(cmd: list[str], env: dict) -> tuple[float, float, int]:
     return wall, ru.ru_maxrss * 1024, proc.returncode
 
 
+def rm(*paths: Path) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(str(p) + "-tok", ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--deep-layers", type=int, default=0, help="also run ours on a deeper model (same shapes)")
+    ap.add_argument("--deep-layers", type=int, default=0, help="also run a deeper model (same tensor shapes)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every step; ours and NeMo's alternate first")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ellama-bench-convert"))
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's connectors (they need ~14 GB)")
+    ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's connectors (1.5-1.7x the model's bytes)")
+    ap.add_argument("--nemo-deep", action="store_true", help="NeMo's connectors on the deeper model too")
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # the model builder's own process
     args = ap.parse_args()
+    if args.build_only:
+        print(build_model(args.build_only, spec_for(2048, args.layers, 8192, 32, 8, 128256)))
+        return
+    # No torch in this process until every step ran: a child's ru_maxrss starts from this process's peak RSS
+    # (the kernel carries the forking process's high-water mark over exec), so building the model here would put
+    # a floor of its size under every measured peak.
 
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
     py = sys.executable
     shutil.rmtree(args.workdir, ignore_errors=True)
-    rows = []
-    wall, rss, rc = run([py, "-c", BASE], env)
-    base = rss
-    rows.append(("base: python + NeMo + ellama engine imported", 0, wall, rss, rc))
+    rows: dict[str, tuple[int, list]] = {}
+
+    def step(name: str, nbytes: int, cmd: list[str], out: Path | None) -> None:
+        res = run(cmd, env)
+        rows.setdefault(name, (nbytes, []))[1].append(res)
+        print(f"  {name}: {res[0]:.1f} s, {res[1] / 1e9:.2f} GB, rc {res[2]}", flush=True)
+        if out is not None:
+            rm(out)  # every step writes into the same state: its output dir new, the previous one's freed
+
+    for _ in range(args.rounds):
+        step("base: python + NeMo + ellama engine imported", 0, [py, "-c", BASE], None)
     depths = [args.layers] + ([args.deep_layers] if args.deep_layers else [])
     for layers in depths:
-        spec = spec_for(2048, layers, 8192, 32, 8, 128256)
         d = args.workdir / f"L{layers}"
-        nbytes = build_model(d / "hf", spec)
+        built = subprocess.run([py, __file__, "--build-only", str(d / "hf"), "--layers", str(layers)], env=env,
+                               check=True, capture_output=True, text=True)
+        nbytes = int(built.stdout.split()[-1])  # the source is warm in the page cache (just written)
+        (d / "nemo_import.py").write_text(NEMO_IMPORT)  # files, not -c: megatron's writer spawns a manager
+        (d / "nemo_export.py").write_text(NEMO_EXPORT)
         tag = f"{layers} layers, {nbytes / 1e9:.2f} GB"
         w = ["--workers", str(args.workers)]
-        rows.append((f"ellama import-hf ({tag})", nbytes, *run(
-            [py, "-m", "ellama_recipes", "import-hf", "--from", str(d / "hf"), "--out", str(d / "ck"), "--no-progress"] + w, env)))
-        rows.append((f"ellama export-hf ({tag})", nbytes, *run(
-            [py, "-m", "ellama_recipes", "export-hf", "--from", str(d / "ck"), "--out", str(d / "hf-out"), "--no-progress"] + w, env)))
-        if not args.no_nemo and layers == args.layers:
-            (d / "nemo_import.py").write_text(NEMO_IMPORT)  # files, not -c: megatron's writer spawns a manager
-            (d / "nemo_export.py").write_text(NEMO_EXPORT)
-            rows.append((f"NeMo HFLlamaImporter ({tag})", nbytes, *run(
-                [py, str(d / "nemo_import.py"), str(d / "hf"), str(d / "nemo-ck")], env)))
-            rows.append((f"NeMo HFLlamaExporter ({tag})", nbytes, *run(
-                [py, str(d / "nemo_export.py"), str(d / "ck"), str(d / "nemo-hf")], env)))
-        if layers == args.layers:
-            group = largest_group_bytes(spec)
+        nemo = not args.no_nemo and (layers == args.layers or args.nemo_deep)
+        # the checkpoint both exporters read: our import's (NeMo's importer writes the same format)
+        run([py, "-m", "ellama_recipes", "import-hf", "--from", str(d / "hf"), "--out", str(d / "ck"),
+             "--no-progress"], env)
+        for r in range(args.rounds):
+            imports = [(f"ellama import-hf ({tag})", [py, "-m", "ellama_recipes", "import-hf", "--from", str(d / "hf"),
+                                                       "--out", str(d / "ck-r"), "--no-progress"] + w, d / "ck-r")]
+            exports = [(f"ellama export-hf ({tag})", [py, "-m", "ellama_recipes", "export-hf", "--from", str(d / "ck"),
+                                                       "--out", str(d / "hf-out"), "--no-progress"] + w, d / "hf-out")]
+            if nemo:
+                imports.append((f"NeMo HFLlamaImporter ({tag})", [py, str(d / "nemo_import.py"), str(d / "hf"),
+                                                                   str(d / "nemo-ck")], d / "nemo-ck"))
+                exports.append((f"NeMo HFLlamaExporter ({tag})", [py, str(d / "nemo_export.py"), str(d / "ck"),
+                                                                   str(d / "nemo-hf")], d / "nemo-hf"))
+            for name, cmd, out in (imports if r % 2 == 0 else imports[::-1]) + \
+                    (exports if r % 2 == 0 else exports[::-1]):
+                step(name, nbytes, cmd, out)
         shutil.rmtree(d, ignore_errors=True)
+    group = largest_group_bytes(spec_for(2048, args.layers, 8192, 32, 8, 128256))
 
-    print(f"\n{'step':58} {'wall s':>8} {'MB/s':>8} {'peak RSS GB':>12} {'RSS/model':>10} rc")
-    for name, nbytes, wall, rss, rc in rows:
-        mbs = f"{nbytes / 1e6 / wall:8.1f}" if nbytes else f"{'':8}"
-        ratio = f"{rss / nbytes:10.2f}" if nbytes else f"{'':10}"
-        print(f"{name:58} {wall:8.1f} {mbs} {rss / 1e9:12.2f} {ratio} {rc}")
-    ours = [r for r in rows if r[0].startswith("ellama")]
+    print(f"\n{'step':50} {'wall s (min-max)':>19} {'MB/s':>7} {'peak RSS GB':>11} {'RSS/model':>9} rc")
+    table = []
+    for name, (nbytes, res) in rows.items():
+        walls = sorted(r[0] for r in res)
+        wall = walls[len(walls) // 2] if len(walls) % 2 else (walls[len(walls) // 2 - 1] + walls[len(walls) // 2]) / 2
+        rss = max(r[1] for r in res)
+        table.append((name, nbytes, wall, rss))
+        spread = f"{wall:6.1f} ({walls[0]:.1f}-{walls[-1]:.1f})"
+        mbs = f"{nbytes / 1e6 / wall:7.1f}" if nbytes else f"{'':7}"
+        ratio = f"{rss / nbytes:9.2f}" if nbytes else f"{'':9}"
+        print(f"{name:50} {spread:>19} {mbs} {rss / 1e9:11.2f} {ratio} {','.join(str(r[2]) for r in res)}")
+    base = table[0][3]
+    ours = [r for r in table if r[0].startswith("ellama")]
     k = max((r[3] - base) / group for r in ours)
     print(f"\nlargest tensor group (bf16) of the {args.layers}-layer model: {group / 1e9:.3f} GB; base RSS "
           f"{base / 1e9:.2f} GB; measured k = (peak - base) / group = {k:.2f} (workers={args.workers})")
@@ -258,7 +304,8 @@ def main() -> None:
         model = sum(torch.Size(s).numel() for g in expand(spec) for s in g.hf_shapes) * 2
         g = largest_group_bytes(spec)
         print(f"llama 3.1 {name:8} {model / 1e9:9.1f} {g / 1e9:17.2f} {(base + k * g) / 1e9:12.2f}")
-    print(f"\nhost: {os.cpu_count()} cores; ru_maxrss of each process; python {sys.version.split()[0]}")
+    print(f"\nhost: {os.cpu_count()} cores; {args.rounds} rounds (wall: median, min-max; peak RSS: the largest "
+          f"ru_maxrss); python {sys.version.split()[0]}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The bound is measured on the tensors themselves, not on process RSS (which NeMo's import dominates at this size):
 every tensor the HF reader or the checkpoint chunk reader hands out is tracked until it is freed, and the most
-bytes alive at once must not exceed the largest tensor group - whatever the depth. benchmarks/bench_convert.py
+bytes alive at once must not exceed the largest tensor group - whatever the depth; the reused read buffers
+(convert.Buffers) must stay a small multiple of it, the same at every depth. benchmarks/bench_convert.py
 measures the RSS of the same code on a 1.5B model.
 """
 
@@ -45,8 +46,23 @@ def _track_hf_reads(monkeypatch) -> LiveBytes:
     from ellama_recipes.engine import convert
 
     live, get = LiveBytes(), convert.HFWeights.get
-    monkeypatch.setattr(convert.HFWeights, "get", lambda self, name: live.track(get(self, name)))
+    monkeypatch.setattr(convert.HFWeights, "get", lambda self, name, buffers=None: live.track(get(self, name, buffers)))
     return live
+
+
+def _track_buffers(monkeypatch) -> list:
+    """Every convert.Buffers pool created from now on (their .peak: bytes allocated at most)."""
+    from ellama_recipes.engine import convert
+
+    pools, cls = [], convert.Buffers
+
+    class Tracked(cls):
+        def __init__(self):
+            super().__init__()
+            pools.append(self)
+
+    monkeypatch.setattr(convert, "Buffers", Tracked)
+    return pools
 
 
 def _largest_group_bytes(spec: dict, itemsize: int = 4) -> int:
@@ -66,9 +82,10 @@ def test_import_peak_is_one_group_and_flat_with_depth(depth_sources, tmp_path, m
     from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes, read_engine_weights
     from ellama_recipes.engine.llama_bridge import spec_from_hf
 
-    peaks = {}
+    peaks, pool_peaks = {}, {}
     for n, src in depth_sources.items():
         live = _track_hf_reads(monkeypatch)
+        pools = _track_buffers(monkeypatch)
         done = {"convert": 0, "verify": 0}
         rep = import_hf_to_engine(src, tmp_path / f"ck-{n}",
                                   progress=lambda b: done.__setitem__("convert", done["convert"] + b),
@@ -82,8 +99,12 @@ def test_import_peak_is_one_group_and_flat_with_depth(depth_sources, tmp_path, m
         assert 0 < live.peak <= 2 * _largest_group_bytes(spec), (n, live.peak, _largest_group_bytes(spec))
         assert live.peak < total / 2
         peaks[n] = live.peak
+        # the reused buffers: one per distinct size in flight (the engine chunk and its HF tensor while verifying)
+        assert pools and all(0 < p.peak <= 3 * _largest_group_bytes(spec) for p in pools), [p.peak for p in pools]
+        pool_peaks[n] = max(p.peak for p in pools)
         assert len(read_engine_weights(tmp_path / f"ck-{n}")) == 3 + 6 * n
     assert peaks[2] == peaks[8], peaks  # flat with depth: 4x the layers, the same peak
+    assert pool_peaks[2] == pool_peaks[8], pool_peaks
 
 
 def test_export_reads_chunks_never_builds_the_model(tiny_base, tiny_hf, tmp_path, monkeypatch):
@@ -97,20 +118,25 @@ def test_export_reads_chunks_never_builds_the_model(tiny_base, tiny_hf, tmp_path
         raise AssertionError("export instantiated the model")
 
     monkeypatch.setattr(convert, "load_engine_model", no_model)
-    live, wants, read = LiveBytes(), [], convert.read_chunks
+    live, wants, read = LiveBytes(), [], convert.EngineChunks.read
 
-    def tracked(wdir, w):
-        wants.extend(w)
-        return [live.track(t) for t in read(wdir, w)]
+    def tracked(self, key, offsets, sizes, buffers=None):
+        wants.append((key, offsets, sizes))
+        return live.track(read(self, key, offsets, sizes, buffers))
 
-    monkeypatch.setattr(convert, "read_chunks", tracked)
+    def no_generic_load(*a, **k):
+        raise AssertionError("a one-chunk-per-layer checkpoint went through the generic dcp load")
+
+    monkeypatch.setattr(convert.EngineChunks, "read", tracked)
+    monkeypatch.setattr(convert, "read_chunks", no_generic_load)
     report = export_hf(tiny_base, tmp_path / "hf", progress=False, check_logits=False)
     assert report["logits_checked"] is False and all(t["status"] == "equal" for t in report["tensors"])
     # one layer per read of a layer-stacked key, never the whole stack
     stacked = [(k, s) for k, _, s in wants if ".layers." in k]
     assert stacked and all(s[0] == 1 for _, s in stacked)
     spec = convert.plan_export(tiny_base).spec
-    assert 0 < live.peak <= _largest_group_bytes(spec)
+    # the group being written and the next one, read meanwhile: never more than two groups
+    assert 0 < live.peak <= 2 * _largest_group_bytes(spec)
     src, out = load_file(str(tiny_hf / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert set(src) == set(out) and all(torch.equal(src[k], out[k]) for k in src)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
