@@ -318,6 +318,9 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
                          "finished to go on with the next stage.")
                     return results
                 done = stage_complete(cfg)
+                # the stage's own summary (written by rank 0 into complete.json), not the launch handle's
+                results[stage] = {"skipped": False, **done, "job_dir": handle.get("job_dir"),
+                                  "state": handle.get("state")}
         if stage == "sft":
             sft_ckpt = str(done["checkpoint"]) if done else None
     return results

@@ -120,6 +120,8 @@ def _show_results(results: dict) -> None:
         s = r.get("summary") or {}
         state = "skipped (already complete)" if r.get("skipped") else "done"
         lines.append(f"{stage}: {state}, checkpoint {r.get('checkpoint')}")
+        if r.get("job_dir"):
+            lines.append(f"  launched ({r.get('state')}), job folder {r['job_dir']}")
         if stage == "sft" and s.get("final_loss") is not None:
             lines.append(f"  loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, val_loss "
                          f"{_fmt(s.get('first_val_loss'))} -> {_fmt(s.get('final_val_loss'))}")
