@@ -28,7 +28,30 @@ no torch until every step ran: a child's ru_maxrss starts at its parent's high-w
 over fork + exec), which put a floor of the parent's ~2.5 GB under every row of the previous version of this bench.
 
 It prints wall time, MB/s of model bytes, peak RSS and RSS / model bytes, then the projection of our peak RSS for
-Llama 3.1 8B / 70B / 405B from ``base + k x largest tensor group`` with k measured here.
+Llama 3.1 8B / 70B / 405B: ``base + k x largest tensor group`` with k measured here, and ``base + buffer_bound``
+(the reused read buffers modelled from the code; the README quotes this one).
+
+Measured 2026-11-26 (2-core shared dev machine; this exact command, 2 rounds, ``--workers 1``)::
+
+    flock /tmp/ellama-heavy.lock .venv/bin/python benchmarks/bench_convert.py --deep-layers 32 --nemo-deep --rounds 2
+
+    step                                                  wall s (min-max)    MB/s peak RSS GB RSS/model
+    base: python + NeMo + ellama engine imported          10.4 (10.3-10.5)                0.83
+    ellama import-hf (16 layers, 3.00 GB)                 19.4 (17.9-21.0)   154.4        1.61      0.54
+    NeMo HFLlamaImporter (16 layers, 3.00 GB)             27.9 (26.5-29.2)   107.6        4.53      1.51
+    ellama export-hf (16 layers, 3.00 GB)                 19.1 (18.7-19.5)   156.8        1.57      0.52
+    NeMo HFLlamaExporter (16 layers, 3.00 GB)             23.7 (22.5-24.9)   126.5        5.18      1.73
+    ellama import-hf (32 layers, 4.94 GB)                 21.1 (17.3-24.8)   234.8        1.59      0.32
+    NeMo HFLlamaImporter (32 layers, 4.94 GB)             32.6 (30.7-34.4)   151.9        8.17      1.65
+    ellama export-hf (32 layers, 4.94 GB)                 23.5 (20.8-26.3)   210.0        1.57      0.32
+    NeMo HFLlamaExporter (32 layers, 4.94 GB)             30.8 (26.7-34.9)   160.4        8.45      1.71
+
+    largest tensor group (bf16) of the 16-layer model: 0.525 GB; base RSS 0.83 GB; measured k = 1.48
+    buffer model for this shape: 0.706 GB; measured peak - base: 0.779 GB
+    projection (ours)   model GB  largest group GB  k x group  buffers
+    llama 3.1 8b            16.1              1.05       2.39     2.48
+    llama 3.1 70b          141.1              2.10       3.94     5.04
+    llama 3.1 405b         811.7              4.20       7.06    12.68
 """
 
 from __future__ import annotations
@@ -71,6 +94,41 @@ def largest_group_bytes(spec: dict, itemsize: int = 2) -> int:
     from ellama_recipes.engine.llama_bridge import expand
 
     return max(sum(torch.Size(s).numel() for s in g.hf_shapes) * itemsize for g in expand(spec))
+
+
+def buffer_bound(spec: dict, itemsize: int = 2, slice_bytes: int = 64 << 20) -> int:
+    """Bytes ellama's reused read buffers (engine.convert.Buffers) reach for this shape, modelled on the code: per
+    byte size, the most buffers of that size in use at once - while writing, one chunk's HF tensors; while
+    verifying or exporting, the group being worked on, the next one (read ahead), one 64 MiB compare slice or one
+    whole HF tensor (a strided QKV part) - plus the largest tensor not from the pool (the merged or split QKV)."""
+    from collections import Counter
+
+    from ellama_recipes.engine.llama_bridge import engine_chunks, expand
+
+    groups = expand(spec)
+    nb = lambda shape, size=itemsize: torch_numel(shape) * size  # noqa: E731
+    eng = lambda g: nb(g.engine_shape, 4 if g.row.kind == "norm" else itemsize)  # noqa: E731 - fp32 TE-free norms
+    need: Counter = Counter()
+    moments = []
+    for g in groups:
+        for _, _, idx in engine_chunks(g):
+            moments.append(Counter(nb(g.hf_shapes[i]) for i in idx))
+    for g, nxt in zip(groups, groups[1:] + [None]):
+        held = Counter([eng(g)] + ([eng(nxt)] if nxt else []))
+        for s in g.hf_shapes:
+            moments.append(held + Counter([min(slice_bytes, nb(s)) if g.row.kind != "qkv" else nb(s)]))
+    for m in moments:
+        for size, n in m.items():
+            need[size] = max(need[size], n)
+    qkv = max(eng(g) for g in groups if g.row.kind == "qkv")
+    return sum(size * n for size, n in need.items()) + qkv
+
+
+def torch_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def build_model(out: Path, spec: dict, shard_bytes: int = 1 << 30) -> int:
@@ -292,9 +350,12 @@ def main() -> None:
     base = table[0][3]
     ours = [r for r in table if r[0].startswith("ellama")]
     k = max((r[3] - base) / group for r in ours)
+    bound = buffer_bound(spec_for(2048, args.layers, 8192, 32, 8, 128256))
     print(f"\nlargest tensor group (bf16) of the {args.layers}-layer model: {group / 1e9:.3f} GB; base RSS "
           f"{base / 1e9:.2f} GB; measured k = (peak - base) / group = {k:.2f} (workers={args.workers})")
-    print(f"{'projection (ours)':18} {'model GB':>9} {'largest group GB':>17} {'peak RSS GB':>12}")
+    print(f"buffer model for this shape: {bound / 1e9:.3f} GB; measured peak - base: "
+          f"{max(r[3] for r in ours) / 1e9 - base / 1e9:.3f} GB")
+    print(f"{'projection (ours)':18} {'model GB':>9} {'largest group GB':>17} {'k x group':>10} {'buffers':>8}")
     for name, h in LLAMA.items():
         spec = spec_for(h["hidden_size"], h["num_hidden_layers"], h["intermediate_size"], h["num_attention_heads"],
                         h["num_key_value_heads"], 128256)
@@ -303,7 +364,8 @@ def main() -> None:
 
         model = sum(torch.Size(s).numel() for g in expand(spec) for s in g.hf_shapes) * 2
         g = largest_group_bytes(spec)
-        print(f"llama 3.1 {name:8} {model / 1e9:9.1f} {g / 1e9:17.2f} {(base + k * g) / 1e9:12.2f}")
+        print(f"llama 3.1 {name:8} {model / 1e9:9.1f} {g / 1e9:17.2f} {(base + k * g) / 1e9:10.2f} "
+              f"{(base + buffer_bound(spec)) / 1e9:8.2f}")
     print(f"\nhost: {os.cpu_count()} cores; {args.rounds} rounds (wall: median, min-max; peak RSS: the largest "
           f"ru_maxrss); python {sys.version.split()[0]}")
 
