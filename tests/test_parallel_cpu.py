@@ -8,14 +8,14 @@ sees the same schedule as an uninterrupted one.
 
 Tolerance: train / validation loss per step within ``TOL`` = 1e-4 absolute (loss ~8: ~1e-5 relative) of the
 single-process run. Measured on 2 CPU cores (Nov 26 2026, `pytest -s tests/test_parallel_cpu.py` prints them):
-TP2 0, PP2 9.5e-7, PP2 x VPP2 0, DP2 9.5e-7 (5 steps); resumed TP1 -> TP2 x PP2 (steps 3-5) 4.8e-7,
+TP2 0, PP2 9.5e-7, PP2 x VPP2 0, DP2 9.5e-7, TP2 x PP2 9.5e-7 (5 steps); resumed TP1 -> TP2 x PP2 (steps 3-5) 4.8e-7,
 TP2 x PP2 -> TP1 (step 5) 9.5e-7, TP2 x PP2 -> TP1 x PP2 (step 5) 1.4e-6 (reduction order).
 PP2 x VPP2 used to miss by 4.7e-3 at step 1 (8.36056 vs 8.36531): megatron-core's batched P2P swaps activation
 and gradient at pipeline size 2; engine.nemo_recipe.p2p_fields turns it off there (see the probe test below).
 
-Runtime: 6 min 0 s on 2 cores incl. the shared tiny fixtures (one 1-process run, four 2-process runs, a
-1-process checkpoint resumed in 4 processes, its checkpoint resumed in 1 and in 2 processes, export / import /
-export of the tiny model, a 2-rank megatron P2P probe, a failing 2-process launch).
+Runtime: about 7 min on 2 cores incl. the shared tiny fixtures (one 1-process run, four 2-process runs, a
+4-process run, a 1-process checkpoint resumed in 4 processes, its checkpoint resumed in 1 and in 2 processes,
+export / import / export of the tiny model, a 2-rank megatron P2P probe, a failing 2-process launch).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def single(tiny_inputs, tmp_path_factory) -> Path:
         # interleaved schedule; needs unbatched P2P at PP=2 (engine.nemo_recipe.p2p_fields)
         ("pp2vpp2", 2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2"]),
         ("dp2", 2, []),
+        # 4 processes, fresh from the base for all 5 steps (the resharding test below resumes this layout mid-run)
+        ("tp2pp2", 4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
     ],
 )
 def test_parallel_run_matches_single_process(single, tiny_inputs, tmp_path, name, nproc, overrides):
