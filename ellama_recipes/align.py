@@ -305,9 +305,7 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
                 raise UserError(f"Cannot start {cfg.title}:", problems=problems)
             echo(f"[ellama] {stage}: {cfg.schedule.train_steps} steps -> {cfg.checkpoint.out_dir}")
             if launch.in_process(cfg):
-                from ellama_recipes.engine.train import run_local
-
-                summary = _stage_summary(stage, run_local(cfg))
+                summary = _stage_summary(stage, launch.run_in_process(cfg))
                 done = mark_complete(cfg, summary)
                 results[stage] = {"skipped": False, **done}
             else:

@@ -3,9 +3,11 @@
 Stage-agnostic: the recipe comes from the registry (``get_recipe(cfg.stage)``), the partial from its
 ``build_partial``; names (experiment ``ellama-<run_name>-<size>``, task ``<stage>``) from the recipe.
 
-- ``local``: one node. World size 1 runs in this process. More ranks run under torchrun through
-  ``nemo_run.LocalExecutor(launcher="torchrun")``; ``torchrun`` is the one next to this interpreter
-  (``sys.executable``'s bin folder, put first on the launched command's PATH), never whatever PATH holds.
+- ``local``: one node. World size 1 runs in this process (:func:`run_in_process`: registry lookup, validation,
+  input checks and ``build_partial`` here, then :func:`ellama_recipes.engine.train.run_local` runs the partial).
+  More ranks run under torchrun through ``nemo_run.LocalExecutor(launcher="torchrun")``; ``torchrun`` is the one
+  next to this interpreter (``sys.executable``'s bin folder, put first on the launched command's PATH), never
+  whatever PATH holds.
   On a host without CUDA, a size with ``cluster.cpu_fallback`` runs its ranks as CPU processes over gloo (the same
   partial; :func:`ellama_recipes.engine.train.prepare_rank` applies the CPU redirects in every rank).
   With ``--nodes N > 1`` the command has to be started on every node: NeMo-Run reads NODE_RANK, MASTER_ADDR and
@@ -203,6 +205,25 @@ def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
     return plan
 
 
+def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
+    """Train ``cfg`` (any registered stage) in this process: validate it for this host, check its inputs (a
+    UserError lists every problem), build its partial when none is given (``get_recipe(cfg.stage).build_partial``)
+    and run it through :func:`ellama_recipes.engine.train.run_local`; returns that run's summary."""
+    from ellama_recipes.engine.train import run_local
+    from ellama_recipes.recipe import local_gpu_capability
+    from ellama_recipes.recipes import get_recipe
+
+    recipe = get_recipe(cfg.stage)
+    cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
+    problems = recipe.check_inputs(cfg)
+    if problems:
+        raise UserError(f"Cannot start {cfg.title}:", problems=problems)
+    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
+    if partial is None:
+        partial = recipe.build_partial(cfg)
+    return run_local(cfg, partial)
+
+
 def launch(cfg: TrainConfig, partial: Any) -> dict:
     """Launch for real. In-process runs return the training summary; others the experiment, its job folder and,
     for local torchrun launches, the final state (a failed job is a UserError naming the failing rank's error)."""
@@ -210,9 +231,7 @@ def launch(cfg: TrainConfig, partial: Any) -> dict:
     if problems:
         raise UserError(f"Cannot launch {cfg.title}:", problems=problems)
     if in_process(cfg):
-        from ellama_recipes.engine.train import run_local
-
-        return run_local(cfg, partial)
+        return run_in_process(cfg, partial)
     base = job_dir(cfg)
     Path(base).mkdir(parents=True, exist_ok=True)
     Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)

@@ -187,9 +187,9 @@ def run_quickstart(
                        train_steps=steps)
 
     def do_pretrain() -> dict:
-        from ellama_recipes.engine.train import run_local
+        from ellama_recipes.launch import run_in_process
 
-        return run_local(cfg)
+        return run_in_process(cfg)
 
     # Always enter the trainer: it resumes from the last complete checkpoint, and returns at once when done.
     _stage(results, "pretrain (CPT)", cpt, False, do_pretrain, echo)

@@ -9,7 +9,9 @@ Every grid point is one continued-pretraining run of the registered ``pretrain``
 changed: ``schedule.lr_fraction`` and the blend (``data.manifest``, re-weighted from the already tokenized sources
 by :func:`ellama_recipes.data.reblend.reblend`, never re-tokenized). All runs form one NeMo-Run ``Experiment``
 (:mod:`ellama_recipes.engine.sweep_experiment`): on the local executor sequentially or ``--parallel K`` at a time,
-on Slurm one job per point. Output folder::
+on Slurm one job per point. A world-size-1 local point's task is :func:`train_point` (the base pass:
+:func:`validate_point`) in a fresh process, which rebuilds the config and the recipe's partial from JSON there; every
+other task is the recipe's partial built here. Output folder::
 
     OUT/data/                  only with --data-domain/--data-general: the data built once (`ellama data build`)
     OUT/blends/r<G>-<D>/       manifest.json (+ reblend.json) for each ratio
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -555,11 +558,10 @@ def _dryrun_launch(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, str]:
 
     if all(launch.in_process(p.cfg) for p in points):
         return {}
-    from ellama_recipes.engine.sweep_experiment import SweepJob, run_experiment
+    from ellama_recipes.engine.sweep_experiment import run_experiment
 
     base = base_point(spec, points)
-    jobs = [SweepJob("base", base.cfg, "validate", _executor(base.cfg))]
-    jobs += [SweepJob(p.name, p.cfg, "train", _executor(p.cfg)) for p in points]
+    jobs = [sweep_job("base", base.cfg, "validate")] + [sweep_job(p.name, p.cfg, "train") for p in points]
     with tempfile.TemporaryDirectory(prefix="ellama-sweep-dryrun-") as tmp:
         out = run_experiment(jobs, parallel=spec.parallel or len(jobs), base_dir=tmp, dryrun=True)
         return {name: text.replace(tmp, str(spec.out / "nemo_run")) for name, text in out["launch"].items()}
@@ -608,9 +610,9 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         jobs = [j for j in jobs if j[0] not in pending]
     launched: dict[str, Any] = {"jobs": [name for name, _, _ in jobs], "waiting": waiting}
     if jobs:
-        from ellama_recipes.engine.sweep_experiment import SweepJob, run_experiment
+        from ellama_recipes.engine.sweep_experiment import run_experiment
 
-        sweep_jobs = [SweepJob(name, cfg, kind, _executor(cfg)) for name, cfg, kind in jobs]
+        sweep_jobs = [sweep_job(name, cfg, kind) for name, cfg, kind in jobs]
         parallel = spec.parallel or (len(jobs) if spec.executor == "slurm" else 1)
         t0 = time.monotonic()
         launched.update(run_experiment(sweep_jobs, parallel=parallel, base_dir=spec.out / "nemo_run",
@@ -650,6 +652,69 @@ def _executor(cfg) -> Any:
     return launch.make_executor(cfg)
 
 
+def sweep_job(name: str, cfg, kind: str) -> Any:
+    """The engine's :class:`~ellama_recipes.engine.sweep_experiment.SweepJob` for one task (``kind`` "train" or
+    "validate"): an in-process point gets its entry function (:func:`train_point` / :func:`validate_point`, run by
+    NeMo-Run in a fresh process), a launched one the recipe's partial for ``cfg``."""
+    from ellama_recipes.engine.sweep_experiment import SweepJob
+
+    executor = _executor(cfg)
+    if executor is None:
+        return SweepJob(name, cfg, kind, entry=train_point if kind == "train" else validate_point)
+    from ellama_recipes.recipes import get_recipe
+
+    return SweepJob(name, cfg, kind, executor, partial=get_recipe(cfg.stage).build_partial(cfg))
+
+
+def load_point_config(config: str):
+    """A task's config from its JSON (``cfg.to_dict()``), through the registered recipe of its stage."""
+    from ellama_recipes.recipes import get_recipe
+
+    d = json.loads(config)
+    return get_recipe(d.get("stage", "pretrain")).config_cls.from_dict(d)
+
+
+def _record_attempt(out: Path, **values: Any) -> dict:
+    path = out / "sweep_point.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state.update(values)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, path)
+    return state
+
+
+def train_point(config: str) -> None:
+    """NeMo-Run task of one world-size-1 point: train it in this (fresh) process
+    (:func:`ellama_recipes.launch.run_in_process`: validate, check inputs, build the partial, run it).
+
+    ``RUN/sweep_point.json`` records this process's id while it runs (``pid``) and the wall time summed over the
+    attempts that ended (``wall_time_s``; an attempt killed with SIGKILL cannot add its own).
+    """
+    from ellama_recipes.launch import run_in_process
+
+    cfg = load_point_config(config)
+    out = Path(cfg.checkpoint.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prev = _record_attempt(out, pid=os.getpid(), started=time.time()).get("wall_time_s") or 0.0
+    t0 = time.monotonic()
+    try:
+        run_in_process(cfg)
+    finally:
+        _record_attempt(out, pid=None, wall_time_s=round(prev + time.monotonic() - t0, 3))
+
+
+def validate_point(config: str) -> None:
+    """NeMo-Run task of the world-size-1 base pass: ``llm.validate`` of ``--from`` in this process
+    (:func:`ellama_recipes.engine.sweep_experiment.run_validation` of the recipe's partial)."""
+    from ellama_recipes.engine.sweep_experiment import run_validation
+    from ellama_recipes.recipes import get_recipe
+
+    cfg = load_point_config(config)
+    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
+    run_validation(cfg, get_recipe(cfg.stage).build_partial(cfg))
+
+
 def from_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -657,5 +722,5 @@ def from_json(path: Path) -> dict[str, Any]:
 __all__ = [
     "SweepPoint", "SweepSpec", "parse_lr_fractions", "parse_ratios", "parse_max_regression", "point_name",
     "grid", "config_differences", "pareto_front", "recommend", "summarize", "write_chart", "dryrun_plan",
-    "run_sweep", "point_status", "base_values",
+    "run_sweep", "point_status", "base_values", "sweep_job", "train_point", "validate_point",
 ]

@@ -246,7 +246,8 @@ def test_slurm_dryrun_materializes_one_sbatch_job_per_point_plus_the_base_pass(t
     from ellama_recipes.recipes import get_recipe
 
     cfg = S.base_point(spec, S.grid(spec)).cfg
-    train, val = get_recipe("pretrain").build_partial(cfg), E.validate_partial(cfg)
+    train = get_recipe("pretrain").build_partial(cfg)
+    val = E.validate_partial(cfg, get_recipe("pretrain").build_partial(cfg))
     assert val.__fn_or_cls__ is E.validate and train.__fn_or_cls__ is not E.validate
     assert set(val.__arguments__) == set(train.__arguments__)
     for key in train.__arguments__:

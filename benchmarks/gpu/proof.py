@@ -14,7 +14,7 @@ Checks (each a real `python -m ellama_recipes ...` process, as a user would run 
    exists; otherwise the JSON says it was not available.
 2. throughput: a Llama-3.1-8B-shaped proxy (hidden 4096, 32 heads, 8 KV heads, FFN 14336, vocab 128256, seq 8192;
    as many layers as fit the GPU with the recipe's optimizer) through the package's own recipe path
-   (``recipes.get_recipe("pretrain")`` -> ``build_config("8b", ...)`` -> ``build_partial`` -> ``engine.train.run_local``)
+   (``recipes.get_recipe("pretrain")`` -> ``build_config("8b", ...)`` -> ``build_partial`` -> ``launch.run_in_process``)
    on the tiny sample data (token values do not change the speed), with checkpointing off. Reports tokens/s/GPU,
    TFLOP/s/GPU and MFU against 989 TFLOP/s dense BF16 (H100/H200 SXM). FLOPs per token = 6 N + 12 L h s
    (N = parameters without the input embedding; 12 L h s = attention scores and values, forward + backward, full
@@ -433,7 +433,7 @@ def proxy_worker(cfg: dict) -> int:
     """One process: the package's recipe path for the proxy (checkpointing off, validation once at the end)."""
     import torch
 
-    from ellama_recipes.engine.train import run_local
+    from ellama_recipes.launch import run_in_process
     from ellama_recipes.recipes import get_recipe
 
     shape, gpu = cfg["shape"], cfg["mode"] == "gpu"
@@ -464,7 +464,7 @@ def proxy_worker(cfg: dict) -> int:
     partial.trainer.callbacks.append(run.Config(_CountParams))
     print("ELLAMA_PROXY_CONFIG=" + json.dumps(conf.summary() if hasattr(conf, "summary") else {}, default=str),
           flush=True)
-    run_local(conf, partial)
+    run_in_process(conf, partial)
     if torch.cuda.is_available():
         print(f"ELLAMA_PROXY_PEAK_MEM_GIB={torch.cuda.max_memory_allocated() / 2**30:.2f}", flush=True)
     return 0

@@ -1,13 +1,15 @@
 """The NeMo-Run ``Experiment`` of an `ellama sweep`: one task per grid point, plus the base-model validation pass.
 
-Built by :func:`ellama_recipes.sweep.run_sweep`; every task is the registered ``pretrain`` recipe with the point's
-config:
+Built by :func:`ellama_recipes.sweep.run_sweep`, which gives every :class:`SweepJob` what its task runs (the engine
+runs what it is given and never looks a recipe up):
 
-- a point whose world size is 1 on the local executor (the tiny CPU path) is a ``run.Partial`` of
-  :func:`train_point`: NeMo-Run starts it as its own process, which trains through
+- a point whose world size is 1 on the local executor (the tiny CPU path) is a ``run.Partial`` of the job's
+  ``entry`` (a module-level function of the layer above, :func:`ellama_recipes.sweep.train_point` /
+  :func:`ellama_recipes.sweep.validate_point`) called with the point's config as JSON: NeMo-Run starts it as its
+  own process, which rebuilds the config and the recipe's partial there and trains through
   :func:`ellama_recipes.engine.train.run_local` (so no NeMo state is shared between points);
-- any other point is the recipe's own partial on the launcher's executor (torchrun on this node, or one Slurm
-  job per point: :func:`ellama_recipes.launch.make_executor`).
+- any other point is the recipe's own partial (``job.partial``, built by the caller) on the launcher's executor
+  (torchrun on this node, or one Slurm job per point: :func:`ellama_recipes.launch.make_executor`).
 
 The base pass (``OUT/base``) runs the recipe's partial with ``llm.validate`` instead of ``llm.pretrain``
 (:func:`validate_partial`): same model (restored from ``--from``), same data module (per-source validation), same
@@ -23,10 +25,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nemo_run as run
 
@@ -39,46 +40,13 @@ class SweepJob:
     cfg: Any  # the point's PretrainConfig
     kind: str  # "train" or "validate"
     executor: Any = None  # None: in-process task (world size 1, local)
+    partial: Any = None  # launched jobs (executor set): the recipe's training partial for cfg, built by the caller
+    entry: Callable[[str], Any] | None = None  # in-process jobs: module-level function NeMo-Run runs as
+    # entry(config=<cfg as JSON>) in a fresh process
 
 
 def _config_json(cfg: Any) -> str:
     return json.dumps(cfg.to_dict())
-
-
-def _load_config(config: str) -> Any:
-    from ellama_recipes.recipes import get_recipe
-
-    d = json.loads(config)
-    return get_recipe(d.get("stage", "pretrain")).config_cls.from_dict(d)
-
-
-def _record_attempt(out: Path, **values: Any) -> dict:
-    path = out / "sweep_point.json"
-    state = json.loads(path.read_text()) if path.exists() else {}
-    state.update(values)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state) + "\n")
-    os.replace(tmp, path)
-    return state
-
-
-def train_point(config: str) -> None:
-    """NeMo-Run task of one world-size-1 point: train it in this (fresh) process through ``run_local``.
-
-    ``RUN/sweep_point.json`` records this process's id while it runs (``pid``) and the wall time summed over the
-    attempts that ended (``wall_time_s``; an attempt killed with SIGKILL cannot add its own).
-    """
-    from ellama_recipes.engine.train import run_local
-
-    cfg = _load_config(config)
-    out = Path(cfg.checkpoint.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prev = _record_attempt(out, pid=os.getpid(), started=time.time()).get("wall_time_s") or 0.0
-    t0 = time.monotonic()
-    try:
-        run_local(cfg)
-    finally:
-        _record_attempt(out, pid=None, wall_time_s=round(prev + time.monotonic() - t0, 3))
 
 
 def validate(model, data, trainer, log, optim, resume, run_dir: str | None = None):
@@ -91,38 +59,36 @@ def validate(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     return llm.validate(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)
 
 
-def validate_partial(cfg: Any) -> Any:
-    """The recipe's partial for ``cfg`` with :func:`validate` as its function (everything else unchanged)."""
+def validate_partial(cfg: Any, partial: Any) -> Any:
+    """``partial`` (the recipe's training partial for ``cfg``) with :func:`validate` as its function, everything else
+    unchanged (``partial`` is changed in place and returned)."""
     import fiddle as fdl
 
-    from ellama_recipes.recipes import get_recipe
-
-    partial = get_recipe(cfg.stage).build_partial(cfg)
     fdl.update_callable(partial, validate)
     if "run_dir" not in partial.__arguments__:
         partial.run_dir = str(Path(cfg.checkpoint.out_dir).absolute())
     return partial
 
 
-def validate_point(config: str) -> None:
-    """NeMo-Run task of the world-size-1 base pass: ``llm.validate`` of ``--from`` in this process."""
+def run_validation(cfg: Any, partial: Any) -> None:
+    """The world-size-1 base pass in this process: ``llm.validate`` through :func:`validate_partial` of ``partial``."""
     import fiddle as fdl
 
-    cfg = _load_config(config)
     Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
-    fdl.build(validate_partial(cfg))()
+    fdl.build(validate_partial(cfg, partial))()
 
 
 def task(job: SweepJob) -> Any:
     """The ``run.Partial`` NeMo-Run runs for ``job``."""
     if job.executor is None:
-        fn = train_point if job.kind == "train" else validate_point
-        return run.Partial(fn, config=_config_json(job.cfg))
+        if job.entry is None:
+            raise ValueError(f"sweep job {job.name}: an in-process job needs its entry function")
+        return run.Partial(job.entry, config=_config_json(job.cfg))
+    if job.partial is None:
+        raise ValueError(f"sweep job {job.name}: a launched job needs the recipe's partial")
     if job.kind == "validate":
-        return validate_partial(job.cfg)
-    from ellama_recipes.recipes import get_recipe
-
-    return get_recipe(job.cfg.stage).build_partial(job.cfg)
+        return validate_partial(job.cfg, job.partial)
+    return job.partial
 
 
 def in_process_executor() -> Any:
@@ -178,4 +144,4 @@ def _dryrun_text(info: Any) -> str:
     return "\n".join(" ".join(role.args) for roles in request.role_params.values() for role in roles)
 
 
-__all__ = ["SweepJob", "train_point", "validate_point", "validate_partial", "task", "run_experiment"]
+__all__ = ["SweepJob", "validate", "validate_partial", "run_validation", "task", "run_experiment"]

@@ -1,9 +1,10 @@
 """Run a stage's partial: in this process (:func:`run_local`), or as the entry function of every launched rank.
 
-``ellama pretrain --size tiny --from CKPT --data DIR/manifest.json --out RUN`` calls :func:`run_local`.
-Multi-process launches (torchrun through NeMo-Run's LocalExecutor, Slurm) run the very same partial
-(``get_recipe(cfg.stage).build_partial(cfg)``), whose function starts with :func:`prepare_rank`; so everything that
-must happen during training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial.
+The engine runs what it is given: the registry lookup, validation, input checks and ``build_partial`` happen in the
+layer above (:func:`ellama_recipes.launch.run_in_process`, which ``ellama pretrain --size tiny --from CKPT --data
+DIR/manifest.json --out RUN`` ends in). Multi-process launches (torchrun through NeMo-Run's LocalExecutor, Slurm)
+run the very same partial, whose function starts with :func:`prepare_rank`; so everything that must happen during
+training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import TrainConfig, local_gpu_capability
+from ellama_recipes.recipe import TrainConfig
 
 
 def prepare_rank(run_dir: str | None = None) -> None:
@@ -57,10 +57,11 @@ def pretrain(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     return llm.pretrain(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)
 
 
-def run_local(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
-    """Train ``cfg`` (any registered stage) in this process and return a summary.
+def run_local(cfg: TrainConfig, partial: Any) -> dict[str, Any]:
+    """Run ``partial`` (the stage's ``run.Partial`` for ``cfg``) in this process and return a summary of the run.
 
-    ``partial`` defaults to ``get_recipe(cfg.stage).build_partial(cfg)``. Returns ``{"final_step",
+    Nothing is looked up, validated or checked here: the caller passes a validated ``cfg`` and the partial its
+    recipe built (:func:`ellama_recipes.launch.run_in_process` does all three). Returns ``{"final_step",
     "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from", "out_dir", "metrics"}``
     (``resumed_from`` is None for a fresh start). Without CUDA, the CPU redirects of
     :mod:`ellama_recipes.engine.cpu_compat` are applied first (fp32 only; bf16/fp8 are refused by validate).
@@ -72,17 +73,8 @@ def run_local(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
     import fiddle as fdl
     import torch
 
-    from ellama_recipes.recipes import get_recipe
-
-    recipe = get_recipe(cfg.stage)
-    cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
-    problems = recipe.check_inputs(cfg)
-    if problems:
-        raise UserError(f"Cannot start {cfg.title}:", problems=problems)
     out = Path(cfg.checkpoint.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if partial is None:
-        partial = recipe.build_partial(cfg)
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
