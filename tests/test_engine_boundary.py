@@ -1,9 +1,11 @@
-"""The house rules of the package's imports, checked on the source (module-level statements only):
+"""The house rules of the package's imports, checked on the source (module-level statements, unless said otherwise):
 
 - only ``ellama_recipes/engine/`` imports NeMo (``nemo.*``), megatron-core (``megatron.*``) or NeMo-Run at module level;
 - nothing outside ``engine/`` imports ``ellama_recipes.engine`` at module level, except the registered stage recipes
   (``recipes/``) and the CLI entry points (``cli/``);
 - data flows one way: ``data/`` imports none of recipe / recipes / engine / cli / launch at module level;
+- the engine runs what it is given: nothing under ``engine/`` imports the layers above it (recipes / cli / launch /
+  sweep / quickstart / align) anywhere, function bodies and ``importlib.import_module("...")`` included;
 - no import circles between the package's modules at module level.
 """
 
@@ -62,6 +64,31 @@ def module_level_imports(source: str, module: str = "ellama_recipes.x") -> list[
     return out
 
 
+def all_imports(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import anywhere in the module (function and method bodies, ``if
+    TYPE_CHECKING:`` blocks) and every ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name.
+    ``package``: the package relative imports start from (the module's own name for an ``__init__.py``)."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                up = parts[: len(parts) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            out.append((node.lineno, base))
+            out.extend((node.lineno, f"{base}.{a.name}") for a in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name in ("import_module", "__import__"):
+                out.append((node.lineno, node.args[0].value))
+    return sorted(out)
+
+
 def _sources():
     for path in sorted(PKG.rglob("*.py")):
         yield path.relative_to(PKG), _module_name(path), module_level_imports(path.read_text(encoding="utf-8"),
@@ -106,6 +133,44 @@ def test_data_flows_one_way():
         if any(_is(name, h) for h in higher)
     ]
     assert not offenders, "data/ imports a higher layer at module level:\n" + "\n".join(offenders)
+
+
+ABOVE_ENGINE = ("ellama_recipes.recipes", "ellama_recipes.cli", "ellama_recipes.launch", "ellama_recipes.sweep",
+                "ellama_recipes.quickstart", "ellama_recipes.align")
+
+
+def test_engine_never_imports_the_layers_above_it():
+    engine = PKG / "engine"
+    offenders = []
+    for path in sorted(engine.rglob("*.py")):
+        module = _module_name(path)
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        offenders += [
+            f"{path.relative_to(PKG)}:{line}: import {name}"
+            for line, name in all_imports(path.read_text(encoding="utf-8"), package)
+            if any(_is(name, h) for h in ABOVE_ENGINE)
+        ]
+    assert not offenders, (
+        "engine/ imports a layer above it (the caller builds and checks what the engine runs and passes it in):\n"
+        + "\n".join(offenders))
+
+
+@pytest.mark.parametrize(
+    "source,hits",
+    [
+        ("def f():\n    from ellama_recipes.recipes import get_recipe\n",
+         ["ellama_recipes.recipes", "ellama_recipes.recipes.get_recipe"]),
+        ("class A:\n    def m(self):\n        from .. import launch\n", ["ellama_recipes", "ellama_recipes.launch"]),
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ellama_recipes.sweep\n",
+         ["typing", "typing.TYPE_CHECKING", "ellama_recipes.sweep"]),
+        ("import importlib\ndef f():\n    return importlib.import_module('ellama_recipes.cli.app')\n",
+         ["importlib", "ellama_recipes.cli.app"]),
+        ("def f():\n    from ellama_recipes.engine import sweep_experiment\n",
+         ["ellama_recipes.engine", "ellama_recipes.engine.sweep_experiment"]),
+    ],
+)
+def test_the_all_imports_scanner_sees_what_it_should(source, hits):
+    assert [name for _, name in all_imports(source, "ellama_recipes.engine")] == hits
 
 
 def find_cycles(graph: dict[str, list[str]]) -> list[str]:
