@@ -19,7 +19,8 @@ Defaults and their sources:
   rule as SFT (:func:`ellama_recipes.recipes.sft.sft_layout` on the row with CP 1: the most nodes whose data-parallel
   size divides the batch; 405b's interleaved PP18 rounds the batch up to 144). Per-GPU memory stays below
   pretraining's: no reference model on the GPUs (its log-probs are precomputed), sequences of 2048 instead of 8192.
-- tiny (CPU): a larger LR (the tiny base is a random-init stand-in; 1e-5 would not move it in a few CPU steps),
+- tiny (CPU): LR 3e-5 (3x Llama 3's so a few CPU steps move the held-out margin; 1e-3, chosen when the tiny base was
+  a random-init stand-in, wrecked the trained tiny base's general ability, see :mod:`ellama_recipes.recipes.sft`),
   batch 8 pairs (micro batch 2), 20 steps, validation every 5 steps on the held-out pairs, fp32.
 
 The frozen reference is the ``--from`` checkpoint (the SFT result); its log-probs are precomputed once at step 0 by
@@ -45,7 +46,7 @@ TULU3_SEQ_LENGTH = 2048  # Tulu 3 DPO: max sequence length 2048
 TRAIN_STEPS = 2000
 MIN_LR_RATIO = 0.10
 
-TINY = dict(lr=1e-3, global_batch_size=8, micro_batch_size=2, train_steps=20, warmup_steps=2,
+TINY = dict(lr=3e-5, global_batch_size=8, micro_batch_size=2, train_steps=20, warmup_steps=2,
             val_check_interval=5, save_every=10, seq_length=256)
 
 
