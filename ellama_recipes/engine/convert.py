@@ -130,16 +130,28 @@ _ST = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16"
 _ST_NAME = {v: k for k, v in _ST.items()}
 
 
-def _readinto(path: Path, offset: int, t: torch.Tensor) -> torch.Tensor:
+def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
+    """Read ``len(buf)`` bytes at ``offset`` of ``fd`` into ``buf`` (positional: no shared file position, so
+    threads may share a file); returns the bytes read, fewer only at the end of the file."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if not n:
+            break
+        done += n
+    return done
+
+
+def _readinto(path: Path, offset: int, t: torch.Tensor, hint: str = "") -> torch.Tensor:
+    """Fill ``t`` with the bytes at ``offset`` of ``path``; a short file is a UserError (``hint`` appended)."""
     buf = memoryview(t.view(-1).view(torch.uint8).numpy())
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < len(buf):
-            n = f.readinto(buf[done:])
-            if not n:
-                raise UserError(f"{path} is truncated (read {done} of {len(buf)} bytes at offset {offset}).")
-            done += n
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = _pread_full(fd, buf, offset)
+    finally:
+        os.close(fd)
+    if done < len(buf):
+        raise UserError(f"{path} is truncated (read {done} of {len(buf)} bytes at offset {offset}){hint}.")
     return t
 
 
@@ -207,12 +219,8 @@ class HFWeights:
                 pos = 0
                 while pos < n:
                     k = min(len(mv), n - pos)
-                    got = 0
-                    while got < k:
-                        r = os.preadv(fd, [mv[got:k]], offset + pos + got)
-                        if not r:
-                            return False  # truncated
-                        got += r
+                    if _pread_full(fd, mv[:k], offset + pos) < k:
+                        return False  # truncated
                     if _libc.memcmp(buf.data_ptr(), t.data_ptr() + pos, k):
                         return False
                     pos += k
@@ -354,21 +362,6 @@ def read_chunks(wdir: Path, wants: list[tuple[str, tuple[int, ...], tuple[int, .
     return [dest.pop((k, tuple(o))) for k, o, _ in wants]
 
 
-def _pread(path: Path, offset: int, t: torch.Tensor) -> None:
-    buf = memoryview(t.view(-1).view(torch.uint8).numpy())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-            if not n:
-                raise UserError(f"{path} is truncated (read {done} of {len(buf)} bytes at offset {offset}); the "
-                                "checkpoint is partial or corrupt.")
-            done += n
-    finally:
-        os.close(fd)
-
-
 class EngineChunks:
     """Regions of the model tensors of a torch_dist ``weights/`` dir, read from the stored bytes.
 
@@ -447,7 +440,7 @@ class EngineChunks:
         strides = out.stride() if out.dim() else ()
         for (co, cs), (path, pos) in zip(parts, where):
             first = sum((a - o) * st for a, o, st in zip(co, offsets, strides))
-            _pread(path, pos, flat[first:first + torch.Size(cs).numel()])
+            _readinto(path, pos, flat[first:first + torch.Size(cs).numel()], "; the checkpoint is partial or corrupt")
         return out
 
     def group(self, g: Group, buffers: Buffers | None = None) -> torch.Tensor:
