@@ -26,27 +26,9 @@ STEPS = 30  # tiny defaults: save_every 20, val every 10 steps on 4 domain + 4 g
 KILL_AFTER = 25
 TIMEOUT = 600
 
-# Runs `ellama ARGS...` exactly like `python -m ellama_recipes ARGS...`, except that right after the metrics record
-# of step KILL_AFTER is written the run SIGKILLs its own process group (the trainer, its data-loader workers and
-# multiprocessing's resource tracker all at once: a node failure). Polling metrics.jsonl from outside could miss
-# step 25 on a fast host and kill at step 30 or after the run ended.
-_KILL_DRIVER = """
-if __name__ == "__main__":  # a spawned child (checkpoint writer, data workers) re-imports this file: run nothing there
-    import os, signal, sys
-    from ellama_recipes.engine import callbacks
-
-    kill_after = int(sys.argv[1])
-    upstream = callbacks.MetricsJsonl.on_train_batch_end
-
-    def on_train_batch_end(self, trainer, *args, **kwargs):
-        upstream(self, trainer, *args, **kwargs)
-        if trainer.global_step >= kill_after:
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    callbacks.MetricsJsonl.on_train_batch_end = on_train_batch_end
-    from ellama_recipes.cli.main import main
-    sys.exit(main(sys.argv[2:]))
-"""
+# `python tools/kill_at_step.py N ARGS...` runs `ellama ARGS...` and SIGKILLs its own process group right after the
+# metrics record of step N is written (exact on any host).
+KILL_DRIVER = Path(__file__).resolve().parents[1] / "tools" / "kill_at_step.py"
 
 
 def _args(inputs: TinyInputs, out: Path) -> list[str]:
@@ -127,12 +109,10 @@ def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
 def test_sigkill_and_resume_matches_uninterrupted_run(cpt_inputs, reference_run, tmp_path):
     out = tmp_path / "run"
     cmd = _cmd(cpt_inputs, out)
-    driver = tmp_path / "kill_driver.py"
-    driver.write_text(_KILL_DRIVER)
     log1 = tmp_path / "log1.txt"
     with open(log1, "w") as f:
         # its own process group, so the SIGKILL takes the run's children and nothing of pytest's
-        proc = subprocess.Popen([sys.executable, str(driver), str(KILL_AFTER), *_args(cpt_inputs, out)], stdout=f,
+        proc = subprocess.Popen([sys.executable, str(KILL_DRIVER), str(KILL_AFTER), *_args(cpt_inputs, out)], stdout=f,
                                 stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     try:
         proc.wait(timeout=TIMEOUT)

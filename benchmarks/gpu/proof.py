@@ -62,22 +62,9 @@ CHAIN = {  # steps, save_every, kill right after this step
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
                "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
-# Runs `python -m ellama_recipes ARGS` but SIGKILLs its own process group right after the metrics record of step
-# KILL is written: deterministic on any host (polling from outside can miss the step on a fast GPU).
-_KILL_DRIVER = """
-if __name__ == "__main__":  # a spawned child (checkpoint writer, data workers) re-imports this file: run nothing there
-    import os, signal, sys
-    from ellama_recipes.engine import callbacks
-    kill_after = int(sys.argv[1])
-    upstream = callbacks.MetricsJsonl.on_train_batch_end
-    def on_train_batch_end(self, trainer, *args, **kwargs):
-        upstream(self, trainer, *args, **kwargs)
-        if trainer.global_step >= kill_after:
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-    callbacks.MetricsJsonl.on_train_batch_end = on_train_batch_end
-    from ellama_recipes.cli.main import main
-    sys.exit(main(sys.argv[2:]))
-"""
+# `python tools/kill_at_step.py N ARGS` runs `python -m ellama_recipes ARGS` and SIGKILLs its own process group
+# right after the metrics record of step N is written: deterministic on any host.
+KILL_DRIVER = REPO / "tools" / "kill_at_step.py"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -229,10 +216,8 @@ def check_chain(work: Path, inputs: dict, mode: str, budget: Budget, reference: 
 
     # SIGKILL after step kill_after
     run = work / "run"
-    driver = work / "kill_driver.py"
-    driver.write_text(_KILL_DRIVER)
     t = time.monotonic()
-    rc = run_logged([sys.executable, str(driver), str(kill_after), *pretrain_args(run)], work / "killed.log",
+    rc = run_logged([sys.executable, str(KILL_DRIVER), str(kill_after), *pretrain_args(run)], work / "killed.log",
                     budget.left())
     got = [r["step"] for r in metrics(run)]
     res["sigkill"] = {"ok": rc == -signal.SIGKILL and got == list(range(1, kill_after + 1)), "exit": rc,
