@@ -62,6 +62,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_console(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a fresh ``python -m ellama_recipes ...``) with stdout and stderr together into the file ``log``;
+    the result's ``console`` holds what it printed (a file, not a pipe: a launch's torchrun children inherit it)."""
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=timeout)
+    proc.console = log.read_text(errors="replace")  # type: ignore[attr-defined]
+    return proc
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_DATA, subprocess_env
+from conftest import SAMPLE_DATA, run_console
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -57,11 +57,7 @@ def _align(base: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ellama_recipes", "align", "--size", "tiny", "--from", str(base),
            "--sft", str(SAMPLE_DATA / "sft"), "--dpo", str(SAMPLE_DATA / "preference"), "--out", str(out),
            *ARGS, *args]
-    log = out.parent / f"{out.name}.console.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=TIMEOUT)
-    proc.console = log.read_text(errors="replace")  # type: ignore[attr-defined]
-    return proc
+    return run_console(cmd, out.parent / f"{out.name}.console.txt", TIMEOUT)
 
 
 def _metrics(run: Path) -> dict[int, dict]:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_console, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -44,11 +44,7 @@ def _pretrain(inputs, out: Path, nproc: int, steps: int, *overrides: str) -> sub
         "--from", str(inputs.base), "--data", str(inputs.manifest), "--out", str(out), "--steps", str(steps),
         *COMMON, *overrides,
     ]
-    log = out.parent / f"{out.name}.console.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=TIMEOUT)
-    proc.console = log.read_text(errors="replace")  # type: ignore[attr-defined]
-    return proc
+    return run_console(cmd, out.parent / f"{out.name}.console.txt", TIMEOUT)
 
 
 def _metrics(run: Path) -> dict[int, dict]:
