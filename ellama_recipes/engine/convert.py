@@ -410,11 +410,26 @@ class EngineChunks:
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
              buffers: Buffers | None = None) -> torch.Tensor:
         """The region ``offsets``/``sizes`` of stored tensor ``key``, in its stored dtype."""
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        direct = self._stored_blocks(key, offsets, sizes)
+        if direct is None:
+            return read_chunks(self.wdir, [(key, offsets, sizes)])[0]
+        dtype, parts = direct
+        out = buffers.take(sizes, dtype) if buffers is not None else torch.empty(sizes, dtype=dtype)
+        flat = out.view(-1)
+        strides = out.stride() if out.dim() else ()
+        for co, cs, path, pos in parts:
+            first = sum((a - o) * st for a, o, st in zip(co, offsets, strides))
+            _readinto(path, pos, flat[first:first + torch.Size(cs).numel()], "; the checkpoint is partial or corrupt")
+        return out
+
+    def _stored_blocks(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+        """``(dtype, [(chunk offsets, chunk sizes, file, byte offset), ...])`` when the region is covered by stored
+        chunks that are contiguous row blocks of it, each a plain record in its file; None: the generic reader."""
         md = self.meta.state_dict_metadata.get(key)
         if md is None or not hasattr(md, "chunks"):
-            return read_chunks(self.wdir, [(key, offsets, sizes)])[0]
+            return None
         dtype = md.properties.dtype
-        offsets, sizes = tuple(offsets), tuple(sizes)
         end = tuple(o + n for o, n in zip(offsets, sizes))
         parts, covered = [], 0
         for c in md.chunks:
@@ -423,25 +438,19 @@ class EngineChunks:
             if any(a >= e2 or b <= o2 for a, b, o2, e2 in zip(co, ce, offsets, end)):
                 continue  # no overlap
             if any(a < o2 or b > e2 for a, b, o2, e2 in zip(co, ce, offsets, end)):
-                return read_chunks(self.wdir, [(key, offsets, sizes)])[0]  # straddles the region
+                return None  # straddles the region
             # a contiguous block of the region: full trailing dims after one dim d, size-1 region dims before it
             d = next((i for i, (n, r) in enumerate(zip(cs, sizes)) if n != r), None)
             if d is not None and (any(r != 1 for r in sizes[:d]) or cs[d + 1:] != sizes[d + 1:]):
-                return read_chunks(self.wdir, [(key, offsets, sizes)])[0]
+                return None
             parts.append((co, cs))
             covered += torch.Size(cs).numel()
         if covered != torch.Size(sizes).numel():
-            return read_chunks(self.wdir, [(key, offsets, sizes)])[0]
+            return None
         where = [self._locate(key, co, cs, dtype) for co, cs in parts]
         if any(w is None for w in where):
-            return read_chunks(self.wdir, [(key, offsets, sizes)])[0]
-        out = buffers.take(sizes, dtype) if buffers is not None else torch.empty(sizes, dtype=dtype)
-        flat = out.view(-1)
-        strides = out.stride() if out.dim() else ()
-        for (co, cs), (path, pos) in zip(parts, where):
-            first = sum((a - o) * st for a, o, st in zip(co, offsets, strides))
-            _readinto(path, pos, flat[first:first + torch.Size(cs).numel()], "; the checkpoint is partial or corrupt")
-        return out
+            return None
+        return dtype, [(co, cs, *w) for (co, cs), w in zip(parts, where)]
 
     def group(self, g: Group, buffers: Buffers | None = None) -> torch.Tensor:
         """One group's engine tensor (one layer of a stacked key), in the stored dtype."""
