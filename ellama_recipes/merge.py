@@ -210,7 +210,8 @@ def torch_uint8():
 def interpolate(b, a, alpha: float):
     """(1 - alpha) * b + alpha * a in float32, cast back to the input dtype; alpha 0 / 1 return the input.
 
-    Works in place on the freshly read inputs, so at most about three tensors of this size are alive at once.
+    Overwrites the freshly read inputs: for float32 the result is ``b`` itself, so only the two inputs are alive
+    (two tensors of this size); other float dtypes add one float32 copy of each.
     """
     import torch
 
@@ -222,8 +223,9 @@ def interpolate(b, a, alpha: float):
         if not torch.equal(a, b):
             raise UserError("An integer tensor differs between --base and --adapted; it cannot be interpolated.")
         return b
-    out = b.float().mul(1.0 - alpha)
-    out.add_(a.float().mul_(alpha))
+    out = b if b.dtype == torch.float32 else b.float()
+    out.mul_(1.0 - alpha)
+    out.add_(a.mul_(alpha) if a.dtype == torch.float32 else a.float().mul_(alpha))
     return out.to(b.dtype)
 
 

@@ -150,8 +150,10 @@ def test_peak_memory_is_about_one_tensor_pair_not_two_models(tmp_path):
     assert len(merged) == n and torch.allclose(
         merged["model.layers.5.w"], 0.7 * load_file(str(base / "model.safetensors"))["model.layers.5.w"]
         + 0.3 * load_file(str(adapted / "model.safetensors"))["model.layers.5.w"])
-    # loading both models would need 2 * 6 * 24 = 288 MiB; streaming holds a few tensors (measured ~100 MiB)
-    assert used < 5 * tensor_mb, f"merge used {used:.0f} MiB over an idle process ({tensor_mb:.0f} MiB per tensor)"
+    # loading both models would need 2 * 6 * 24 = 288 MiB; streaming holds the two inputs of one tensor (measured
+    # 52 MiB; 134 MiB before the blend was done in place on them, which a loaded CI machine pushed over 5 tensors)
+    print(f"merge peak over idle: {used:.0f} MiB ({tensor_mb:.0f} MiB per tensor)")
+    assert used < 4 * tensor_mb, f"merge used {used:.0f} MiB over an idle process ({tensor_mb:.0f} MiB per tensor)"
 
 
 def test_alpha_sweep_with_eval_writes_the_tradeoff(pair, tmp_path):
