@@ -1,6 +1,6 @@
-"""`ellama align` (SFT, then DPO from SFT's checkpoint) across CPU ranks: DP2, TP2 and PP2, each launched by the real
-CLI (``ellama align --gpus-per-node 2 parallel.X=2`` -> NeMo-Run LocalExecutor -> torchrun, gloo), against the
-same chain run in one process.
+"""`ellama align` (SFT, then DPO from SFT's checkpoint) across CPU ranks: DP2, TP2, PP2 (2 processes) and TP2 x PP2
+(4 processes), each launched by the real CLI (``ellama align --gpus-per-node N parallel.X=2`` -> NeMo-Run
+LocalExecutor -> torchrun, gloo), against the same chain run in one process.
 
 Same inputs everywhere: the tiny base (``tiny_base``), the bundled SFT and preference samples (prepared once by the
 single-process run; the parallel runs get a copy, which `ellama align` reuses because its inputs are unchanged),
@@ -12,8 +12,8 @@ process (as the pretraining equivalence test); reward accuracies and held-out pa
 reference log-prob table (sums of ~100 response-token log-probs, |value| up to ~430, fp32 ulp there 3e-5) within
 ``TABLE_TOL`` = 5e-4. Measured on 2 CPU cores (Nov 2026, two runs each), max |parallel - single| over all metrics
 and steps: SFT <= 9.6e-7 (DP2, TP2, PP2: 0 to 1 fp32 ulp of the loss), DPO DP2 <= 8.1e-7, TP2 <= 3.0e-6, PP2
-<= 9.5e-7; reference table DP2 3.1e-5, TP2 6.1e-5, PP2 3.1e-5 (1-2 ulp: the SFT weights it is computed from differ
-in the last bit).
+<= 9.5e-7, TP2 x PP2 SFT 0 / DPO 1.8e-6 (one run); reference table DP2 3.1e-5, TP2 6.1e-5, PP2 3.1e-5, TP2 x PP2
+3.1e-5 (1-2 ulp: the SFT weights it is computed from differ in the last bit).
 
 What proves the DPO split across data-parallel ranks (pairs, not rows; each pair on exactly one rank): the first DPO
 step is exactly ln 2 with zero rewards (policy == reference: the all-reduced reference table matches the policy
@@ -24,7 +24,8 @@ engines (Nov 2026, DP2): every DP rank computing every pair in the reference pas
 8 instead of 16, losses off by 0.11. Both launches still "succeeded"; this test fails on both.
 
 Runtime (2 cores): 4 min 20-50 s for the module (`pytest tests/test_align_parallel.py`: 50-54 s setup incl. the shared
-tiny base and the single-process chain, then 69-83 s per 2-process chain of two launches).
+tiny base and the single-process chain, then 69-83 s per 2-process chain of two launches; the 4-process TP2 x PP2
+chain about 100 s).
 """
 
 from __future__ import annotations
@@ -80,21 +81,22 @@ def single(tiny_base, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name,overrides,dp",
+    "name,overrides,dp,ranks",
     [
-        ("dp2", [], 2),
-        ("tp2", ["parallel.tensor_parallel=2"], 1),
-        ("pp2", ["parallel.pipeline_parallel=2"], 1),
+        ("dp2", [], 2, 2),
+        ("tp2", ["parallel.tensor_parallel=2"], 1, 2),
+        ("pp2", ["parallel.pipeline_parallel=2"], 1, 2),
+        ("tp2pp2", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], 1, 4),
     ],
 )
-def test_align_across_ranks_matches_the_single_process_run(single, tiny_base, tmp_path, name, overrides, dp):
+def test_align_across_ranks_matches_the_single_process_run(single, tiny_base, tmp_path, name, overrides, dp, ranks):
     import torch
 
     ref_out = single["out"]
     out = tmp_path / name
     for stage in STAGES:  # the prepared rows of the single run (align reuses them: same inputs, same tokenizer)
         shutil.copytree(ref_out / stage / "data", out / stage / "data")
-    proc = _align(tiny_base, out, "--gpus-per-node", "2", *overrides)
+    proc = _align(tiny_base, out, "--gpus-per-node", str(ranks), *overrides)
     assert proc.returncode == 0, proc.console[-5000:]
     # both stages went through the torchrun launch (not the in-process path), one after the other
     assert proc.console.count("launched (SUCCEEDED), job folder") == 2, proc.console[-3000:]
@@ -120,15 +122,17 @@ def test_align_across_ranks_matches_the_single_process_run(single, tiny_base, tm
                 worst[stage] = max(worst[stage], diff)
         # the run folder of each stage: its checkpoint named by the metrics' step, rank 1's output in its own file
         assert list((out / stage / "checkpoints").glob(f"{stage}--step={STEPS}-consumed_samples={8.0 * STEPS}*"))
-        rank1 = out / stage / "logs" / "ranks" / "rank-1.log"
-        assert rank1.is_file() and rank1.stat().st_size > 0, rank1
+        for r in range(1, ranks):
+            log = out / stage / "logs" / "ranks" / f"rank-{r}.log"
+            assert log.is_file() and log.stat().st_size > 0, log
         # the completion record `ellama align` chains from, with the stage's own summary (written by rank 0)
         done = json.loads((out / stage / "complete.json").read_text())
         want = json.loads((ref_out / stage / "complete.json").read_text())
         assert done["stage"] == stage and done["train_steps"] == STEPS and Path(done["checkpoint"]).is_dir()
         assert done["summary"]["final_step"] == STEPS, done
         assert abs(done["summary"]["final_loss"] - want["summary"]["final_loss"]) <= TOL, (done, want)
-    assert "[default1]" not in proc.console and "[default0]" in proc.console  # only rank 0 on the console
+    assert "[default0]" in proc.console  # only rank 0 on the console
+    assert not any(f"[default{r}]" in proc.console for r in range(1, ranks)), proc.console[-3000:]
 
     # DPO: policy == reference at step 1 in every layout: exactly ln 2, zero rewards
     first = _metrics(out / "dpo")[1]
