@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
 
 import pytest
 import typer
@@ -41,6 +43,10 @@ def test_every_command_help_has_an_example(cli, path):
     r = cli(*path, "--help")
     assert r.code == 0, r.err
     assert "Example" in r.out, f"`ellama {' '.join(path)} --help` shows no example"
+    # each example on its own line (the help formatter joins lines that are not separated by a blank line)
+    paragraphs = re.split(r"\n\s*\n", r.out)
+    joined = [" ".join(p.split()) for p in paragraphs if len(re.findall(r"Examples?:", p)) > 1]
+    assert not joined, f"`ellama {' '.join(path)} --help` runs examples together: {joined}"
 
 
 def test_console_script_entry_point_runs():

@@ -26,6 +26,7 @@ compared bit for bit with the engine checkpoint (after undoing the QKV interleav
 independent code); any unmapped or mismatched tensor is an error (exit 2) and nothing is written.
 
 Example:  ellama import-hf --size 8b --out checkpoints/llama31-8b
+
 Example:  ellama import-hf --from ./my-llama --out checkpoints/mine --workers 2
 """
 
