@@ -210,8 +210,9 @@ def torch_uint8():
 def interpolate(b, a, alpha: float):
     """(1 - alpha) * b + alpha * a in float32, cast back to the input dtype; alpha 0 / 1 return the input.
 
-    Overwrites the freshly read inputs: for float32 the result is ``b`` itself, so only the two inputs are alive
-    (two tensors of this size); other float dtypes add one float32 copy of each.
+    Overwrites the freshly read inputs (``.float()`` of a float32 tensor is the tensor itself): for float32 the result
+    is ``b``, so only the two inputs are alive (two tensors of this size); other float dtypes add one float32 copy of
+    each.
     """
     import torch
 
@@ -223,9 +224,8 @@ def interpolate(b, a, alpha: float):
         if not torch.equal(a, b):
             raise UserError("An integer tensor differs between --base and --adapted; it cannot be interpolated.")
         return b
-    out = b if b.dtype == torch.float32 else b.float()
-    out.mul_(1.0 - alpha)
-    out.add_(a.mul_(alpha) if a.dtype == torch.float32 else a.float().mul_(alpha))
+    out = b.float().mul_(1.0 - alpha)
+    out.add_(a.float().mul_(alpha))
     return out.to(b.dtype)
 
 
