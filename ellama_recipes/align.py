@@ -256,8 +256,6 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
     ``stages`` limits the chain (Python API, e.g. ``("sft",)`` to stop after SFT); the CLI runs both."""
     from ellama_recipes import launch
     from ellama_recipes.data import chat
-    from ellama_recipes.recipe import local_gpu_capability
-    from ellama_recipes.recipes import get_recipe
 
     from_ckpt = resolve_from(req.from_path, echo=echo)
     echo(f"[ellama] align: starting from {from_ckpt}")
@@ -298,11 +296,7 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
                  "skipping")
             results[stage] = {"skipped": True, **done}
         else:
-            recipe = get_recipe(stage)
-            cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
-            problems = recipe.check_inputs(cfg)
-            if problems:
-                raise UserError(f"Cannot start {cfg.title}:", problems=problems)
+            recipe = launch.check_start(cfg)  # before the stage's first line; run_in_process checks again
             echo(f"[ellama] {stage}: {cfg.schedule.train_steps} steps -> {cfg.checkpoint.out_dir}")
             if launch.in_process(cfg):
                 summary = _stage_summary(stage, launch.run_in_process(cfg))

@@ -205,11 +205,9 @@ def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
     return plan
 
 
-def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
-    """Train ``cfg`` (any registered stage) in this process: validate it for this host, check its inputs (a
-    UserError lists every problem), build its partial when none is given (``get_recipe(cfg.stage).build_partial``)
-    and run it through :func:`ellama_recipes.engine.train.run_local`; returns that run's summary."""
-    from ellama_recipes.engine.train import run_local
+def check_start(cfg: TrainConfig) -> Any:
+    """Validate ``cfg`` for this host, then check its stage's inputs (a UserError lists every problem); returns the
+    stage's registered recipe."""
     from ellama_recipes.recipe import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
@@ -218,7 +216,16 @@ def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
     problems = recipe.check_inputs(cfg)
     if problems:
         raise UserError(f"Cannot start {cfg.title}:", problems=problems)
-    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
+    return recipe
+
+
+def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
+    """Train ``cfg`` (any registered stage) in this process: :func:`check_start`, build its partial when none is
+    given (``get_recipe(cfg.stage).build_partial``) and run it through :func:`ellama_recipes.engine.train.run_local`
+    (which creates the run folder); returns that run's summary."""
+    from ellama_recipes.engine.train import run_local
+
+    recipe = check_start(cfg)
     if partial is None:
         partial = recipe.build_partial(cfg)
     return run_local(cfg, partial)

@@ -711,7 +711,6 @@ def validate_point(config: str) -> None:
     from ellama_recipes.recipes import get_recipe
 
     cfg = load_point_config(config)
-    Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
     run_validation(cfg, get_recipe(cfg.stage).build_partial(cfg))
 
 
