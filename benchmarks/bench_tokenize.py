@@ -111,7 +111,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, int, float]:
 
 def read_counts(prefix: str) -> tuple[int, int]:
     sys.path.insert(0, str(REPO))
-    from ellama_recipes.engine.indexed import read_back
+    from ellama_recipes.data.indexed import read_back
 
     rb = read_back(prefix)
     return rb["documents"], rb["tokens"]

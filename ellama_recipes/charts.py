@@ -1,6 +1,6 @@
-"""Charts (matplotlib, Agg backend: no display needed) and atomic file writes for eval, merge and pretraining.
+"""Charts (matplotlib, Agg backend: no display needed) for eval, merge and pretraining, written atomically.
 
-Imports nothing from the rest of the package, so the engine's training callbacks may import it (the forgetting
+Imports nothing from the rest of the package but :mod:`ellama_recipes.io`, so the engine's training callbacks may import it (the forgetting
 curve written at the end of pretraining) without an import cycle.
 
 - :func:`forgetting_curve`: ``val_loss_domain`` and ``val_loss_general`` against step from ``RUN/metrics.jsonl``
@@ -12,10 +12,10 @@ curve written at the end of pretraining) without an import cycle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
+
+from ellama_recipes.io.atomic import atomic_path
 
 FORGETTING_PNG = "forgetting.png"
 
@@ -34,34 +34,12 @@ def _plt():
 
 
 def _save_atomic(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         _plt().close(fig)
-    return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_metrics(path: Path) -> list[dict]:

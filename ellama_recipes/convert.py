@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ellama_recipes.atomic import atomic_dir as _atomic_dir
+from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
 from ellama_recipes.sizes import SIZES, get_size
 

@@ -286,7 +286,7 @@ def sources_from_manifest(manifest: Path, split: str = DEFAULT_SPLIT, max_docs: 
     if not isinstance(m, dict) or not m.get("sources"):
         raise UserError(f"--data {manifest}: no `sources` list; pass the manifest.json of `ellama data build`.")
     tok = _manifest_tokenizer(manifest)
-    from ellama_recipes.engine.indexed import read_back, read_document
+    from ellama_recipes.data.indexed import read_back, read_document
 
     out = []
     for s in m["sources"]:
@@ -510,9 +510,10 @@ def evaluate(
 
 
 def write_report(report: dict, out: Path) -> None:
-    from ellama_recipes.charts import eval_bars, write_json_atomic
+    from ellama_recipes.charts import eval_bars
+    from ellama_recipes.io.atomic import write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", report)
+    write_json(out / "eval.json", report)
     eval_bars([(e["label"], e.get("domain_gain_pct"), e.get("general_regression_pct")) for e in report["models"][1:]],
               out / "eval.png", baseline=report["baseline"])

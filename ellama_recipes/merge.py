@@ -12,7 +12,7 @@ one tensor at a time (its header is computed up front from the shapes, then each
 are appended), so peak memory is about one tensor pair, not two models. The output keeps the adapted model's
 shard layout and index. Before anything is written the two checkpoints must agree on architecture (config.json
 shape keys), tokenizer (tokenizer files byte-identical) and every tensor's name, shape and dtype; a mismatch is a
-user error naming the key or the tensor. Output folders are atomic (:mod:`ellama_recipes.atomic`); config.json,
+user error naming the key or the tensor. Output folders are atomic (:mod:`ellama_recipes.io.atomic`); config.json,
 generation_config.json and the tokenizer are carried from the adapted model.
 
 Why not mergekit: mergekit 0.1.5 requires transformers 5, and NeMo 2.7.3 (the engine here) requires
@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from ellama_recipes.atomic import atomic_dir
+from ellama_recipes.io.atomic import atomic_dir
 from ellama_recipes.errors import UserError
 
 # config.json keys that fix the tensor layout / meaning: must be equal to merge
@@ -266,9 +266,9 @@ def merge_one(base: Path, adapted: Path, alpha: float, out: Path, *, replace: bo
         for name in CARRIED_FILES:
             if (Path(adapted) / name).is_file():
                 shutil.copy2(Path(adapted) / name, tmp / name)
-        from ellama_recipes.charts import write_json_atomic
+        from ellama_recipes.io.atomic import write_json
 
-        write_json_atomic(tmp / "ellama_merge.json", {"base": str(base), "adapted": str(adapted), "alpha": alpha,
+        write_json(tmp / "ellama_merge.json", {"base": str(base), "adapted": str(adapted), "alpha": alpha,
                                                       "formula": "(1 - alpha) * base + alpha * adapted"})
     return Path(out)
 
@@ -307,7 +307,8 @@ def merge(base: Path, adapted: Path, alphas: list[float], out: Path, *, evaluate
         merges.append({"alpha": a, "dir": str(d)})
     result: dict[str, Any] = {"out": str(out), "merges": merges}
     if evaluate:
-        from ellama_recipes.charts import tradeoff, write_json_atomic
+        from ellama_recipes.charts import tradeoff
+        from ellama_recipes.io.atomic import write_json
         from ellama_recipes.evaluate import evaluate as run_eval
 
         models = [Path(base)] + [Path(m["dir"]) for m in merges]
@@ -316,7 +317,7 @@ def merge(base: Path, adapted: Path, alphas: list[float], out: Path, *, evaluate
         points = [{"alpha": m["alpha"], "dir": m["dir"], "domain_gain_pct": e.get("domain_gain_pct"),
                    "general_regression_pct": e.get("general_regression_pct"), "domain_basis": e.get("domain_basis"),
                    "general_basis": e.get("general_basis")} for m, e in zip(merges, report["models"][1:])]
-        write_json_atomic(out / "tradeoff.json", {"base": str(base), "adapted": str(adapted), "points": points,
+        write_json(out / "tradeoff.json", {"base": str(base), "adapted": str(adapted), "points": points,
                                                   "definitions": report["definitions"]})
         tradeoff(points, out / "tradeoff.png")
         result.update(points=points, tradeoff_png=str(out / "tradeoff.png"), tradeoff_json=str(out / "tradeoff.json"),

@@ -243,9 +243,9 @@ def run_quickstart(
         "eval_json": str(eval_dir / "eval.json"),
         "generation": {"prompt": prompt, "text": generate(final_hf, prompt)},
     }
-    from ellama_recipes.charts import write_json_atomic
+    from ellama_recipes.io.atomic import write_json
 
-    write_json_atomic(out / "report.json", summary)
+    write_json(out / "report.json", summary)
     return summary
 
 

@@ -578,7 +578,7 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         raise UserError(f"--from {spec.restore_from}: not an engine checkpoint (expected weights/ and context/ "
                         f"inside). Fix: create one with `ellama import-hf --size {spec.size} --out DIR`.")
     from ellama_recipes import launch
-    from ellama_recipes.data.manifest import write_json_atomic
+    from ellama_recipes.io.atomic import write_json
 
     points = grid(spec)
     cap = local_gpu_capability()
@@ -620,10 +620,10 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         launched["elapsed_s"] = round(time.monotonic() - t0, 1)
         if spec.executor == "slurm":
             pending.update({name: launched["experiment"] for name, _, _ in jobs})
-            write_json_atomic(spec.out / SUBMITTED, {"jobs": pending})
+            write_json(spec.out / SUBMITTED, {"jobs": pending})
     result = summarize(spec, points, base_values(base.run_dir))
     result["launched"] = launched
-    write_json_atomic(spec.out / "sweep.json", result)
+    write_json(spec.out / "sweep.json", result)
     write_chart(result, spec.out / "sweep.png")
     return result
 

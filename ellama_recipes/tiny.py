@@ -274,7 +274,7 @@ def trained_tiny_base(out_dir: Path, *, steps: int = 150, seed: int = 0, cache: 
 
     The result is cached (``cache_root()/tiny-base-<key>``); the key covers everything that changes the weights.
     """
-    from ellama_recipes.atomic import atomic_dir
+    from ellama_recipes.io.atomic import atomic_dir
     from ellama_recipes.data.bundled import sample_dir
 
     arch = SIZES["tiny"].arch

@@ -185,7 +185,7 @@ def test_blend_hits_targets_within_one_percent(built):
 def test_tokenized_datasets_read_back_with_manifest_counts(built, tok):
     from transformers import AutoTokenizer
 
-    from ellama_recipes.engine.indexed import read_back, read_document
+    from ellama_recipes.data.indexed import read_back, read_document
 
     m = json.loads((built / "manifest.json").read_text())
     for s in m["sources"]:
@@ -310,7 +310,7 @@ def test_multiprocess_tokenize_is_identical_to_single(tok, tmp_path):
 def test_writer_matches_megatron_stock_builder_bytes(tmp_path):
     import numpy as np
 
-    from ellama_recipes.engine.indexed import TokenWriter, write_with_stock_builder
+    from ellama_recipes.data.indexed import TokenWriter, write_with_stock_builder
 
     docs = [[1, 2, 3], [4], list(range(100, 140)), [7, 7]]
     write_with_stock_builder(tmp_path / "ref", docs, 4096)

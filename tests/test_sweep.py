@@ -58,7 +58,7 @@ def test_reblended_manifests_hit_their_ratios_without_retokenizing(tiny_data, tm
     from ellama_recipes.data.blend import parse_ratio
     from ellama_recipes.data.manifest import load_manifest
     from ellama_recipes.data.reblend import non_english_share, reblend
-    from ellama_recipes.engine.indexed import read_back
+    from ellama_recipes.data.indexed import read_back
 
     src = load_manifest(tiny_data / "manifest.json")
     src_bins = {p: Path(p + ".bin").stat().st_mtime_ns for p in src["train_blend"][1::2]}

@@ -337,8 +337,9 @@ def tokenize_cmd(
         raise UserError(f"No valid document in {', '.join(map(str, files))} (rejected: {dict(res.rejected)}); see "
                         f"{sink.path}.")
     src_lang = lang or (res.langs.most_common(1)[0][0] if res.langs else "und")
-    for ext in (".bin", ".idx"):
-        os.replace(str(tmp_prefix) + ext, str(out) + ext)
+    from ellama_recipes.io.atomic import replace_all
+
+    replace_all([(str(tmp_prefix) + ext, str(out) + ext) for ext in (".bin", ".idx")])
     write_source_sidecar(out, side, src_lang, res.documents, res.tokens)
     console.print(f"Wrote {out}.bin/.idx: {res.documents} documents, {res.tokens} tokens"
                   + (f"; rejected {dict(res.rejected)} (see {sink.path})" if res.rejected else "") + ".")
@@ -358,7 +359,8 @@ def blend_cmd(
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the manifest; do not write it."),
 ) -> None:
     from ellama_recipes.data.blend import make_manifest
-    from ellama_recipes.data.manifest import read_source_sidecars, write_json_atomic
+    from ellama_recipes.data.manifest import read_source_sidecars
+    from ellama_recipes.io.atomic import write_json
 
     if not folder.is_dir():
         raise UserError(f"{str(folder)!r} is not a folder. Pass the folder holding the tokenized .bin/.idx files.")
@@ -373,7 +375,7 @@ def blend_cmd(
     if dryrun:
         print_json(manifest)
         return
-    write_json_atomic(folder / "manifest.json", manifest)
+    write_json(folder / "manifest.json", manifest)
     r = manifest["realized"]
     console.print(f"Wrote {folder}/manifest.json: {len(manifest['sources'])} sources, general:domain "
                   f"{r['general_to_domain_token_ratio']}, non-English {r['non_english_share_of_general']}.")

@@ -93,7 +93,7 @@ def compute_weights(sources: list[dict], ratio: float, non_english: float) -> li
 
 def realized(sources: list[dict], weights: list[float], num_samples: int = 100_000) -> dict:
     """Token ratios actually drawn by Megatron's blending index over ``num_samples`` samples."""
-    from ellama_recipes.engine.indexed import blending_counts
+    from ellama_recipes.data.indexed import blending_counts
 
     live = [i for i, w in enumerate(weights) if w > 0]
     counts = blending_counts([weights[i] for i in live], num_samples)

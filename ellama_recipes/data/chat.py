@@ -425,7 +425,7 @@ def prepare(
     ``seed`` (at least one row when two or more are kept). Nothing valid left is not an error here: the caller
     prints the table and raises (see :func:`require_rows`).
     """
-    from ellama_recipes.atomic import atomic_dir
+    from ellama_recipes.io.atomic import atomic_dir
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")

@@ -14,11 +14,11 @@ tokenize``) describe one tokenized source each. Plain Python: the engine's data 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.io.atomic import write_json
 
 MANIFEST_KEYS = ("blend", "sources", "realized", "rejected")
 SOURCE_KEYS = ("prefix", "side", "lang", "documents", "tokens")
@@ -28,18 +28,11 @@ SIDES = ("domain", "general")
 MANIFEST_PLACEHOLDER = "<unset: pass --data DIR/manifest.json (written by `ellama data build`)>"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary sibling and a rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_source_sidecar(prefix: Path, side: str, lang: str, documents: int, tokens: int, **extra: Any) -> dict:
     """Write ``PREFIX.source.json`` (side, lang, documents, tokens, plus any ``extra`` keys); returns its dict."""
     meta = {"side": side, "lang": lang, "documents": documents, "tokens": tokens, **extra}
     prefix = Path(prefix)
-    write_json_atomic(prefix.parent / f"{prefix.name}.source.json", meta)
+    write_json(prefix.parent / f"{prefix.name}.source.json", meta)
     return meta
 
 

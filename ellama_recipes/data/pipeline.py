@@ -30,14 +30,15 @@ from pathlib import Path
 
 from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio
 from ellama_recipes.data.clean import CleanConfig, StageStats, clean
-from ellama_recipes.data.manifest import write_json_atomic, write_source_sidecar
+from ellama_recipes.data.manifest import write_source_sidecar
 from ellama_recipes.data.mine import Budget
 from ellama_recipes.data.mine import count_lines as count_text_lines
 from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
-from ellama_recipes.atomic import atomic_dir as _atomic_dir
+from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
+from ellama_recipes.io.atomic import write_json
 from ellama_recipes.errors import UserError
 
 CLASSIFY_MAX_TRAIN = 20_000  # general docs (an even sample of the corpus) in the classifier's training set
@@ -299,9 +300,9 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
         for st in report["stages"]:
             rejected.update(st["rejected"])
         manifest = make_manifest(sources, ratio, non_english, dict(rejected))
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json(tmp / "manifest.json", manifest)
         report["tokenizer"] = p["tokenizer"]
-        write_json_atomic(tmp / "report.json", report)
+        write_json(tmp / "report.json", report)
     manifest_report_last = report
     build.last_report = manifest_report_last  # for the CLI table
     return manifest

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 
 from ellama_recipes.data.blend import check_non_english, make_manifest, parse_ratio
-from ellama_recipes.data.manifest import SOURCE_KEYS, load_manifest, write_json_atomic
+from ellama_recipes.data.manifest import SOURCE_KEYS, load_manifest
+from ellama_recipes.io.atomic import write_json
 from ellama_recipes.errors import UserError
 
 
@@ -82,9 +83,9 @@ def reblend(path: str | Path, ratio: str, out: str | Path, non_english: float | 
     out = Path(out)
     manifest = reblend_manifest(src_path, ratio, out, non_english, num_samples)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "reblend.json", {"from": str(src_path.absolute()), "ratio": ratio,
+    write_json(out / "reblend.json", {"from": str(src_path.absolute()), "ratio": ratio,
                                              "general_to_domain": parse_ratio(ratio)})
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -7,7 +7,7 @@ CLI: ``ellama data tokenize --input work/general_en.jsonl --tokenizer checkpoint
   Llama 3): Llama 3's document format. ``--no-bos`` gives ``tokens(text) + [eod]``, byte-identical to what
   Megatron-LM's ``tools/preprocess_data.py --append-eod`` writes with its default HuggingFaceTokenizer (core 0.15).
 - Streaming in constant memory: input is read in chunks of ``chunk_docs`` lines; at most ``2 * workers`` chunks are
-  in flight; each encoded chunk is written as one batch through :class:`ellama_recipes.engine.indexed.TokenWriter`
+  in flight; each encoded chunk is written as one batch through :class:`ellama_recipes.data.indexed.TokenWriter`
   (megatron-core's builder; per-document state is 12 bytes).
 - ``workers`` = CPU processes that parse JSON and encode (each with Rust-side parallelism off, so N workers use N
   cores); ``workers=1`` encodes in-process.
@@ -209,7 +209,7 @@ def tokenize_files(paths: list[Path], tokenizer: TokenizerInfo, prefix: str | Pa
     """
     if not add_bos:
         tokenizer = TokenizerInfo(tokenizer.json_str, None, tokenizer.eod_id, tokenizer.vocab_size, tokenizer.name)
-    from ellama_recipes.engine.indexed import TokenWriter
+    from ellama_recipes.data.indexed import TokenWriter
 
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}.")

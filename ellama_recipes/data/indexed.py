@@ -1,5 +1,5 @@
 """Megatron indexed datasets (``.bin`` / ``.idx``): writing with megatron-core's builder, reading back, and
-Megatron's blending index. The only module of the data pipeline that imports ``megatron.core``.
+Megatron's blending index. The only module of the data pipeline that imports ``megatron.core`` (its dataset code, lazily: no training code).
 
 Writing uses :class:`megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder` (its ``.bin`` stream and its
 ``_IndexWriter`` header/dtype codes). Two changes keep memory flat on big corpora, with byte-identical output
