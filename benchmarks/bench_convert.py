@@ -79,7 +79,7 @@ LLAMA = {  # HF config fields: Llama 3.1 8B / 70B / 405B (for the projection)
 
 
 def spec_for(hidden: int, layers: int, ffn: int, heads: int, groups: int, vocab: int) -> dict:
-    from ellama_recipes.engine.llama_bridge import spec_from_hf
+    from ellama_recipes.engine.bridge import spec_from_hf
 
     return spec_from_hf({"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
                          "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": groups,
@@ -91,7 +91,7 @@ def spec_for(hidden: int, layers: int, ffn: int, heads: int, groups: int, vocab:
 def largest_group_bytes(spec: dict, itemsize: int = 2) -> int:
     import torch
 
-    from ellama_recipes.engine.llama_bridge import expand
+    from ellama_recipes.engine.bridge import expand
 
     return max(sum(torch.Size(s).numel() for s in g.hf_shapes) * itemsize for g in expand(spec))
 
@@ -103,7 +103,7 @@ def buffer_bound(spec: dict, itemsize: int = 2, slice_bytes: int = 64 << 20) -> 
     whole HF tensor (a strided QKV part) - plus the largest tensor not from the pool (the merged or split QKV)."""
     from collections import Counter
 
-    from ellama_recipes.engine.llama_bridge import engine_chunks, expand
+    from ellama_recipes.engine.bridge import engine_chunks, expand
 
     groups = expand(spec)
     nb = lambda shape, size=itemsize: torch_numel(shape) * size  # noqa: E731
@@ -138,7 +138,7 @@ def build_model(out: Path, spec: dict, shard_bytes: int = 1 << 30) -> int:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     from ellama_recipes.engine.convert import SafetensorsShards
-    from ellama_recipes.engine.llama_bridge import expand, hf_from_spec
+    from ellama_recipes.engine.bridge import expand, hf_from_spec
 
     out.mkdir(parents=True)
     v = spec["vocab_size"]
@@ -165,7 +165,7 @@ import json, sys
 from pathlib import Path
 from ellama_recipes.engine import cpu_compat
 from ellama_recipes.engine.convert import te_free_overrides
-from ellama_recipes.engine.llama_bridge import llama31_config, spec_from_hf
+from ellama_recipes.engine.bridge import llama31_config, spec_from_hf
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel, TransformFns
 from nemo.lightning import io
 import torch
@@ -246,7 +246,7 @@ if __name__ == "__main__":
     ex.convert_state(model, target, model.config).save_pretrained(out, safe_serialization=True)
 """
 
-BASE = "import nemo.collections.llm, ellama_recipes.engine.convert, ellama_recipes.engine.llama_bridge"
+BASE = "import nemo.collections.llm, ellama_recipes.engine.convert, ellama_recipes.engine.bridge"
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float, int]:
@@ -359,7 +359,7 @@ def main() -> None:
     for name, h in LLAMA.items():
         spec = spec_for(h["hidden_size"], h["num_hidden_layers"], h["intermediate_size"], h["num_attention_heads"],
                         h["num_key_value_heads"], 128256)
-        from ellama_recipes.engine.llama_bridge import expand
+        from ellama_recipes.engine.bridge import expand
         import torch
 
         model = sum(torch.Size(s).numel() for g in expand(spec) for s in g.hf_shapes) * 2

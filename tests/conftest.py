@@ -106,7 +106,7 @@ class TinyInputs:
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
-    from ellama_recipes.tiny import build_tiny_base
+    from ellama_recipes.model.tiny import build_tiny_base
 
     out = build_tiny_base(tmp_path_factory.mktemp("tiny_hf") / "base_hf", seed=0)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -78,7 +78,7 @@ def test_launch_without_manifest_is_a_clear_error(cli):
 @pytest.mark.parametrize("capability,needle", [(None, "no CUDA device is visible"), ((8, 0), "this GPU is sm_80")])
 def test_fp8_launch_without_hopper_is_a_clear_error(cli, tmp_path, monkeypatch, capability, needle):
     """Independent of the host's GPU: the launch check reads the probed capability (None = no CUDA device)."""
-    from ellama_recipes import recipe
+    from ellama_recipes.config import schema as recipe
 
     monkeypatch.setattr(recipe, "local_gpu_capability", lambda: capability)
     manifest = tmp_path / "manifest.json"

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from ellama_recipes.cli.main import main
-from ellama_recipes.convert import export_hf, import_hf, resolve_checkpoint
+from ellama_recipes.workflows.import_export import export_hf, import_hf, resolve_checkpoint
 from ellama_recipes.errors import UserError
-from ellama_recipes.sizes import SIZES
-from ellama_recipes.tiny import build_tiny_base
+from ellama_recipes.model.sizes import SIZES
+from ellama_recipes.model.tiny import build_tiny_base
 
 pytestmark = pytest.mark.engine
 
@@ -157,7 +157,7 @@ from pathlib import Path
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel
 from ellama_recipes.engine import cpu_compat
 from ellama_recipes.engine.convert import te_free_overrides
-from ellama_recipes.engine.llama_bridge import llama31_config, spec_from_hf
+from ellama_recipes.engine.bridge import llama31_config, spec_from_hf
 src, out, stage = map(Path, sys.argv[1:4])
 
 class CpuConfigImporter(HFLlamaImporter):
@@ -454,7 +454,7 @@ def test_import_dryrun_writes_nothing(work, capsys, monkeypatch):
 
 def test_import_architecture_from_source(hf_sources, imported, work, capsys):
     """`--from DIR` needs no --size: the dry run and the checkpoint carry the source's architecture."""
-    from ellama_recipes.engine.llama_bridge import checkpoint_spec
+    from ellama_recipes.engine.bridge import checkpoint_spec
 
     assert main(["import-hf", "--from", str(hf_sources["wide"]), "--out", str(work / "dry-wide"), "--dryrun"]) == 0
     plan = json.loads(capsys.readouterr().out)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ellama_recipes.sizes import SIZES
-from ellama_recipes.tiny import build_tiny_base
+from ellama_recipes.model.sizes import SIZES
+from ellama_recipes.model.tiny import build_tiny_base
 
 pytestmark = pytest.mark.engine
 
@@ -66,7 +66,7 @@ def _track_buffers(monkeypatch) -> list:
 
 
 def _largest_group_bytes(spec: dict, itemsize: int = 4) -> int:
-    from ellama_recipes.engine.llama_bridge import expand
+    from ellama_recipes.engine.bridge import expand
 
     return max(sum(torch.Size(s).numel() for s in g.hf_shapes) * itemsize for g in expand(spec))
 
@@ -80,7 +80,7 @@ def depth_sources(tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.slow
 def test_import_peak_is_one_group_and_flat_with_depth(depth_sources, tmp_path, monkeypatch):
     from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes, read_engine_weights
-    from ellama_recipes.engine.llama_bridge import spec_from_hf
+    from ellama_recipes.engine.bridge import spec_from_hf
 
     peaks, pool_peaks = {}, {}
     for n, src in depth_sources.items():
@@ -111,7 +111,7 @@ def test_export_reads_chunks_never_builds_the_model(tiny_base, tiny_hf, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ellama_recipes.convert import export_hf
+    from ellama_recipes.workflows.import_export import export_hf
     from ellama_recipes.engine import convert
 
     def no_model(*a, **k):

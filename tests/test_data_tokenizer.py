@@ -15,7 +15,7 @@ import pytest
 
 from ellama_recipes.data.bundled import sample_dir
 from ellama_recipes.data.tokenizer_train import SPECIAL_TOKENS, sample_texts, train_tokenizer
-from ellama_recipes.sizes import get_size
+from ellama_recipes.model.sizes import get_size
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -39,7 +39,7 @@ _RUN = textwrap.dedent("""
                     os.killpg(os.getpgrp(), signal.SIGKILL)
             dpo.DPOMetricsJsonl.on_train_batch_end = on_train_batch_end
         from ellama_recipes.recipes.dpo import build_config
-        from ellama_recipes.launch import run_in_process
+        from ellama_recipes.workflows.launch import run_in_process
         cfg = build_config("tiny", restore_from=base, data_dir=data, out_dir=out, train_steps=int(steps),
                            save_every=int(save_every), overrides=[f"schedule.val_check_interval={val_every}"])
         run_in_process(cfg)

@@ -9,7 +9,7 @@ import pytest
 from ellama_recipes.errors import ConfigError, UserError
 from ellama_recipes.recipes import get_recipe
 from ellama_recipes.recipes.dpo import DPOConfig, build_config
-from ellama_recipes.sizes import SIZES
+from ellama_recipes.model.sizes import SIZES
 
 CONTRACT = ("lr", "min_lr", "global_batch_size", "micro_batch_size", "seq_length", "train_steps", "tensor_parallel",
             "pipeline_parallel", "context_parallel", "data_parallel", "precision", "beta", "sft_loss_weight")

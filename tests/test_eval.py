@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ellama_recipes import evaluate as ev
+from ellama_recipes.workflows import evaluate as ev
 from ellama_recipes.cli.main import main
-from ellama_recipes.sizes import SIZES
-from ellama_recipes.tiny import build_tiny_base
+from ellama_recipes.model.sizes import SIZES
+from ellama_recipes.model.tiny import build_tiny_base
 
 ARCH = replace(SIZES["tiny"].arch, num_layers=2)
-SAMPLE = Path(ev.__file__).parent / "sample_data"
+SAMPLE = Path(ev.__file__).parents[1] / "sample_data"
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def proof_wheels() -> list[str]:
 
 
 def test_plan_defaults_name_their_sources():
-    from ellama_recipes.plan import DEFAULT_TFLOPS, TFLOPS_SOURCES, compute_plan
+    from ellama_recipes.workflows.plan import DEFAULT_TFLOPS, TFLOPS_SOURCES, compute_plan
     from ellama_recipes.recipes import get_recipe
 
     assert DEFAULT_TFLOPS["bf16"] == 343 and "e-Llama" in TFLOPS_SOURCES["bf16"]

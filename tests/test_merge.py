@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ellama_recipes.cli.main import main
-from ellama_recipes.sizes import SIZES
-from ellama_recipes.tiny import build_tiny_base
+from ellama_recipes.model.sizes import SIZES
+from ellama_recipes.model.tiny import build_tiny_base
 
 ARCH = replace(SIZES["tiny"].arch, num_layers=2)
 
@@ -138,7 +138,7 @@ def test_peak_memory_is_about_one_tensor_pair_not_two_models(tmp_path):
     # then read the new peak (VmHWM) against the RSS before the merge.
     code = (
         "import torch, safetensors.torch, re\n"
-        "from ellama_recipes import merge\n"
+        "from ellama_recipes.workflows import merge\n"
         "def kb(key): return int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = kb('VmRSS')\n"

@@ -11,7 +11,7 @@ single-process run. Measured on 2 CPU cores (Nov 26 2026, `pytest -s tests/test_
 TP2 0, PP2 9.5e-7, PP2 x VPP2 0, DP2 9.5e-7, TP2 x PP2 9.5e-7 (5 steps); resumed TP1 -> TP2 x PP2 (steps 3-5) 4.8e-7,
 TP2 x PP2 -> TP1 (step 5) 9.5e-7, TP2 x PP2 -> TP1 x PP2 (step 5) 1.4e-6 (reduction order).
 PP2 x VPP2 used to miss by 4.7e-3 at step 1 (8.36056 vs 8.36531): megatron-core's batched P2P swaps activation
-and gradient at pipeline size 2; engine.nemo_recipe.p2p_fields turns it off there (see the probe test below).
+and gradient at pipeline size 2; engine.blocks.p2p_fields turns it off there (see the probe test below).
 
 Runtime: about 7 min on 2 cores incl. the shared tiny fixtures (one 1-process run, four 2-process runs, a
 4-process run, a 1-process checkpoint resumed in 4 processes, its checkpoint resumed in 1 and in 2 processes,
@@ -79,7 +79,7 @@ def single(tiny_inputs, tmp_path_factory) -> Path:
     [
         ("tp2", 2, ["parallel.tensor_parallel=2"]),
         ("pp2", 2, ["parallel.pipeline_parallel=2"]),
-        # interleaved schedule; needs unbatched P2P at PP=2 (engine.nemo_recipe.p2p_fields)
+        # interleaved schedule; needs unbatched P2P at PP=2 (engine.blocks.p2p_fields)
         ("pp2vpp2", 2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2"]),
         ("dp2", 2, []),
         # 4 processes, fresh from the base for all 5 steps (the resharding test below resumes this layout mid-run)
@@ -193,12 +193,12 @@ dist.destroy_process_group()
 
 
 def test_megatron_batched_p2p_crosses_activation_and_gradient_at_pipeline_size_2(tmp_path):
-    """Why engine.nemo_recipe.p2p_fields turns megatron-core's batched P2P off for VPP at PP = 2 (what made PP2 x VPP2
+    """Why engine.blocks.p2p_fields turns megatron-core's batched P2P off for VPP at PP = 2 (what made PP2 x VPP2
     miss the single-process losses): two ranks exchange an activation (10*rank+1, to next) and a gradient (10*rank+2,
     to prev) with megatron-core's own P2PCommunicator. Batched, each rank receives the peer's gradient as its
     activation and vice versa; unbatched, the right ones. When megatron-core stops crossing them, this fails: then
     p2p_fields can go."""
-    from ellama_recipes.engine.nemo_recipe import p2p_fields
+    from ellama_recipes.engine.blocks import p2p_fields
     from ellama_recipes.recipes.pretrain import build_config
 
     def cfg(*o: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ellama_recipes.plan import compute_plan, parse_tokens
+from ellama_recipes.workflows.plan import compute_plan, parse_tokens
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 
 

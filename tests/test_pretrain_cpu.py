@@ -81,7 +81,7 @@ def test_tiny_cpt_trains_and_domain_val_loss_falls(reference_run):
     last = sum(r["train_loss"] for r in recs[-5:]) / 5
     assert last < first - 0.1, (first, last)
     # LR: linear warmup to the peak, then cosine decay towards min_lr (max = 0.10 x the tiny base LR; min = 10% of it)
-    from ellama_recipes.sizes import get_size
+    from ellama_recipes.model.sizes import get_size
 
     max_lr = 0.10 * get_size("tiny").base_max_lr
     lrs = [r["lr"] for r in recs]
@@ -202,9 +202,9 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
 
 def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     """`--size` picks the recipe defaults; the model shape is the `--from` checkpoint's (here: tiny under 8b)."""
-    from ellama_recipes.engine.nemo_recipe import build_pretrain_partial, model_spec_from_checkpoint
+    from ellama_recipes.engine.blocks import build_pretrain_partial, model_spec_from_checkpoint
     from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
-    from ellama_recipes.sizes import SIZES
+    from ellama_recipes.model.sizes import SIZES
 
     cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs.base))
     mc = build_pretrain_partial(cfg).model.config

@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER
+from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
-from ellama_recipes.sizes import SIZES
+from ellama_recipes.model.sizes import SIZES
 
 PRECISIONS = [("bf16", None), ("fp8", "delayed"), ("fp8", "current")]
 
 
 @pytest.fixture(scope="module")
 def nr():
-    from ellama_recipes.engine import nemo_recipe
+    from ellama_recipes.engine import blocks
 
-    return nemo_recipe
+    return blocks
 
 
 def _cfg(size, mode, recipe, **kw):
@@ -38,7 +38,7 @@ def test_partial_fields(nr, size, mode, recipe):
     from megatron.core.transformer.enums import AttnBackend
     from nemo.collections import llm
 
-    from ellama_recipes.engine.train import pretrain
+    from ellama_recipes.engine.runner import pretrain
 
     cfg = _cfg(size, mode, recipe)
     p = nr.build_pretrain_partial(cfg)
@@ -150,7 +150,7 @@ def test_partial_serializes_for_executors(nr):
 
 
 def test_manifest_errors_are_user_errors(tmp_path):
-    from ellama_recipes.engine.data_module import load_manifest
+    from ellama_recipes.engine.pretrain_data import load_manifest
 
     with pytest.raises(UserError, match="No data manifest"):
         load_manifest(MANIFEST_PLACEHOLDER)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from ellama_recipes.cli.main import main
-from ellama_recipes.quickstart import align_available
+from ellama_recipes.workflows.quickstart import align_available
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ellama_recipes.errors import ConfigError, UserError
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER
+from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
-from ellama_recipes.sizes import SIZES, get_size
+from ellama_recipes.model.sizes import SIZES, get_size
 
 BASE_LR = {"8b": 3e-4, "70b": 1.5e-4, "405b": 8e-5}
 REPOS = {"8b": "meta-llama/Llama-3.1-8B", "70b": "meta-llama/Llama-3.1-70B", "405b": "meta-llama/Llama-3.1-405B"}
@@ -232,7 +232,7 @@ def test_tiny_differs_only_by_its_size_row():
     same config (nothing is special-cased by the name)."""
     import dataclasses
 
-    from ellama_recipes import sizes
+    from ellama_recipes.model import sizes
 
     row = dataclasses.replace(sizes.SIZES["tiny"], name="tiny-copy")
     sizes.SIZES["tiny-copy"] = row

@@ -9,8 +9,8 @@ Issue 13 ("Also"): for each rule, show that the launched run fails the same way 
      dead (remove it) or guards a silent mis-handling (prove that instead).
 
 Where a check is plain arithmetic on the config, it runs in this process on the objects a rank builds:
-``MegatronStrategy`` from ``engine.nemo_recipe.trainer(cfg)``, ``llm.LlamaModel(Llama31Config)`` from
-``engine.nemo_recipe.model_config(cfg)``, ``MegatronStrategy.connect(model)`` (NeMo's
+``MegatronStrategy`` from ``engine.blocks.trainer(cfg)``, ``llm.LlamaModel(Llama31Config)`` from
+``engine.blocks.model_config(cfg)``, ``MegatronStrategy.connect(model)`` (NeMo's
 ``set_model_parallel_attributes`` + ``TransformerConfig.__post_init__``), NeMo's ``init_parallel_ranks`` and
 ``MegatronDataSampler.setup``. Where a check needs process groups of size 2 (context parallel, sequence parallel,
 the interleaved pipeline, ``initialize_model_parallel``, the GQA attention), the megatron code runs in two CPU
@@ -115,22 +115,22 @@ def rank():
     import fiddle as fdl
     from nemo.collections import llm
 
-    from ellama_recipes.engine import nemo_recipe
+    from ellama_recipes.engine import blocks
 
     class Rank:
         @staticmethod
         def strategy(cfg):
-            return fdl.build(nemo_recipe.trainer(cfg).strategy)
+            return fdl.build(blocks.trainer(cfg).strategy)
 
         @staticmethod
         def optimizer(cfg):
-            return fdl.build(nemo_recipe.optimizer(cfg))
+            return fdl.build(blocks.optimizer(cfg))
 
         @staticmethod
         def connect(cfg):
             """MegatronStrategy.connect(model): copies the parallelism onto the model's TransformerConfig and
             re-runs its __post_init__ (nemo.lightning._strategy_lib.set_model_parallel_attributes)."""
-            model = llm.LlamaModel(config=fdl.build(nemo_recipe.model_config(cfg)))
+            model = llm.LlamaModel(config=fdl.build(blocks.model_config(cfg)))
             Rank.strategy(cfg).connect(model)
             return model.config
 

@@ -23,7 +23,7 @@ SFT_STEPS = 24
 def _run_sft(base: Path, out: Path, save_every: int = 12) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import json
-        from ellama_recipes.align import AlignRequest, run
+        from ellama_recipes.workflows.align import AlignRequest, run
         if __name__ == "__main__":
             req = AlignRequest(size="tiny", from_path={str(base)!r}, sft=[{str(SAMPLE_DATA / 'sft')!r}],
                                dpo=[{str(SAMPLE_DATA / 'preference')!r}], out={str(out)!r}, sft_steps={SFT_STEPS},
@@ -155,7 +155,7 @@ def test_sigkill_then_rerun_resumes_and_ends_like_the_uninterrupted_run(sft_run,
     ref_out, _ = sft_run
     out = tmp_path / "run2"
     code = textwrap.dedent(f"""
-        from ellama_recipes.align import AlignRequest, run
+        from ellama_recipes.workflows.align import AlignRequest, run
         if __name__ == "__main__":
             run(AlignRequest(size="tiny", from_path={str(tiny_base)!r}, sft=[{str(SAMPLE_DATA / 'sft')!r}],
                              dpo=[{str(SAMPLE_DATA / 'preference')!r}], out={str(out)!r}, sft_steps={SFT_STEPS},

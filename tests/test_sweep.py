@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ellama_recipes import sweep as S
+from ellama_recipes.workflows import sweep as S
 from ellama_recipes.errors import UserError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "ellama_recipes" / "sample_data"
@@ -189,7 +189,7 @@ def test_chart_is_a_png_with_one_marker_per_finished_run(tmp_path, unfinished):
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_dryrun_prints_grid_differences_tokens_and_gpu_hours(cli, tmp_path):
-    from ellama_recipes.plan import compute_plan
+    from ellama_recipes.workflows.plan import compute_plan
 
     out = tmp_path / "sw"
     r = cli("sweep", "--size", "8b", "--data-domain", SAMPLE / "domain", "--data-general", SAMPLE / "general",
@@ -242,7 +242,7 @@ def test_slurm_dryrun_materializes_one_sbatch_job_per_point_plus_the_base_pass(t
         assert str(spec.out.absolute() / "nemo_run") in script  # the sweep's NeMo-Run folder
     assert not spec.out.exists()
     # the base pass is the recipe's own partial with llm.validate in place of llm.pretrain, nothing else changed
-    from ellama_recipes.engine import sweep_experiment as E
+    from ellama_recipes.engine import experiment as E
     from ellama_recipes.recipes import get_recipe
 
     cfg = S.base_point(spec, S.grid(spec)).cfg

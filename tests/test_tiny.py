@@ -1,4 +1,4 @@
-"""The locally built tiny base model (ellama_recipes.tiny). No NeMo here: fast (~15 s)."""
+"""The locally built tiny base model (ellama_recipes.model.tiny). No NeMo here: fast (~15 s)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.sizes import SIZES
-from ellama_recipes.tiny import build_tiny_base
+from ellama_recipes.model.sizes import SIZES
+from ellama_recipes.model.tiny import build_tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_trained_tiny_base_learns_general_text_and_is_cached(tmp_path, monkeypat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ellama_recipes.evaluate import perplexity
-    from ellama_recipes.tiny import _general_texts, trained_tiny_base
+    from ellama_recipes.workflows.evaluate import perplexity
+    from ellama_recipes.model.tiny import _general_texts, trained_tiny_base
 
     monkeypatch.setenv("ELLAMA_CACHE", str(tmp_path / "cache"))
     d = trained_tiny_base(tmp_path / "base", steps=8)

@@ -163,7 +163,7 @@ def prepare_inputs(root: Path) -> dict[str, Path]:
     GPU host needs neither the tokenizer trainer nor the language-id / dedup libraries)."""
     hf, data = root / "base_hf", root / "data"
     if not (hf / "config.json").is_file():
-        from ellama_recipes.tiny import build_tiny_base
+        from ellama_recipes.model.tiny import build_tiny_base
 
         build_tiny_base(hf, seed=0)
     if not (data / "manifest.json").is_file():
@@ -418,7 +418,7 @@ def proxy_worker(cfg: dict) -> int:
     """One process: the package's recipe path for the proxy (checkpointing off, validation once at the end)."""
     import torch
 
-    from ellama_recipes.launch import run_in_process
+    from ellama_recipes.workflows.launch import run_in_process
     from ellama_recipes.recipes import get_recipe
 
     shape, gpu = cfg["shape"], cfg["mode"] == "gpu"

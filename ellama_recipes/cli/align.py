@@ -1,4 +1,4 @@
-"""`ellama align`: SFT then DPO, chained, from a continued-pretraining checkpoint (ellama_recipes.align)."""
+"""`ellama align`: SFT then DPO, chained, from a continued-pretraining checkpoint (ellama_recipes.workflows.align)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def align(
     as_json: bool = typer.Option(False, "--json", help='With --dryrun: print {"sft": {...}, "dpo": {...}}.'),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides: sft.KEY=V, dpo.KEY=V or KEY=V (both)."),
 ) -> None:
-    from ellama_recipes import align as chain
+    from ellama_recipes.workflows import align as chain
     from ellama_recipes.errors import UserError
 
     for name, value in (("--sft-steps", sft_steps), ("--dpo-steps", dpo_steps), ("--save-every", save_every)):
@@ -87,7 +87,7 @@ def _show_plan(plan: dict) -> None:
     from rich.syntax import Syntax
     from rich.table import Table
 
-    from ellama_recipes.align import DRYRUN_KEYS
+    from ellama_recipes.workflows.align import DRYRUN_KEYS
 
     t = Table(title="ellama align: resolved plan")
     t.add_column("key", style="cyan")

@@ -57,7 +57,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     if run is not None:
-        from ellama_recipes.charts import ChartError, FORGETTING_PNG, forgetting_curve
+        from ellama_recipes.io.charts import ChartError, FORGETTING_PNG, forgetting_curve
 
         try:
             png = forgetting_curve(run, out / FORGETTING_PNG)
@@ -70,7 +70,7 @@ def evaluate(
         return
     if not model:
         raise UserError("Pass --model DIR (repeat it: the first is the baseline), or --run RUN for a forgetting curve.")
-    from ellama_recipes import evaluate as ev
+    from ellama_recipes.workflows import evaluate as ev
 
     if dryrun:
         for d in model:

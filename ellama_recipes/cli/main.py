@@ -22,7 +22,7 @@ from ellama_recipes.errors import EXIT_USAGE, UserError
 
 def _register() -> None:
     # Imported here so `ellama --help` stays fast: command modules import heavy engines lazily inside commands.
-    from ellama_recipes.cli import align, convert, data, evaluate, merge, plan, pretrain, quickstart, sweep  # noqa: F401
+    from ellama_recipes.cli import align, data, evaluate, import_export, merge, plan, pretrain, quickstart, sweep  # noqa: F401
 
 
 _register()

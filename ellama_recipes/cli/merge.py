@@ -45,7 +45,7 @@ def merge(
     dryrun: bool = typer.Option(False, "--dryrun", help="Check compatibility and print the plan; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    from ellama_recipes import merge as mg
+    from ellama_recipes.workflows import merge as mg
 
     if dryrun:
         table = mg.check_compatible(base, adapted)

@@ -37,7 +37,7 @@ def plan(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. parallel.context_parallel=1"),
 ) -> None:
     from ellama_recipes.errors import UserError
-    from ellama_recipes.plan import compute_plan, parse_tokens
+    from ellama_recipes.workflows.plan import compute_plan, parse_tokens
     from ellama_recipes.recipes.pretrain import build_config
 
     n_tokens = parse_tokens(tokens)

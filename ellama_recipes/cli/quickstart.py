@@ -44,7 +44,7 @@ def quickstart(
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the stages and their commands; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
-    from ellama_recipes.quickstart import describe, run_quickstart
+    from ellama_recipes.workflows.quickstart import describe, run_quickstart
 
     if dryrun:
         stages = describe(out, steps, align)

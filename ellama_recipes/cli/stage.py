@@ -28,8 +28,8 @@ def execute(cfg, *, dryrun: bool, as_json: bool) -> None:
 
 
 def _launch(cfg) -> None:
-    from ellama_recipes import launch
-    from ellama_recipes.recipe import local_gpu_capability
+    from ellama_recipes.workflows import launch
+    from ellama_recipes.config.schema import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)
@@ -52,8 +52,8 @@ def _launch(cfg) -> None:
 
 
 def _dryrun(cfg, *, as_json: bool) -> None:
-    from ellama_recipes import launch
-    from ellama_recipes.plan import compute_plan
+    from ellama_recipes.workflows import launch
+    from ellama_recipes.workflows.plan import compute_plan
     from ellama_recipes.recipes import get_recipe
 
     # NeMo prints banners and warnings while building: keep stdout clean for --json.

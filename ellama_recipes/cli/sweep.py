@@ -49,7 +49,7 @@ def sweep(
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the grid, config differences, tokens and GPU-hours."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every run."),
 ) -> None:
-    from ellama_recipes import sweep as S
+    from ellama_recipes.workflows import sweep as S
 
     spec = S.SweepSpec(
         size=size,

@@ -207,7 +207,7 @@ def iter_rows(path: Path) -> Iterator[tuple[Any, str, Reject | None]]:
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def tokenizer_dir(path: str | Path) -> Path:
     """The HF tokenizer folder of ``path``: the folder itself, or an engine checkpoint's ``context/nemo_tokenizer``
-    (a run folder is resolved to its checkpoint first, by ``ellama align`` / ``ellama_recipes.convert``)."""
+    (a run folder is resolved to its checkpoint first, by ``ellama align`` / ``ellama_recipes.workflows.import_export``)."""
     p = Path(path)
     for cand in (p, p / "context" / "nemo_tokenizer"):
         if (cand / "tokenizer_config.json").is_file() or (cand / "tokenizer.json").is_file():

@@ -115,7 +115,7 @@ class MetricsJsonl(pl.Callback):
         # The forgetting curve (val_loss_domain / val_loss_general vs step) next to metrics.jsonl: RUN/forgetting.png.
         if trainer.global_rank != 0:
             return
-        from ellama_recipes.charts import ChartError, forgetting_curve
+        from ellama_recipes.io.charts import ChartError, forgetting_curve
 
         try:
             png = forgetting_curve(self.path)

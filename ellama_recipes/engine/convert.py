@@ -1,7 +1,7 @@
 """HF Llama 3.1 <-> engine (NeMo 2 / Megatron distributed) checkpoints, streamed one tensor group at a time.
 
 Import reads the HF safetensors tensor by tensor (header parsed, bytes read into one buffer; no whole-file mmap),
-converts each group with the mapping table of :mod:`ellama_recipes.engine.llama_bridge` (NeMo's ``TransformFns``
+converts each group with the mapping table of :mod:`ellama_recipes.engine.bridge` (NeMo's ``TransformFns``
 for the QKV interleave) and hands it to ``torch.distributed.checkpoint``'s writer through a lazy save planner, so
 at most one group (``--workers`` groups) is in memory. The result is the checkpoint Megatron's ``torch_dist``
 strategy writes: the same keys, layer-stacked tensors as one chunk per layer (gate and up as two), empty
@@ -49,8 +49,8 @@ from typing import Any, Callable
 
 import torch
 
-from ellama_recipes.engine import llama_bridge as bridge
-from ellama_recipes.engine.llama_bridge import SOURCE_CONFIG_NAME, Group
+from ellama_recipes.engine import bridge
+from ellama_recipes.engine.bridge import SOURCE_CONFIG_NAME, Group
 from ellama_recipes.errors import UserError
 
 Progress = Callable[[int], None]  # called with bytes done

@@ -121,8 +121,8 @@ def apply_conversion_redirects() -> None:
 # ============================================================================ continued pretraining on CPU
 # Owned by the CPT path (engine/train.py). `adapt_pretrain_partial` changes config fields of the recipe's
 # partial for a CPU-only local run; `apply_training_redirects` installs the runtime redirects. Both are called
-# only by engine.train.run_local and only when `not torch.cuda.is_available()`; the recipe built by
-# engine.nemo_recipe (what GPU launches run) is never changed.
+# only by engine.runner.run_local and only when `not torch.cuda.is_available()`; the recipe built by
+# engine.blocks (what GPU launches run) is never changed.
 
 _TE_FUSIONS = (
     "apply_rope_fusion",  # megatron.core.models.common.embeddings.rope_utils: fused RoPE needs TE/apex kernels

@@ -216,7 +216,7 @@ class PreferenceDataModule(pl.LightningDataModule, io.IOMixin):
     def tokenizer(self):
         tok = self.__dict__.get("_tokenizer")
         if tok is None:
-            from ellama_recipes.engine.data_module import load_tokenizer
+            from ellama_recipes.engine.pretrain_data import load_tokenizer
 
             tok = load_tokenizer(self.__dict__.get("_tokenizer_from"), 0)
             self.__dict__["_tokenizer"] = tok
@@ -606,7 +606,7 @@ def dpo(model, data, trainer, log, optim, resume, run_dir: str | None = None):
     """The DPO entry function of every rank: per-rank setup, ``llm.train`` (tokenizer from the data module, i.e.
     the ``--from`` checkpoint's), then ``RUN/complete.json`` on rank 0 when all steps are done."""
     from ellama_recipes.engine.sft import write_stage_complete
-    from ellama_recipes.engine.train import prepare_rank
+    from ellama_recipes.engine.runner import prepare_rank
 
     prepare_rank(run_dir)
     result = llm.train(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume,
@@ -643,13 +643,13 @@ def summarize(out: str | Path) -> dict[str, Any]:
 def build_dpo_partial(cfg) -> Any:
     """The DPO ``run.Partial`` for a :class:`ellama_recipes.recipes.dpo.DPOConfig` (not validated here).
 
-    Shared engine blocks (:mod:`ellama_recipes.engine.nemo_recipe`): model config, trainer (strategy, precision),
+    Shared engine blocks (:mod:`ellama_recipes.engine.blocks`): model config, trainer (strategy, precision),
     optimizer, logger (checkpoints ``RUN/checkpoints/dpo--step=...``), safe resume; DPO's own: the model class,
     the pair data module, the reference pass and the DPO metrics callback.
     """
     import nemo_run as run
 
-    from ellama_recipes.engine import nemo_recipe as nr
+    from ellama_recipes.engine import blocks as nr
 
     layout = nr.RunLayout.of(cfg)
     s, d = cfg.schedule, cfg.data

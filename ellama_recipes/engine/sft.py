@@ -2,15 +2,15 @@
 
 What :func:`build_sft_partial` holds (``run.Partial`` of :func:`finetune`, the entry function of every rank):
 
-- model: ``llm.LlamaModel`` with the `--from` checkpoint's architecture (:func:`nemo_recipe.model_config`),
-  full-parameter (no PEFT); initial weights restored from ``--from`` (:func:`nemo_recipe.resume`), or from the
+- model: ``llm.LlamaModel`` with the `--from` checkpoint's architecture (:func:`blocks.model_config`),
+  full-parameter (no PEFT); initial weights restored from ``--from`` (:func:`blocks.resume`), or from the
   newest complete checkpoint of ``RUN/checkpoints`` after a crash.
 - data: :class:`SFTDataModule` over the pre-tokenized rows that :func:`ellama_recipes.data.chat.prepare` wrote
   (``{"input_ids", "loss_mask"}``). The loss mask is OURS (assistant tokens only, from the chat-template segments);
   it reaches NeMo's ``MaskedTokenLossReduction`` as the batch's ``loss_mask`` unchanged. NeMo 2.7.3's own chat
   path (``ChatDataModule`` / ``_chat_preprocess``) is not used: without a ``{% generation %}`` block in the
   template it sets the mask to all ones and silently trains on the prompt.
-- trainer / optimizer / logger / resume: the shared blocks of :mod:`ellama_recipes.engine.nemo_recipe`, with
+- trainer / optimizer / logger / resume: the shared blocks of :mod:`ellama_recipes.engine.blocks`, with
   :class:`SFTMetricsJsonl` writing ``RUN/metrics.jsonl`` rows ``{"stage": "sft", "step", "loss", "lr"}`` plus
   ``val_loss`` on validation steps.
 """
@@ -194,7 +194,7 @@ class SFTMetricsJsonl(MetricsJsonl):
 
 # ------------------------------------------------------------------------------------------------------- partial
 def data_module(cfg) -> run.Config:
-    from ellama_recipes.engine.nemo_recipe import _abs
+    from ellama_recipes.engine.blocks import _abs
 
     s, d = cfg.schedule, cfg.data
     return run.Config(
@@ -215,10 +215,10 @@ def data_module(cfg) -> run.Config:
 
 def trainer(cfg) -> run.Config:
     """The shared trainer with the SFT metrics callback in place of pretraining's (one validation set)."""
-    from ellama_recipes.engine import nemo_recipe
+    from ellama_recipes.engine import blocks
 
-    tr = nemo_recipe.trainer(cfg)
-    path = str(nemo_recipe.RunLayout.of(cfg).metrics)
+    tr = blocks.trainer(cfg)
+    path = str(blocks.RunLayout.of(cfg).metrics)
     callbacks = [c for c in tr.callbacks if getattr(c, "__fn_or_cls__", None) is not MetricsJsonl]
     callbacks.append(run.Config(SFTMetricsJsonl, path=path, log_every=cfg.checkpoint.log_every))
     tr.callbacks = callbacks
@@ -234,12 +234,12 @@ def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     The tokenizer (saved into every checkpoint's context, so ``ellama export-hf`` finds it) is the ``--from``
     checkpoint's; it is read here, after the partial is built (NeMo's ``load_context`` is itself a fiddle build).
     """
-    from ellama_recipes.engine.train import prepare_rank
+    from ellama_recipes.engine.runner import prepare_rank
 
     prepare_rank(run_dir)
     from nemo.collections import llm
 
-    from ellama_recipes.engine.data_module import load_tokenizer
+    from ellama_recipes.engine.pretrain_data import load_tokenizer
 
     data.tokenizer = load_tokenizer(data.tokenizer_from, data.vocab_size)
     result = llm.finetune(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume,
@@ -273,17 +273,17 @@ def build_sft_partial(cfg) -> run.Partial:
     """The SFT ``run.Partial`` for ``cfg`` (an :class:`ellama_recipes.recipes.sft.SFTConfig`; not validated here)."""
     from nemo.collections import llm
 
-    from ellama_recipes.engine import nemo_recipe
+    from ellama_recipes.engine import blocks
 
     return run.Partial(
         finetune,
-        model=run.Config(llm.LlamaModel, config=nemo_recipe.model_config(cfg)),
+        model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
         data=data_module(cfg),
         trainer=trainer(cfg),
-        log=nemo_recipe.logger(cfg, RUN_NAME),
-        optim=nemo_recipe.optimizer(cfg),
-        resume=nemo_recipe.resume(cfg),
-        run_dir=str(nemo_recipe.RunLayout.of(cfg).root),
+        log=blocks.logger(cfg, RUN_NAME),
+        optim=blocks.optimizer(cfg),
+        resume=blocks.resume(cfg),
+        run_dir=str(blocks.RunLayout.of(cfg).root),
     )
 
 

@@ -2,13 +2,13 @@
 
 A stage is three files:
 
-- ``ellama_recipes/recipes/<stage>.py``: its config class (a :class:`ellama_recipes.recipe.TrainConfig` subclass with
+- ``ellama_recipes/recipes/<stage>.py``: its config class (a :class:`ellama_recipes.config.schema.TrainConfig` subclass with
   ``stage = "<stage>"``), its defaults (``build_config``), and ``register(Recipe(...))``. It imports
   ``ellama_recipes.engine`` only inside ``build_partial`` (so dry runs of the config stay fast);
 - ``ellama_recipes/engine/<stage>.py``: builds the ``nemo_run.Partial`` from the shared engine blocks
-  (:mod:`ellama_recipes.engine.nemo_recipe`);
+  (:mod:`ellama_recipes.engine.blocks`);
 - ``ellama_recipes/cli/<stage>.py``: the Typer command, which calls :func:`get_recipe` and
-  :mod:`ellama_recipes.launch` (``render`` for ``--dryrun``, ``launch`` for a run).
+  :mod:`ellama_recipes.workflows.launch` (``render`` for ``--dryrun``, ``launch`` for a run).
 
 Every module in this package is imported by :func:`get_recipe` / :func:`recipes` (no list to edit).
 """
@@ -30,11 +30,11 @@ class Recipe:
     - ``name``: the registry key and CLI command (``"pretrain"``); equals its config class's ``stage``.
     - ``run_name``: short name for checkpoint files (``RUN/checkpoints/<run_name>--step=...``), NeMo's log name and
       the NeMo-Run experiment (``ellama-<run_name>-<size>``).
-    - ``config_cls``: the stage's :class:`~ellama_recipes.recipe.TrainConfig` subclass.
+    - ``config_cls``: the stage's :class:`~ellama_recipes.config.schema.TrainConfig` subclass.
     - ``build_config(size, **flags, overrides=[...]) -> config``: the stage's defaults, flags, overrides.
     - ``build_partial(config) -> nemo_run.Partial``: the whole run (model, data, trainer, log, optim, resume) through
       the engine; it must write ``RUN/metrics.jsonl`` and resume from ``RUN/checkpoints`` itself (launched ranks run
-      nothing else), and its entry function must call ``engine.train.prepare_rank()`` first.
+      nothing else), and its entry function must call ``engine.runner.prepare_rank()`` first.
     - ``check_inputs(config) -> [problems]``: fast file checks before anything heavy is imported (bad paths fail
       in well under two seconds).
     """

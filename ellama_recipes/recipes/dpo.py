@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.recipe import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
+from ellama_recipes.config.schema import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
-from ellama_recipes.sizes import get_size
+from ellama_recipes.model.sizes import get_size
 
 LLAMA3_DPO_LR = 1e-5  # Llama 3 paper, 4.1.4
 LLAMA3_BETA = 0.1  # Llama 3 paper, 4.1.4 (also TRL's default)
@@ -124,7 +124,7 @@ def build_config(
 ) -> DPOConfig:
     """The DPO recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.recipe.apply_flags` (num_nodes, gpus_per_node, executor,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, executor,
     restore_from = the SFT checkpoint, out_dir, train_steps, save_every ...).
     """
     sz = get_size(size)
@@ -163,7 +163,7 @@ def build_config(
     return finish_config(cfg, overrides)
 
 
-build_dpo_config = build_config  # the name ellama_recipes.align uses
+build_dpo_config = build_config  # the name ellama_recipes.workflows.align uses
 
 
 def check_inputs(cfg: DPOConfig) -> list[str]:

@@ -9,7 +9,7 @@ parallelism and its memory justification). CLI:
 
 The recipe: max LR = 10% of the base model's max LR, linear warmup then cosine decay to 10% of it, everything else
 from the size row. ``build_partial(cfg)`` returns the ``nemo_run.Partial`` of
-:func:`ellama_recipes.engine.train.pretrain` (``llm.pretrain`` in every rank); the engine owns every NeMo object.
+:func:`ellama_recipes.engine.runner.pretrain` (``llm.pretrain`` in every rank); the engine owns every NeMo object.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.recipe import (
+from ellama_recipes.config.schema import (
     MANIFEST_PLACEHOLDER,
     DataSpec,
     ScheduleSpec,
@@ -28,7 +28,7 @@ from ellama_recipes.recipe import (
     finish_config,
 )
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
-from ellama_recipes.sizes import get_size
+from ellama_recipes.model.sizes import get_size
 
 LR_FRACTION = 0.10  # e-Llama: 10% of the base model's max LR
 MIN_LR_RATIO = 0.10
@@ -64,7 +64,7 @@ def build_config(
 ) -> PretrainConfig:
     """The continued-pretraining recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.recipe.apply_flags` (num_nodes, gpus_per_node, fp8,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, fp8,
     fp8_recipe, executor, restore_from, from_scratch, out_dir, train_steps, save_every).
     """
     sz = get_size(size)
@@ -102,7 +102,7 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
 
 
 def build_partial(cfg: PretrainConfig) -> Any:
-    from ellama_recipes.engine.nemo_recipe import build_pretrain_partial
+    from ellama_recipes.engine.blocks import build_pretrain_partial
 
     return build_pretrain_partial(cfg)
 

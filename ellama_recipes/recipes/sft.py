@@ -8,7 +8,7 @@ data templated and loss-masked by :mod:`ellama_recipes.data.chat` (loss on assis
         --dpo ellama_recipes/sample_data/preference --out runs/aligned --sft-steps 30 --dpo-steps 20
 
 Real-size defaults (tuned for H100 80GB SXM, 8 GPUs per node; the layouts are the continued-pretraining ones of
-:mod:`ellama_recipes.sizes` at half the sequence length):
+:mod:`ellama_recipes.model.sizes` at half the sequence length):
 
 - Tulu 3 SFT (Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model Post-Training", table of SFT
   hyper-parameters): peak LR 5e-6 for 8B, 2e-6 for 70B (and its 405B run), 2 epochs, effective batch 128,
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.recipe import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
+from ellama_recipes.config.schema import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
-from ellama_recipes.sizes import Size, get_size
+from ellama_recipes.model.sizes import Size, get_size
 
 DATA_PLACEHOLDER = "<unset: `ellama align` prepares RUN2/sft/data/{train,validation}.jsonl from --sft>"
 
@@ -136,7 +136,7 @@ def build_config(
 ) -> SFTConfig:
     """The SFT recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.recipe.apply_flags` (num_nodes, gpus_per_node, fp8,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, fp8,
     executor, restore_from, out_dir, train_steps, save_every ...).
     """
     sz = get_size(size)

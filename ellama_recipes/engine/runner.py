@@ -1,7 +1,7 @@
 """Run a stage's partial: in this process (:func:`run_local`), or as the entry function of every launched rank.
 
 The engine runs what it is given: the registry lookup, validation, input checks and ``build_partial`` happen in the
-layer above (:func:`ellama_recipes.launch.run_in_process`, which ``ellama pretrain --size tiny --from CKPT --data
+layer above (:func:`ellama_recipes.workflows.launch.run_in_process`, which ``ellama pretrain --size tiny --from CKPT --data
 DIR/manifest.json --out RUN`` ends in). Multi-process launches (torchrun through NeMo-Run's LocalExecutor, Slurm)
 run the very same partial, whose function starts with :func:`prepare_rank`; so everything that must happen during
 training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.recipe import TrainConfig
+from ellama_recipes.config.schema import TrainConfig
 
 
 def prepare_rank(run_dir: str | None = None) -> None:
@@ -61,7 +61,7 @@ def run_local(cfg: TrainConfig, partial: Any) -> dict[str, Any]:
     """Run ``partial`` (the stage's ``run.Partial`` for ``cfg``) in this process and return a summary of the run.
 
     Nothing is looked up, validated or checked here: the caller passes a validated ``cfg`` and the partial its
-    recipe built (:func:`ellama_recipes.launch.run_in_process` does all three). Returns ``{"final_step",
+    recipe built (:func:`ellama_recipes.workflows.launch.run_in_process` does all three). Returns ``{"final_step",
     "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from", "out_dir", "metrics"}``
     (``resumed_from`` is None for a fresh start). Without CUDA, the CPU redirects of
     :mod:`ellama_recipes.engine.cpu_compat` are applied first (fp32 only; bf16/fp8 are refused by validate).

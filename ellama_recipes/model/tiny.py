@@ -10,7 +10,7 @@ data), and ``vocab_size == len(tokenizer)``.
 
 Python::
 
-    from ellama_recipes.tiny import build_tiny_base
+    from ellama_recipes.model.tiny import build_tiny_base
     hf_dir = build_tiny_base(Path("tiny-hf"))
 
 A random-init base makes "general regression" meaningless, so the quickstart uses :func:`trained_tiny_base`: the
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.sizes import SIZES, Architecture
+from ellama_recipes.model.sizes import SIZES, Architecture
 
 _TOKENIZER_FILES = (
     "tokenizer.json",

@@ -1,12 +1,12 @@
 """The shared engine building blocks of every training stage, and the continued-pretraining partial.
 
-Each block takes a :class:`ellama_recipes.recipe.TrainConfig` (any stage's config) and returns a ``run.Config``:
+Each block takes a :class:`ellama_recipes.config.schema.TrainConfig` (any stage's config) and returns a ``run.Config``:
 :func:`model_config`, :func:`precision_plugin`, :func:`optimizer`, :func:`trainer`, :func:`logger`, :func:`resume`;
 :class:`RunLayout` names the run folder's parts. A stage engine (``engine/sft.py`` ...) combines them with its own
 data module and entry function; :func:`build_pretrain_partial` is the pretraining one. This is the only place the
 recipes meet NeMo 2.x (``nemo.collections.llm``) and megatron-core. Building the partial imports nothing heavy beyond NeMo itself and never touches a GPU, so
 ``ellama pretrain --size 70b --dryrun`` works on a laptop. Launching it is ``launch.py``'s business
-(NeMo-Run executors) or :func:`ellama_recipes.engine.train.run_local` (in-process, CPU smoke runs).
+(NeMo-Run executors) or :func:`ellama_recipes.engine.runner.run_local` (in-process, CPU smoke runs).
 
 What the partial holds (e-Llama continued pretraining, see DESIGN.md):
 
@@ -14,7 +14,7 @@ What the partial holds (e-Llama continued pretraining, see DESIGN.md):
   saved config when ``cfg.checkpoint.restore_from`` points at an existing engine checkpoint (any
   Llama-3.1-architecture model works; ``--size`` only picks the recipe defaults). On GPU the layer spec is
   Transformer Engine's (NeMo's ``default_layer_spec`` picks it when TE is importable).
-- data: :class:`ellama_recipes.engine.data_module.ManifestDataModule`, a ``llm.PreTrainingDataModule`` that reads
+- data: :class:`ellama_recipes.engine.pretrain_data.ManifestDataModule`, a ``llm.PreTrainingDataModule`` that reads
   the blend from ``manifest.json`` at run time and adds per-source (domain / general) validation.
 - trainer: ``nl.Trainer`` + ``nl.MegatronStrategy`` (TP/PP/VPP/CP/SP, distributed optimizer) with the precision
   plugin (bf16-mixed, fp8 hybrid delayed / tensorwise current scaling, or fp32 for CPU).
@@ -34,8 +34,8 @@ from typing import Any
 import nemo_run as run
 import torch
 
-from ellama_recipes.engine import llama_bridge
-from ellama_recipes.recipe import MANIFEST_PLACEHOLDER, TrainConfig
+from ellama_recipes.engine import bridge
+from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER, TrainConfig
 
 RUN_NAME = "cpt"  # the pretraining recipe's run_name (checkpoint prefix); other stages pass their own
 
@@ -70,9 +70,9 @@ class RunLayout:
 
 
 # ----------------------------------------------------------------------------- model
-# The one config bridge (HF config <-> ModelSpec <-> Llama31Config) is engine.llama_bridge; these names stay for callers.
-checkpoint_model_config = llama_bridge.checkpoint_nemo_kwargs  # the Llama31Config architecture kwargs saved in context/
-model_spec_from_checkpoint = llama_bridge.checkpoint_spec  # the same as ModelSpec field values
+# The one config bridge (HF config <-> ModelSpec <-> Llama31Config) is engine.bridge; these names stay for callers.
+checkpoint_model_config = bridge.checkpoint_nemo_kwargs  # the Llama31Config architecture kwargs saved in context/
+model_spec_from_checkpoint = bridge.checkpoint_spec  # the same as ModelSpec field values
 
 
 def model_config(cfg: TrainConfig) -> run.Config:
@@ -81,9 +81,9 @@ def model_config(cfg: TrainConfig) -> run.Config:
     from nemo.collections.llm.gpt.model.llama import Llama31Config
 
     m = cfg.model
-    fields: dict[str, Any] = llama_bridge.nemo_kwargs(m)
+    fields: dict[str, Any] = bridge.nemo_kwargs(m)
     if cfg.checkpoint.restore_from:
-        fields.update(llama_bridge.checkpoint_nemo_kwargs(cfg.checkpoint.restore_from) or {})
+        fields.update(bridge.checkpoint_nemo_kwargs(cfg.checkpoint.restore_from) or {})
     fields["seq_length"] = cfg.schedule.seq_length
     fields["attention_backend"] = getattr(AttnBackend, m.attention_backend)
     # Dropout off for continued pretraining (Llama 3 recipe); bf16/fp8 params handled by the precision plugin.
@@ -270,7 +270,7 @@ def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> r
 
 # ----------------------------------------------------------------------------- data
 def data_module(cfg: TrainConfig) -> run.Config:
-    from ellama_recipes.engine.data_module import ManifestDataModule
+    from ellama_recipes.engine.pretrain_data import ManifestDataModule
 
     s, d = cfg.schedule, cfg.data
     return run.Config(
@@ -354,7 +354,7 @@ def resume(cfg: TrainConfig) -> run.Config:
 def build_pretrain_partial(cfg: TrainConfig) -> run.Partial:
     """The continued-pretraining ``run.Partial`` for ``cfg`` (not validated here).
 
-    Its function is :func:`ellama_recipes.engine.train.pretrain` (``llm.pretrain`` after the per-rank setup), so
+    Its function is :func:`ellama_recipes.engine.runner.pretrain` (``llm.pretrain`` after the per-rank setup), so
     the in-process run, every torchrun rank and every Slurm task run the same thing. Example (what
     ``ellama pretrain --size 70b --dryrun`` does)::
 
@@ -363,7 +363,7 @@ def build_pretrain_partial(cfg: TrainConfig) -> run.Partial:
     """
     from nemo.collections import llm
 
-    from ellama_recipes.engine.train import pretrain
+    from ellama_recipes.engine.runner import pretrain
 
     return run.Partial(
         pretrain,
@@ -379,7 +379,7 @@ def build_pretrain_partial(cfg: TrainConfig) -> run.Partial:
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Load ``manifest.json`` (UserError when missing or malformed)."""
-    from ellama_recipes.engine.data_module import load_manifest
+    from ellama_recipes.engine.pretrain_data import load_manifest
 
     return load_manifest(path)
 

@@ -4,7 +4,7 @@ Each row holds the Hugging Face repo of the base model, its architecture, the ba
 learning rate, and the default H100 parallelism and node count of the continued-pretraining recipe.
 A recipe is a shared base plus what this table says differs per size (DESIGN.md practice 3).
 
-Parallelism defaults were chosen with :mod:`ellama_recipes.plan`'s per-GPU memory estimate for H100 80 GB at
+Parallelism defaults were chosen with :mod:`ellama_recipes.workflows.plan`'s per-GPU memory estimate for H100 80 GB at
 seq 8192, micro batch 1, BF16 weights, fp32 gradient buffers, distributed optimizer, flash attention, sequence
 parallel (``ellama plan --size S`` prints the breakdown):
 
@@ -108,7 +108,7 @@ LLAMA31_VOCAB = 128256
 SIZES: dict[str, Size] = {
     "tiny": Size(
         name="tiny",
-        hf_repo=None,  # built locally by ellama_recipes.tiny (no hub)
+        hf_repo=None,  # built locally by ellama_recipes.model.tiny (no hub)
         arch=Architecture(
             num_layers=4,
             hidden_size=128,

@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import TrainConfig
-from ellama_recipes.sizes import get_size
+from ellama_recipes.config.schema import TrainConfig
+from ellama_recipes.model.sizes import get_size
 
 GiB = 1024**3
 H100_MEMORY_GIB = 80.0

@@ -1,15 +1,15 @@
 """The NeMo-Run ``Experiment`` of an `ellama sweep`: one task per grid point, plus the base-model validation pass.
 
-Built by :func:`ellama_recipes.sweep.run_sweep`, which gives every :class:`SweepJob` what its task runs (the engine
+Built by :func:`ellama_recipes.workflows.sweep.run_sweep`, which gives every :class:`SweepJob` what its task runs (the engine
 runs what it is given and never looks a recipe up):
 
 - a point whose world size is 1 on the local executor (the tiny CPU path) is a ``run.Partial`` of the job's
-  ``entry`` (a module-level function of the layer above, :func:`ellama_recipes.sweep.train_point` /
-  :func:`ellama_recipes.sweep.validate_point`) called with the point's config as JSON: NeMo-Run starts it as its
+  ``entry`` (a module-level function of the layer above, :func:`ellama_recipes.workflows.sweep.train_point` /
+  :func:`ellama_recipes.workflows.sweep.validate_point`) called with the point's config as JSON: NeMo-Run starts it as its
   own process, which rebuilds the config and the recipe's partial there and trains through
-  :func:`ellama_recipes.engine.train.run_local` (so no NeMo state is shared between points);
+  :func:`ellama_recipes.engine.runner.run_local` (so no NeMo state is shared between points);
 - any other point is the recipe's own partial (``job.partial``, built by the caller) on the launcher's executor
-  (torchrun on this node, or one Slurm job per point: :func:`ellama_recipes.launch.make_executor`).
+  (torchrun on this node, or one Slurm job per point: :func:`ellama_recipes.workflows.launch.make_executor`).
 
 The base pass (``OUT/base``) runs the recipe's partial with ``llm.validate`` instead of ``llm.pretrain``
 (:func:`validate_partial`): same model (restored from ``--from``), same data module (per-source validation), same
@@ -53,7 +53,7 @@ def validate(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     """Entry function of the base pass in every rank: ``prepare_rank`` then ``llm.validate`` (no step taken)."""
     from nemo.collections import llm
 
-    from ellama_recipes.engine.train import prepare_rank
+    from ellama_recipes.engine.runner import prepare_rank
 
     prepare_rank(run_dir)
     return llm.validate(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)

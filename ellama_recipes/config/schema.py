@@ -6,7 +6,7 @@ optimizer, parallelism, precision, cluster and checkpointing. A stage subclasses
 defaults and builds its NeMo-Run partial through the engine. Everything here is plain Python (no NeMo import, no
 ``ellama_recipes.engine`` import), so building, overriding, validating and printing a plan is fast and testable.
 
-Precedence (lowest to highest): the size table (:mod:`ellama_recipes.sizes`) -> the stage recipe's defaults ->
+Precedence (lowest to highest): the size table (:mod:`ellama_recipes.model.sizes`) -> the stage recipe's defaults ->
 CLI flags (``--nodes``, ``--fp8``, ``--steps`` ...) -> dotted ``key=value`` overrides, applied after the recipe is
 built. :meth:`TrainConfig.validate` then gathers every problem at once.
 """
@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER  # noqa: F401 (re-exported for the recipes)
 from ellama_recipes.errors import ConfigError, UserError
-from ellama_recipes.sizes import Architecture, Size, get_size
+from ellama_recipes.model.sizes import Architecture, Size, get_size
 
 PRECISIONS = ("bf16", "fp8", "fp32")
 FP8_RECIPES = ("delayed", "current")
@@ -556,14 +556,14 @@ def checkpoint_architecture(path: str | Path) -> dict[str, Any] | None:
     """The architecture of an engine checkpoint as :class:`ModelSpec` field values (None when not readable).
 
     Reads ``context/model.yaml`` (NeMo's serialised model config) as plain YAML with the one config bridge's field
-    table (:data:`ellama_recipes.engine.llama_bridge.CONFIG_FIELDS`): no NeMo import, so dry runs stay fast.
+    table (:data:`ellama_recipes.engine.bridge.CONFIG_FIELDS`): no NeMo import, so dry runs stay fast.
     """
     f = Path(path) / "context" / "model.yaml"
     if not f.is_file():
         return None
     import yaml
 
-    from ellama_recipes.engine.llama_bridge import CONFIG_FIELDS  # plain table (the module imports NeMo lazily)
+    from ellama_recipes.engine.bridge import CONFIG_FIELDS  # plain table (the module imports NeMo lazily)
 
     try:
         saved = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("config") or {}

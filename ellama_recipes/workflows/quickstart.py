@@ -3,7 +3,7 @@
 Stages (each one a command of its own, each output under OUT/):
 
 1. ``base_hf/``   a tiny Llama-3.1-architecture HF model + tokenizer, pretrained briefly on the bundled *general*
-                  sample so it has learned general text (:func:`ellama_recipes.tiny.trained_tiny_base`, cached)
+                  sample so it has learned general text (:func:`ellama_recipes.model.tiny.trained_tiny_base`, cached)
 2. ``base/``      ``ellama import-hf --size tiny --from OUT/base_hf --out OUT/base``
 3. ``data/``      ``ellama data build --domain <sample>/domain --general <sample>/general --tokenizer OUT/base_hf``
 4. ``cpt/``       ``ellama pretrain --size tiny --from OUT/base --data OUT/data/manifest.json --out OUT/cpt``
@@ -55,8 +55,8 @@ def _stage(results: list[StageResult], name: str, output: Path, done: bool, fn: 
 
 
 def align_available() -> bool:
-    """True when `ellama align` (ellama_recipes.align: SFT then DPO) and its bundled samples are part of this install."""
-    if importlib.util.find_spec("ellama_recipes.align") is None:
+    """True when `ellama align` (ellama_recipes.workflows.align: SFT then DPO) and its bundled samples are part of this install."""
+    if importlib.util.find_spec("ellama_recipes.workflows.align") is None:
         return False
     from ellama_recipes.data.bundled import sample_dir
     from ellama_recipes.recipes import recipes
@@ -73,7 +73,7 @@ def describe(out: Path, steps: int | None = None, align: bool = True) -> list[di
     step_flag = f" --steps {steps}" if steps else ""
     stages = [
         {"stage": "tiny base (pretrained on general text)", "output": str(out / "base_hf"),
-         "command": "python -c 'from ellama_recipes.tiny import trained_tiny_base; trained_tiny_base(...)'"},
+         "command": "python -c 'from ellama_recipes.model.tiny import trained_tiny_base; trained_tiny_base(...)'"},
         {"stage": "import-hf", "output": str(out / "base"),
          "command": f"ellama import-hf --size tiny --from {out / 'base_hf'} --out {out / 'base'}"},
         {"stage": "data build", "output": str(out / "data"),
@@ -102,7 +102,7 @@ def describe(out: Path, steps: int | None = None, align: bool = True) -> list[di
 
 def _export_is_current(run: Path, hf: Path) -> bool:
     """The HF export exists and was made from the run's latest complete checkpoint."""
-    from ellama_recipes.convert import resolve_checkpoint
+    from ellama_recipes.workflows.import_export import resolve_checkpoint
 
     rec = hf / "ellama_export.json"
     if not rec.is_file():
@@ -114,7 +114,7 @@ def _export_is_current(run: Path, hf: Path) -> bool:
 
 
 def _export(run: Path, hf: Path) -> dict:
-    from ellama_recipes.convert import export_hf
+    from ellama_recipes.workflows.import_export import export_hf
 
     if hf.exists():
         shutil.rmtree(hf)
@@ -154,7 +154,7 @@ def run_quickstart(
     align_dir, hf, eval_dir = out / "align", out / "hf", out / "eval"
 
     def build_base() -> dict:
-        from ellama_recipes.tiny import trained_tiny_base
+        from ellama_recipes.model.tiny import trained_tiny_base
 
         trained_tiny_base(base_hf, steps=base_steps, echo=echo)
         return json.loads((base_hf / "ellama_base_pretrain.json").read_text())
@@ -163,7 +163,7 @@ def run_quickstart(
            (base_hf / "ellama_base_pretrain.json").is_file(), build_base, echo)
 
     def do_import() -> dict:
-        from ellama_recipes.convert import import_hf
+        from ellama_recipes.workflows.import_export import import_hf
 
         import_hf("tiny", base, source=base_hf)
         return {}
@@ -187,7 +187,7 @@ def run_quickstart(
                        train_steps=steps)
 
     def do_pretrain() -> dict:
-        from ellama_recipes.launch import run_in_process
+        from ellama_recipes.workflows.launch import run_in_process
 
         return run_in_process(cfg)
 
@@ -199,7 +199,7 @@ def run_quickstart(
     final_hf = cpt_hf
     aligned = align and align_available()
     if aligned:
-        from ellama_recipes import align as align_mod
+        from ellama_recipes.workflows import align as align_mod
 
         def do_align() -> dict:
             req = align_mod.AlignRequest(size="tiny", from_path=str(cpt), sft=[str(sample / "sft")],
@@ -218,7 +218,7 @@ def run_quickstart(
         echo(f"[quickstart] align (SFT -> DPO): skipped ({why}); the CPT model is the final one")
 
     def do_eval() -> dict:
-        from ellama_recipes.evaluate import evaluate
+        from ellama_recipes.workflows.evaluate import evaluate
 
         evaluate(models, data=[str(data / "manifest.json")], out=eval_dir, limit=eval_limit, labels=labels,
                  echo=echo)

@@ -78,7 +78,7 @@ def stage_dirs(out: str | Path) -> dict[str, Path]:
 
 def resolve_from(path: str, echo: Callable[[str], None] | None = None) -> Path:
     """``--from``: an engine checkpoint, or a run folder's latest complete checkpoint (as ``export-hf`` does)."""
-    from ellama_recipes.convert import resolve_checkpoint
+    from ellama_recipes.workflows.import_export import resolve_checkpoint
 
     return resolve_checkpoint(Path(path), echo=echo)
 
@@ -201,7 +201,7 @@ def build_configs(req: AlignRequest, *, from_ckpt: str, sft_ckpt: str | None, tr
         sft.lr_source += f"; steps: {sft.data.epochs:g} epochs x {'~' if estimated else ''}{train_rows} rows"
         apply_again = [o for o in ov["sft"] if o.split("=", 1)[0].strip().startswith("schedule.")]
         if apply_again:  # an explicit schedule override wins over the data-derived step count
-            from ellama_recipes.recipe import apply_overrides
+            from ellama_recipes.config.schema import apply_overrides
 
             apply_overrides(sft, apply_again)
     dpo = get_recipe("dpo").build_config(
@@ -225,7 +225,7 @@ DRYRUN_KEYS = ("lr", "min_lr", "global_batch_size", "micro_batch_size", "seq_len
 def dryrun(req: AlignRequest) -> dict[str, Any]:
     """``{"sft": {...}, "dpo": {...}}``: each stage's resolved plan (validated) and its launch (torchrun command or
     sbatch script). Nothing is prepared or trained."""
-    from ellama_recipes import launch
+    from ellama_recipes.workflows import launch
     from ellama_recipes.recipes import get_recipe
 
     from_ckpt = req.from_path
@@ -254,7 +254,7 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
     """Prepare both stages' data, then SFT, then DPO (skipping complete stages). Returns per-stage summaries.
 
     ``stages`` limits the chain (Python API, e.g. ``("sft",)`` to stop after SFT); the CLI runs both."""
-    from ellama_recipes import launch
+    from ellama_recipes.workflows import launch
     from ellama_recipes.data import chat
 
     from_ckpt = resolve_from(req.from_path, echo=echo)

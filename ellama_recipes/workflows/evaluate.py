@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
 
-BUNDLED_DIR = Path(__file__).parent / "eval_tasks"
+BUNDLED_DIR = Path(__file__).parent.parent / "eval_tasks"
 SIDES = ("domain", "general")
 DEFAULT_SPLIT = "990,10,0"  # ManifestDataModule's default: the validation documents pretraining measured
 
@@ -510,7 +510,7 @@ def evaluate(
 
 
 def write_report(report: dict, out: Path) -> None:
-    from ellama_recipes.charts import eval_bars
+    from ellama_recipes.io.charts import eval_bars
     from ellama_recipes.io.atomic import write_json
 
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ Python (what the quickstart calls)::
     report = export_hf(Path("runs/cpt"), Path("hf/tiny-ecom"))
 
 The conversion streams one tensor group at a time (ellama_recipes.engine.convert, mapping table in
-ellama_recipes.engine.llama_bridge); this module finds the source, checks it, shows progress in bytes and never
+ellama_recipes.engine.bridge); this module finds the source, checks it, shows progress in bytes and never
 leaves a half-written output: work happens in a hidden temp dir next to the output, renamed into place only
 after verification passed.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
-from ellama_recipes.sizes import SIZES, get_size
+from ellama_recipes.model.sizes import SIZES, get_size
 
 # Files an HF Llama checkpoint needs (no *.pth "original/" consolidated weights, no gguf).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
@@ -120,7 +120,7 @@ def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | 
 
 def _require_size(size_name: str, spec: dict, src: str) -> None:
     """`--size S` together with a source: the source must have S's architecture (every size row alike)."""
-    from ellama_recipes.engine.llama_bridge import spec_mismatches
+    from ellama_recipes.engine.bridge import spec_mismatches
 
     bad = spec_mismatches(spec, get_size(size_name).arch)
     if bad:
@@ -138,12 +138,12 @@ def _source_kind(size: str | None, source: str | Path | None) -> str:
     if size is None:
         raise UserError("import-hf needs --from (a local HF directory or a Hub repo id) or --size (the size's Hub "
                         f"repo, or a locally built model for sizes without one): sizes are {', '.join(SIZES)}.")
-    return "built"  # the size row names no Hub repo: its base is built locally (ellama_recipes.tiny)
+    return "built"  # the size row names no Hub repo: its base is built locally (ellama_recipes.model.tiny)
 
 
 def describe_import(size: str | None, out: Path, source: str | Path | None = None) -> dict:
     """What `import-hf` would do (the --dryrun output); reads nothing from the network."""
-    from ellama_recipes.engine.llama_bridge import hf_from_spec, spec_from_hf
+    from ellama_recipes.engine.bridge import hf_from_spec, spec_from_hf
 
     kind = _source_kind(size, source)
     plan: dict = {"size": size, "out": str(out)}
@@ -163,7 +163,7 @@ def describe_import(size: str | None, out: Path, source: str | Path | None = Non
                           "token": "HF_TOKEN set" if os.environ.get("HF_TOKEN") else "HF_TOKEN unset"}
     else:
         plan["source"] = {"kind": "built", "what": f"{size}: Llama-3.1-architecture model built locally "
-                                                   "(ellama_recipes.tiny)"}
+                                                   "(ellama_recipes.model.tiny)"}
         hf = hf_from_spec(get_size(size).arch)
         plan["architecture"] = {k: hf[k] for k in keys}
     plan["steps"] = ["resolve source", "stream HF tensors -> Megatron torch_dist checkpoint (weights/) + NeMo "
@@ -180,8 +180,8 @@ def import_hf(size: str | None, out: Path, source: str | Path | None = None, pro
     verified bit-exact in the written checkpoint; on any failure ``out`` is not created. Returns ``out``. The
     verification report is written to ``out/ellama_import.json``.
     """
-    from ellama_recipes.engine.llama_bridge import spec_from_hf
-    from ellama_recipes.tiny import build_tiny_base, read_hf_config
+    from ellama_recipes.engine.bridge import spec_from_hf
+    from ellama_recipes.model.tiny import build_tiny_base, read_hf_config
 
     kind = _source_kind(size, source)
     out = Path(out)

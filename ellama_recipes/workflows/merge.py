@@ -307,9 +307,9 @@ def merge(base: Path, adapted: Path, alphas: list[float], out: Path, *, evaluate
         merges.append({"alpha": a, "dir": str(d)})
     result: dict[str, Any] = {"out": str(out), "merges": merges}
     if evaluate:
-        from ellama_recipes.charts import tradeoff
+        from ellama_recipes.io.charts import tradeoff
         from ellama_recipes.io.atomic import write_json
-        from ellama_recipes.evaluate import evaluate as run_eval
+        from ellama_recipes.workflows.evaluate import evaluate as run_eval
 
         models = [Path(base)] + [Path(m["dir"]) for m in merges]
         labels = ["base"] + [f"alpha={m['alpha']:g}" for m in merges]

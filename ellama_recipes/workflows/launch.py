@@ -4,12 +4,12 @@ Stage-agnostic: the recipe comes from the registry (``get_recipe(cfg.stage)``), 
 ``build_partial``; names (experiment ``ellama-<run_name>-<size>``, task ``<stage>``) from the recipe.
 
 - ``local``: one node. World size 1 runs in this process (:func:`run_in_process`: registry lookup, validation,
-  input checks and ``build_partial`` here, then :func:`ellama_recipes.engine.train.run_local` runs the partial).
+  input checks and ``build_partial`` here, then :func:`ellama_recipes.engine.runner.run_local` runs the partial).
   More ranks run under torchrun through ``nemo_run.LocalExecutor(launcher="torchrun")``; ``torchrun`` is the one
   next to this interpreter (``sys.executable``'s bin folder, put first on the launched command's PATH), never
   whatever PATH holds.
   On a host without CUDA, a size with ``cluster.cpu_fallback`` runs its ranks as CPU processes over gloo (the same
-  partial; :func:`ellama_recipes.engine.train.prepare_rank` applies the CPU redirects in every rank).
+  partial; :func:`ellama_recipes.engine.runner.prepare_rank` applies the CPU redirects in every rank).
   With ``--nodes N > 1`` the command has to be started on every node: NeMo-Run reads NODE_RANK, MASTER_ADDR and
   MASTER_PORT from the environment, so a real launch refuses to start without them.
 - ``slurm``: ``nemo_run.SlurmExecutor`` with torchrun inside a NeMo container (``cluster.container_image``), one
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.recipe import TrainConfig
+from ellama_recipes.config.schema import TrainConfig
 
 MULTI_NODE_ENV = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -208,7 +208,7 @@ def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
 def check_start(cfg: TrainConfig) -> Any:
     """Validate ``cfg`` for this host, then check its stage's inputs (a UserError lists every problem); returns the
     stage's registered recipe."""
-    from ellama_recipes.recipe import local_gpu_capability
+    from ellama_recipes.config.schema import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)
@@ -221,9 +221,9 @@ def check_start(cfg: TrainConfig) -> Any:
 
 def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
     """Train ``cfg`` (any registered stage) in this process: :func:`check_start`, build its partial when none is
-    given (``get_recipe(cfg.stage).build_partial``) and run it through :func:`ellama_recipes.engine.train.run_local`
+    given (``get_recipe(cfg.stage).build_partial``) and run it through :func:`ellama_recipes.engine.runner.run_local`
     (which creates the run folder); returns that run's summary."""
-    from ellama_recipes.engine.train import run_local
+    from ellama_recipes.engine.runner import run_local
 
     recipe = check_start(cfg)
     if partial is None:
@@ -256,7 +256,7 @@ def launch(cfg: TrainConfig, partial: Any) -> dict:
         raise UserError(
             f"The {cfg.title} launch failed (state {state}).", problems=[_failing_rank_error(cfg, task_dir)]
         )
-    from ellama_recipes.engine.train import summarize
+    from ellama_recipes.engine.runner import summarize
 
     return {**summarize(cfg.checkpoint.out_dir), **result, "state": state}
 

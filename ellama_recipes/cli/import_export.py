@@ -1,4 +1,4 @@
-"""`ellama import-hf` / `ellama export-hf`: HF <-> engine checkpoints. No business logic: see ellama_recipes.convert."""
+"""`ellama import-hf` / `ellama export-hf`: HF <-> engine checkpoints. No business logic: see ellama_recipes.workflows.import_export."""
 
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ def import_hf(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     workers: int = typer.Option(1, "--workers", min=1, help="Tensor groups converted in parallel (memory x N)."),
 ) -> None:
-    from ellama_recipes import convert
+    from ellama_recipes.workflows import import_export
 
     if dryrun:
-        print_json(convert.describe_import(size, out, source))
+        print_json(import_export.describe_import(size, out, source))
         return
-    path = convert.import_hf(size, out, source=source, progress=progress, workers=workers)
+    path = import_export.import_hf(size, out, source=source, progress=progress, workers=workers)
     console.print(f"[green]imported[/] {source or size} -> {path} (every HF tensor verified bit-exact)")
 
 
@@ -78,9 +78,9 @@ def export_hf(
 ) -> None:
     from rich.table import Table
 
-    from ellama_recipes import convert
+    from ellama_recipes.workflows import import_export
 
-    report = convert.export_hf(source, out, dryrun=dryrun, progress=progress, workers=workers,
+    report = import_export.export_hf(source, out, dryrun=dryrun, progress=progress, workers=workers,
                                check_logits=check_logits, echo=lambda m: err_console.print(f"[yellow]{m}[/]"))
     if dryrun:
         table = Table(title=f"{report['checkpoint']} -> Hugging Face tensor mapping")

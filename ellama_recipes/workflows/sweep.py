@@ -8,7 +8,7 @@ CLI::
 Every grid point is one continued-pretraining run of the registered ``pretrain`` recipe with exactly two knobs
 changed: ``schedule.lr_fraction`` and the blend (``data.manifest``, re-weighted from the already tokenized sources
 by :func:`ellama_recipes.data.reblend.reblend`, never re-tokenized). All runs form one NeMo-Run ``Experiment``
-(:mod:`ellama_recipes.engine.sweep_experiment`): on the local executor sequentially or ``--parallel K`` at a time,
+(:mod:`ellama_recipes.engine.experiment`): on the local executor sequentially or ``--parallel K`` at a time,
 on Slurm one job per point. A world-size-1 local point's task is :func:`train_point` (the base pass:
 :func:`validate_point`) in a fresh process, which rebuilds the config and the recipe's partial from JSON there; every
 other task is the recipe's partial built here. Output folder::
@@ -511,7 +511,7 @@ def prepare_blends(spec: SweepSpec, points: list[SweepPoint], echo: Callable[[st
 
 def dryrun_plan(spec: SweepSpec) -> dict[str, Any]:
     """What the sweep would do: grid, per-point config differences, tokens and GPU-hours (nothing written)."""
-    from ellama_recipes.plan import compute_plan
+    from ellama_recipes.workflows.plan import compute_plan
 
     check_spec(spec)
     base = base_config(spec)
@@ -554,11 +554,11 @@ def _dryrun_launch(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, str]:
     from a NeMo-Run dry run of the sweep's experiment in a scratch folder. Empty for in-process points."""
     import tempfile
 
-    from ellama_recipes import launch
+    from ellama_recipes.workflows import launch
 
     if all(launch.in_process(p.cfg) for p in points):
         return {}
-    from ellama_recipes.engine.sweep_experiment import run_experiment
+    from ellama_recipes.engine.experiment import run_experiment
 
     base = base_point(spec, points)
     jobs = [sweep_job("base", base.cfg, "validate")] + [sweep_job(p.name, p.cfg, "train") for p in points]
@@ -570,14 +570,14 @@ def _dryrun_launch(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, str]:
 def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep and write ``sweep.json`` / ``sweep.png``; returns the ``sweep.json`` object
     (``result["launched"]`` says what was started this time)."""
-    from ellama_recipes.recipe import local_gpu_capability
+    from ellama_recipes.config.schema import local_gpu_capability
 
     check_spec(spec)
     if spec.restore_from is None or not ((spec.restore_from / "weights").is_dir()
                                          and (spec.restore_from / "context").is_dir()):
         raise UserError(f"--from {spec.restore_from}: not an engine checkpoint (expected weights/ and context/ "
                         f"inside). Fix: create one with `ellama import-hf --size {spec.size} --out DIR`.")
-    from ellama_recipes import launch
+    from ellama_recipes.workflows import launch
     from ellama_recipes.io.atomic import write_json
 
     points = grid(spec)
@@ -610,7 +610,7 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         jobs = [j for j in jobs if j[0] not in pending]
     launched: dict[str, Any] = {"jobs": [name for name, _, _ in jobs], "waiting": waiting}
     if jobs:
-        from ellama_recipes.engine.sweep_experiment import run_experiment
+        from ellama_recipes.engine.experiment import run_experiment
 
         sweep_jobs = [sweep_job(name, cfg, kind) for name, cfg, kind in jobs]
         parallel = spec.parallel or (len(jobs) if spec.executor == "slurm" else 1)
@@ -645,7 +645,7 @@ def submitted_jobs(out: Path) -> dict[str, str]:
 def _executor(cfg) -> Any:
     """None: a world-size-1 local point runs in-process inside its NeMo-Run task (the tiny CPU path); else the
     launcher's executor for the recipe (torchrun on this node, or one Slurm job)."""
-    from ellama_recipes import launch
+    from ellama_recipes.workflows import launch
 
     if launch.in_process(cfg):
         return None
@@ -653,10 +653,10 @@ def _executor(cfg) -> Any:
 
 
 def sweep_job(name: str, cfg, kind: str) -> Any:
-    """The engine's :class:`~ellama_recipes.engine.sweep_experiment.SweepJob` for one task (``kind`` "train" or
+    """The engine's :class:`~ellama_recipes.engine.experiment.SweepJob` for one task (``kind`` "train" or
     "validate"): an in-process point gets its entry function (:func:`train_point` / :func:`validate_point`, run by
     NeMo-Run in a fresh process), a launched one the recipe's partial for ``cfg``."""
-    from ellama_recipes.engine.sweep_experiment import SweepJob
+    from ellama_recipes.engine.experiment import SweepJob
 
     executor = _executor(cfg)
     if executor is None:
@@ -686,12 +686,12 @@ def _record_attempt(out: Path, **values: Any) -> dict:
 
 def train_point(config: str) -> None:
     """NeMo-Run task of one world-size-1 point: train it in this (fresh) process
-    (:func:`ellama_recipes.launch.run_in_process`: validate, check inputs, build the partial, run it).
+    (:func:`ellama_recipes.workflows.launch.run_in_process`: validate, check inputs, build the partial, run it).
 
     ``RUN/sweep_point.json`` records this process's id while it runs (``pid``) and the wall time summed over the
     attempts that ended (``wall_time_s``; an attempt killed with SIGKILL cannot add its own).
     """
-    from ellama_recipes.launch import run_in_process
+    from ellama_recipes.workflows.launch import run_in_process
 
     cfg = load_point_config(config)
     out = Path(cfg.checkpoint.out_dir)
@@ -706,8 +706,8 @@ def train_point(config: str) -> None:
 
 def validate_point(config: str) -> None:
     """NeMo-Run task of the world-size-1 base pass: ``llm.validate`` of ``--from`` in this process
-    (:func:`ellama_recipes.engine.sweep_experiment.run_validation` of the recipe's partial)."""
-    from ellama_recipes.engine.sweep_experiment import run_validation
+    (:func:`ellama_recipes.engine.experiment.run_validation` of the recipe's partial)."""
+    from ellama_recipes.engine.experiment import run_validation
     from ellama_recipes.recipes import get_recipe
 
     cfg = load_point_config(config)
