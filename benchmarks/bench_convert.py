@@ -79,7 +79,7 @@ LLAMA = {  # HF config fields: Llama 3.1 8B / 70B / 405B (for the projection)
 
 
 def spec_for(hidden: int, layers: int, ffn: int, heads: int, groups: int, vocab: int) -> dict:
-    from ellama_recipes.engine.bridge import spec_from_hf
+    from ellama_recipes.model.architecture import from_hf as spec_from_hf
 
     return spec_from_hf({"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
                          "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": groups,
@@ -138,7 +138,8 @@ def build_model(out: Path, spec: dict, shard_bytes: int = 1 << 30) -> int:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     from ellama_recipes.engine.convert import SafetensorsShards
-    from ellama_recipes.engine.bridge import expand, hf_from_spec
+    from ellama_recipes.engine.bridge import expand
+    from ellama_recipes.model.architecture import to_hf as hf_from_spec
 
     out.mkdir(parents=True)
     v = spec["vocab_size"]
@@ -165,7 +166,8 @@ import json, sys
 from pathlib import Path
 from ellama_recipes.engine import cpu_compat
 from ellama_recipes.engine.convert import te_free_overrides
-from ellama_recipes.engine.bridge import llama31_config, spec_from_hf
+from ellama_recipes.engine.bridge import llama31_config
+from ellama_recipes.model.architecture import from_hf as spec_from_hf
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel, TransformFns
 from nemo.lightning import io
 import torch

@@ -78,9 +78,9 @@ def test_launch_without_manifest_is_a_clear_error(cli):
 @pytest.mark.parametrize("capability,needle", [(None, "no CUDA device is visible"), ((8, 0), "this GPU is sm_80")])
 def test_fp8_launch_without_hopper_is_a_clear_error(cli, tmp_path, monkeypatch, capability, needle):
     """Independent of the host's GPU: the launch check reads the probed capability (None = no CUDA device)."""
-    from ellama_recipes.config import schema as recipe
+    from ellama_recipes.config import rules
 
-    monkeypatch.setattr(recipe, "local_gpu_capability", lambda: capability)
+    monkeypatch.setattr(rules, "local_gpu_capability", lambda: capability)
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")
     r = cli("pretrain", "--size", "8b", "--fp8", "--data", manifest, "--from-scratch")

@@ -157,7 +157,8 @@ from pathlib import Path
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel
 from ellama_recipes.engine import cpu_compat
 from ellama_recipes.engine.convert import te_free_overrides
-from ellama_recipes.engine.bridge import llama31_config, spec_from_hf
+from ellama_recipes.engine.bridge import llama31_config
+from ellama_recipes.model.architecture import from_hf as spec_from_hf
 src, out, stage = map(Path, sys.argv[1:4])
 
 class CpuConfigImporter(HFLlamaImporter):
@@ -454,14 +455,14 @@ def test_import_dryrun_writes_nothing(work, capsys, monkeypatch):
 
 def test_import_architecture_from_source(hf_sources, imported, work, capsys):
     """`--from DIR` needs no --size: the dry run and the checkpoint carry the source's architecture."""
-    from ellama_recipes.engine.bridge import checkpoint_spec
+    from ellama_recipes.model.architecture import from_checkpoint
 
     assert main(["import-hf", "--from", str(hf_sources["wide"]), "--out", str(work / "dry-wide"), "--dryrun"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["size"] is None and plan["architecture"]["hidden_size"] == SHAPES["wide"].hidden_size
     assert plan["architecture"]["num_key_value_heads"] == SHAPES["wide"].num_query_groups
     for name in ("deep", "wide"):
-        assert SHAPES[name] == SIZES["tiny"].arch.__class__(**checkpoint_spec(imported[name])), name
+        assert SHAPES[name] == SIZES["tiny"].arch.__class__(**from_checkpoint(imported[name])), name
     assert main(["import-hf", "--out", str(work / "neither")]) == 2
     assert "needs --from" in capsys.readouterr().err and not (work / "neither").exists()
 

@@ -80,7 +80,7 @@ def depth_sources(tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.slow
 def test_import_peak_is_one_group_and_flat_with_depth(depth_sources, tmp_path, monkeypatch):
     from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes, read_engine_weights
-    from ellama_recipes.engine.bridge import spec_from_hf
+    from ellama_recipes.model.architecture import from_hf as spec_from_hf
 
     peaks, pool_peaks = {}, {}
     for n, src in depth_sources.items():

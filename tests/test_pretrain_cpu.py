@@ -202,7 +202,8 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
 
 def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     """`--size` picks the recipe defaults; the model shape is the `--from` checkpoint's (here: tiny under 8b)."""
-    from ellama_recipes.engine.blocks import build_pretrain_partial, model_spec_from_checkpoint
+    from ellama_recipes.engine.blocks import build_pretrain_partial
+    from ellama_recipes.model.architecture import from_checkpoint
     from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
     from ellama_recipes.model.sizes import SIZES
 
@@ -213,7 +214,7 @@ def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
         tiny.num_layers, tiny.hidden_size, tiny.num_query_groups, tiny.vocab_size)
     assert mc.old_context_len == tiny.original_max_position_embeddings
     assert mc.seq_length == SIZES["8b"].seq_length  # the recipe's, not the checkpoint's
-    spec = model_spec_from_checkpoint(cpt_inputs.base)
+    spec = from_checkpoint(cpt_inputs.base)
     assert spec["num_layers"] == tiny.num_layers and spec["rope_theta"] == tiny.rope_theta
 
 

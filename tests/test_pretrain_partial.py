@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 from ellama_recipes.model.sizes import SIZES
 

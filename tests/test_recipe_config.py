@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ellama_recipes.errors import ConfigError, UserError
-from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER
 from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
 from ellama_recipes.model.sizes import SIZES, get_size
 

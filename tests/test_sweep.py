@@ -40,7 +40,7 @@ def test_grid_points_change_exactly_the_two_knobs(tmp_path):
     spec = S.SweepSpec(size="8b", restore_from=None, out=tmp_path / "sw", lr_fractions=[0.05, 0.2],
                        ratios=["4:1", "1:4"], data_domain=[SAMPLE / "domain"], data_general=[SAMPLE / "general"],
                        tokenizer=tmp_path, steps=100)
-    base = S.base_config(spec)
+    base = S.recipe_config(spec)
     points = S.grid(spec)
     assert [p.name for p in points] == ["lr0.05_r4-1", "lr0.05_r1-4", "lr0.2_r4-1", "lr0.2_r1-4"]
     for p in points:

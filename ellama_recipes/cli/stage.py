@@ -29,7 +29,7 @@ def execute(cfg, *, dryrun: bool, as_json: bool) -> None:
 
 def _launch(cfg) -> None:
     from ellama_recipes.workflows import launch
-    from ellama_recipes.config.schema import local_gpu_capability
+    from ellama_recipes.config.rules import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)

@@ -35,7 +35,8 @@ import nemo_run as run
 import torch
 
 from ellama_recipes.engine import bridge
-from ellama_recipes.config.schema import MANIFEST_PLACEHOLDER, TrainConfig
+from ellama_recipes.config.schema import TrainConfig
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER
 
 RUN_NAME = "cpt"  # the pretraining recipe's run_name (checkpoint prefix); other stages pass their own
 
@@ -70,9 +71,6 @@ class RunLayout:
 
 
 # ----------------------------------------------------------------------------- model
-# The one config bridge (HF config <-> ModelSpec <-> Llama31Config) is engine.bridge; these names stay for callers.
-checkpoint_model_config = bridge.checkpoint_nemo_kwargs  # the Llama31Config architecture kwargs saved in context/
-model_spec_from_checkpoint = bridge.checkpoint_spec  # the same as ModelSpec field values
 
 
 def model_config(cfg: TrainConfig) -> run.Config:
@@ -385,6 +383,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "RUN_NAME", "RunLayout", "build_pretrain_partial", "checkpoint_model_config", "data_module", "logger",
+    "RUN_NAME", "RunLayout", "build_pretrain_partial", "data_module", "logger",
     "model_config", "optimizer", "precision_plugin", "read_manifest", "resume", "trainer", "uses_gpu",
 ]

@@ -50,7 +50,9 @@ from typing import Any, Callable
 import torch
 
 from ellama_recipes.engine import bridge
-from ellama_recipes.engine.bridge import SOURCE_CONFIG_NAME, Group
+from ellama_recipes.engine.bridge import Group
+from ellama_recipes.model import architecture
+from ellama_recipes.model.architecture import SOURCE_CONFIG_NAME
 from ellama_recipes.errors import UserError
 
 Progress = Callable[[int], None]  # called with bytes done
@@ -706,7 +708,7 @@ def verify_groups(wdir: Path, hf: HFWeights, spec: dict, groups: list[Group], di
 def verify_engine_against_hf(ckpt: Path, hf_dir: Path, *, workers: int = 1) -> VerifyReport:
     """Every HF tensor must land, bit-exact, in the engine checkpoint (and nothing else may be there)."""
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    spec = bridge.spec_from_hf(cfg, Path(hf_dir) / "config.json")
+    spec = architecture.from_hf(cfg, Path(hf_dir) / "config.json")
     hf = HFWeights(hf_dir)
     if spec["tie_word_embeddings"]:
         hf.entries.pop("lm_head.weight", None)
@@ -840,7 +842,7 @@ def import_hf_to_engine(hf_dir: Path, out: Path, *, workers: int = 1, progress: 
     """
     hf_dir, out = Path(hf_dir).resolve(), Path(out)
     cfg = json.loads((hf_dir / "config.json").read_text())
-    spec = bridge.spec_from_hf(cfg, hf_dir / "config.json")
+    spec = architecture.from_hf(cfg, hf_dir / "config.json")
     hf = HFWeights(hf_dir)
     groups, pre = plan_import(hf, spec)
     if pre.bad:
@@ -949,7 +951,7 @@ def plan_export(ckpt: Path) -> ExportPlan:
     tok_dir = Path(getattr(hf_tok, "name_or_path", "") or "/nonexistent")
     source = json.loads((tok_dir / SOURCE_CONFIG_NAME).read_text()) if (tok_dir / SOURCE_CONFIG_NAME).is_file() \
         else None
-    spec = bridge.spec_from_nemo(config, source)
+    spec = architecture.from_nemo(config, source)
     spec.setdefault("max_position_embeddings", config.seq_length)
     _, meta = _dcp_reader(ckpt / "weights")
     shapes = engine_shapes(meta)
@@ -1006,7 +1008,7 @@ def write_hf_config(plan: ExportPlan, out: Path) -> None:
     source = json.loads((plan.tokenizer_dir / SOURCE_CONFIG_NAME).read_text()) \
         if (plan.tokenizer_dir / SOURCE_CONFIG_NAME).is_file() else {}
     fields = {k: v for k, v in source.items() if k not in ("dtype", "torch_dtype", "transformers_version")}
-    fields.update(bridge.hf_from_spec(plan.spec))
+    fields.update(architecture.to_hf(plan.spec))
     fields["dtype"] = str(plan.dtype).replace("torch.", "")
     cfg = LlamaConfig(**fields)
     cfg.save_pretrained(str(out))

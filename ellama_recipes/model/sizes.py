@@ -22,46 +22,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.model.architecture import Architecture
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Llama 3.1 architecture hyper-parameters (HF config names in comments)."""
-
-    num_layers: int  # num_hidden_layers
-    hidden_size: int  # hidden_size
-    ffn_hidden_size: int  # intermediate_size
-    num_attention_heads: int  # num_attention_heads
-    num_query_groups: int  # num_key_value_heads (GQA)
-    vocab_size: int  # vocab_size
-    max_position_embeddings: int = 131072
-    rope_theta: float = 500000.0
-    # llama3 RoPE scaling (HF rope_scaling={"rope_type": "llama3", ...})
-    rope_scaling_factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def num_parameters(self) -> int:
-        """Exact parameter count (embeddings, untied output layer, attention, SwiGLU MLP, RMSNorms)."""
-        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        kv = self.num_query_groups * self.head_dim
-        attn = h * h + 2 * h * kv + h * h  # q, k, v, o
-        mlp = 3 * h * f  # gate, up, down
-        per_layer = attn + mlp + 2 * h  # + input/post-attention RMSNorm
-        emb = self.vocab_size * h
-        out = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return L * per_layer + emb + out + h  # + final norm
-
-
-@dataclass(frozen=True)
+@dataclass
 class Parallelism:
+    """How a model is split over GPUs (TP / PP / VPP / CP / SP): a size row's default, and a stage config's
+    ``parallel`` (``parallel.tensor_parallel=8`` ...)."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: int | None = None

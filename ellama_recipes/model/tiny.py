@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Callable
 
 from ellama_recipes.errors import UserError
-from ellama_recipes.model.sizes import SIZES, Architecture
+from ellama_recipes.model import architecture
+from ellama_recipes.model.architecture import Architecture
+from ellama_recipes.model.sizes import SIZES
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,7 +52,8 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int) -> Path:
 
 
 def hf_config(arch: Architecture, *, bos_token_id: int | None, eos_token_id: int | None, dtype: str = "float32"):
-    """transformers.LlamaConfig for a Llama-3.1-architecture model (GQA, llama3 RoPE scaling)."""
+    """transformers.LlamaConfig for a Llama-3.1-architecture model (GQA, llama3 RoPE scaling): the bridge's HF keys
+    (:func:`ellama_recipes.model.architecture.to_hf`) plus the token ids, the init range and the dtype."""
     from transformers import LlamaConfig
 
     if arch.hidden_size % arch.num_attention_heads or arch.num_attention_heads % arch.num_query_groups:
@@ -58,34 +61,9 @@ def hf_config(arch: Architecture, *, bos_token_id: int | None, eos_token_id: int
             f"Architecture {arch} is not a valid Llama shape: hidden_size must be divisible by num_attention_heads "
             "and num_attention_heads by num_query_groups."
         )
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.ffn_hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_query_groups,
-        head_dim=arch.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=arch.max_position_embeddings,
-        initializer_range=0.02,
-        rms_norm_eps=arch.norm_eps,
-        rope_theta=arch.rope_theta,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": arch.rope_scaling_factor,
-            "low_freq_factor": arch.low_freq_factor,
-            "high_freq_factor": arch.high_freq_factor,
-            "original_max_position_embeddings": arch.original_max_position_embeddings,
-        },
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=arch.tie_word_embeddings,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        torch_dtype=dtype,
-    )
+    fields = {k: v for k, v in architecture.to_hf(arch).items() if k != "model_type"}
+    return LlamaConfig(**fields, initializer_range=0.02, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                       torch_dtype=dtype)
 
 
 def build_tiny_base(
@@ -152,37 +130,6 @@ def build_tiny_base(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def arch_from_hf_config(cfg: dict) -> Architecture:
-    """Architecture of an HF Llama config.json dict (used to describe a --from directory)."""
-    rs = cfg.get("rope_scaling") or {}
-    return Architecture(
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
-        ffn_hidden_size=cfg["intermediate_size"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_query_groups=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 131072),
-        rope_theta=cfg.get("rope_theta", 500000.0),
-        rope_scaling_factor=rs.get("factor", 8.0),
-        low_freq_factor=rs.get("low_freq_factor", 1.0),
-        high_freq_factor=rs.get("high_freq_factor", 4.0),
-        original_max_position_embeddings=rs.get("original_max_position_embeddings", 8192),
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-    )
-
-
-def read_hf_config(hf_dir: Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise UserError(f"{hf_dir} has no config.json; --from must be a Hugging Face model directory.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-download the model.") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------------

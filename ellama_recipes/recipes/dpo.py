@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.config.schema import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
+from ellama_recipes.config.build import apply_flags, finish, from_size
+from ellama_recipes.config.schema import PeakSchedule, TrainConfig
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
 from ellama_recipes.model.sizes import get_size
 
@@ -70,6 +71,7 @@ class DPOConfig(TrainConfig):
     stage = "dpo"
     title = "DPO"
 
+    schedule: PeakSchedule
     data: PairDataSpec = field(default_factory=PairDataSpec)
     loss: DPOLossSpec = field(default_factory=DPOLossSpec)
 
@@ -124,19 +126,18 @@ def build_config(
 ) -> DPOConfig:
     """The DPO recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, executor,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.build.apply_flags` (num_nodes, gpus_per_node, executor,
     restore_from = the SFT checkpoint, out_dir, train_steps, save_every ...).
     """
     sz = get_size(size)
     tiny = sz.cpu_fallback
     lr = TINY["lr"] if tiny else LLAMA3_DPO_LR
     steps = TINY["train_steps"] if tiny else TRAIN_STEPS
-    cfg = base_config(
+    cfg = from_size(
         DPOConfig,
         sz,
-        ScheduleSpec(
-            base_max_lr=lr,
-            lr_fraction=1.0,  # the DPO LR is absolute (Llama 3), not a fraction of the base model's
+        PeakSchedule(
+            max_lr=lr,  # the DPO LR is absolute (Llama 3), not a fraction of the base model's
             min_lr_ratio=MIN_LR_RATIO,
             warmup_steps=TINY["warmup_steps"] if tiny else steps // 10,
             train_steps=steps,
@@ -160,7 +161,7 @@ def build_config(
     apply_flags(cfg, **flags)
     if data_dir is not None:
         cfg.data.data_dir = str(data_dir)
-    return finish_config(cfg, overrides)
+    return finish(cfg, overrides)
 
 
 build_dpo_config = build_config  # the name ellama_recipes.workflows.align uses

@@ -18,15 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.config.schema import (
-    MANIFEST_PLACEHOLDER,
-    DataSpec,
-    ScheduleSpec,
-    TrainConfig,
-    apply_flags,
-    base_config,
-    finish_config,
-)
+from ellama_recipes.config.build import apply_flags, finish, from_size, schedule_from
+from ellama_recipes.config.schema import CPTSchedule, TrainConfig
+from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
 from ellama_recipes.model.sizes import get_size
 
@@ -35,12 +29,22 @@ MIN_LR_RATIO = 0.10
 
 
 @dataclass
+class DataSpec:
+    manifest: str | None = None  # path to manifest.json from `ellama data build`
+    split: str = "990,10,0"  # train, validation, test documents per 1000 (Megatron split string)
+    num_workers: int = 2
+    seed: int = 1234
+
+
+@dataclass
 class PretrainConfig(TrainConfig):
-    """Continued pretraining: the shared :class:`TrainConfig` plus the data blend (``data``)."""
+    """Continued pretraining: the shared :class:`TrainConfig` with e-Llama's schedule (:class:`CPTSchedule`: peak LR =
+    ``schedule.lr_fraction`` x the base model's max LR) plus the data blend (``data``)."""
 
     stage = "pretrain"
     title = "pretraining"
 
+    schedule: CPTSchedule
     data: DataSpec = field(default_factory=DataSpec)
 
     def stage_problems(self, *, at_launch: bool = False) -> list[str]:
@@ -64,32 +68,21 @@ def build_config(
 ) -> PretrainConfig:
     """The continued-pretraining recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, fp8,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.build.apply_flags` (num_nodes, gpus_per_node, fp8,
     fp8_recipe, executor, restore_from, from_scratch, out_dir, train_steps, save_every).
     """
     sz = get_size(size)
-    cfg = base_config(
+    cfg = from_size(
         PretrainConfig,
         sz,
-        ScheduleSpec(
-            base_max_lr=sz.base_max_lr,
-            lr_fraction=LR_FRACTION,
-            min_lr_ratio=MIN_LR_RATIO,
-            warmup_steps=sz.warmup_steps,
-            train_steps=sz.train_steps,
-            global_batch_size=sz.global_batch_size,
-            micro_batch_size=sz.micro_batch_size,
-            seq_length=sz.seq_length,
-            val_check_interval=sz.val_check_interval,
-            limit_val_batches=sz.limit_val_batches,
-        ),
+        schedule_from(sz, CPTSchedule, lr_fraction=LR_FRACTION, min_lr_ratio=MIN_LR_RATIO),
         data=DataSpec(num_workers=sz.num_workers),
     )
     cfg.checkpoint.out_dir = "runs/cpt"
     apply_flags(cfg, **flags)
     if manifest is not None:
         cfg.data.manifest = str(manifest)
-    return finish_config(cfg, overrides)
+    return finish(cfg, overrides)
 
 
 def check_inputs(cfg: PretrainConfig) -> list[str]:

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.config.schema import ScheduleSpec, TrainConfig, apply_flags, base_config, finish_config
+from ellama_recipes.config.build import apply_flags, finish, from_size
+from ellama_recipes.config.schema import PeakSchedule, TrainConfig
 from ellama_recipes.recipes import Recipe, check_checkpoint_dir, register
 from ellama_recipes.model.sizes import Size, get_size
 
@@ -92,12 +93,13 @@ class SFTDataSpec:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """SFT: the shared :class:`TrainConfig` plus ``data`` (:class:`SFTDataSpec`). ``schedule.base_max_lr`` is the
-    SFT peak LR itself (``schedule.lr_fraction`` = 1), not a fraction of pretraining's."""
+    """SFT: the shared :class:`TrainConfig` plus ``data`` (:class:`SFTDataSpec`); ``schedule.max_lr`` is the SFT peak
+    LR itself (Tulu 3's), not a fraction of pretraining's."""
 
     stage = "sft"
     title = "SFT"
 
+    schedule: PeakSchedule
     data: SFTDataSpec = field(default_factory=SFTDataSpec)
     lr_source: str = ""
 
@@ -136,7 +138,7 @@ def build_config(
 ) -> SFTConfig:
     """The SFT recipe for ``size`` with flags, then dotted overrides, applied (not validated).
 
-    ``flags``: the shared ones of :func:`ellama_recipes.config.schema.apply_flags` (num_nodes, gpus_per_node, fp8,
+    ``flags``: the shared ones of :func:`ellama_recipes.config.build.apply_flags` (num_nodes, gpus_per_node, fp8,
     executor, restore_from, out_dir, train_steps, save_every ...).
     """
     sz = get_size(size)
@@ -152,12 +154,11 @@ def build_config(
         nodes, gbs = sft_layout(sz, TULU3_GLOBAL_BATCH, mbs)
         steps = 1000  # replaced by data.epochs x rows / global batch once the data is prepared (ellama align)
         warmup = max(1, round(WARMUP_RATIO * steps))
-    cfg = base_config(
+    cfg = from_size(
         SFTConfig,
         sz,
-        ScheduleSpec(
-            base_max_lr=lr,
-            lr_fraction=1.0,
+        PeakSchedule(
+            max_lr=lr,
             min_lr_ratio=0.0,
             warmup_steps=warmup,
             train_steps=steps,
@@ -182,7 +183,7 @@ def build_config(
         cfg.data.validation = str(validation)
     if pad_id is not None:
         cfg.data.pad_id = int(pad_id)
-    return finish_config(cfg, overrides)
+    return finish(cfg, overrides)
 
 
 def steps_for(cfg: SFTConfig, train_rows: int) -> int:

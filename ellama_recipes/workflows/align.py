@@ -201,7 +201,7 @@ def build_configs(req: AlignRequest, *, from_ckpt: str, sft_ckpt: str | None, tr
         sft.lr_source += f"; steps: {sft.data.epochs:g} epochs x {'~' if estimated else ''}{train_rows} rows"
         apply_again = [o for o in ov["sft"] if o.split("=", 1)[0].strip().startswith("schedule.")]
         if apply_again:  # an explicit schedule override wins over the data-derived step count
-            from ellama_recipes.config.schema import apply_overrides
+            from ellama_recipes.config.overrides import apply_overrides
 
             apply_overrides(sft, apply_again)
     dpo = get_recipe("dpo").build_config(

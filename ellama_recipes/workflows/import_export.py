@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.errors import UserError
+from ellama_recipes.model import architecture
 from ellama_recipes.model.sizes import SIZES, get_size
 
 # Files an HF Llama checkpoint needs (no *.pth "original/" consolidated weights, no gguf).
@@ -120,9 +121,7 @@ def download_hf(repo_id: str, *, cache_dir: Path | None = None, revision: str | 
 
 def _require_size(size_name: str, spec: dict, src: str) -> None:
     """`--size S` together with a source: the source must have S's architecture (every size row alike)."""
-    from ellama_recipes.engine.bridge import spec_mismatches
-
-    bad = spec_mismatches(spec, get_size(size_name).arch)
+    bad = architecture.mismatches(spec, get_size(size_name).arch)
     if bad:
         raise UserError(
             f"{src} is not a Llama 3.1 {size_name} model. Pass the --size that matches it, or leave --size out: "
@@ -143,8 +142,6 @@ def _source_kind(size: str | None, source: str | Path | None) -> str:
 
 def describe_import(size: str | None, out: Path, source: str | Path | None = None) -> dict:
     """What `import-hf` would do (the --dryrun output); reads nothing from the network."""
-    from ellama_recipes.engine.bridge import hf_from_spec, spec_from_hf
-
     kind = _source_kind(size, source)
     plan: dict = {"size": size, "out": str(out)}
     keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -154,7 +151,7 @@ def describe_import(size: str | None, out: Path, source: str | Path | None = Non
         if _is_hf_dir(Path(source)):
             cfg = json.loads((Path(source) / "config.json").read_text())
             if size is not None:
-                _require_size(size, spec_from_hf(cfg, Path(source) / "config.json"), str(source))
+                _require_size(size, architecture.from_hf(cfg, Path(source) / "config.json"), str(source))
             plan["architecture"] = {k: cfg.get(k) for k in keys + ("torch_dtype",)}
             plan["files"] = sorted(p.name for p in Path(source).iterdir() if p.is_file())
     elif kind == "hub":
@@ -164,7 +161,7 @@ def describe_import(size: str | None, out: Path, source: str | Path | None = Non
     else:
         plan["source"] = {"kind": "built", "what": f"{size}: Llama-3.1-architecture model built locally "
                                                    "(ellama_recipes.model.tiny)"}
-        hf = hf_from_spec(get_size(size).arch)
+        hf = architecture.to_hf(get_size(size).arch)
         plan["architecture"] = {k: hf[k] for k in keys}
     plan["steps"] = ["resolve source", "stream HF tensors -> Megatron torch_dist checkpoint (weights/) + NeMo "
                      "context/, one tensor group at a time", "read back and verify every HF tensor bit-exact",
@@ -180,8 +177,7 @@ def import_hf(size: str | None, out: Path, source: str | Path | None = None, pro
     verified bit-exact in the written checkpoint; on any failure ``out`` is not created. Returns ``out``. The
     verification report is written to ``out/ellama_import.json``.
     """
-    from ellama_recipes.engine.bridge import spec_from_hf
-    from ellama_recipes.model.tiny import build_tiny_base, read_hf_config
+    from ellama_recipes.model.tiny import build_tiny_base
 
     kind = _source_kind(size, source)
     out = Path(out)
@@ -200,8 +196,8 @@ def import_hf(size: str | None, out: Path, source: str | Path | None = None, pro
         else:
             hf_dir = build_tiny_base(tmp / "hf-base", arch=get_size(size).arch)
             origin = {"kind": "built", "seed": 0}
-        cfg = read_hf_config(hf_dir)
-        spec = spec_from_hf(cfg, hf_dir / "config.json")
+        cfg = architecture.read_hf_config(hf_dir)
+        spec = architecture.from_hf(cfg, hf_dir / "config.json")
         if size is not None and kind != "built":
             _require_size(size, spec, str(source or get_size(size).hf_repo))
 

@@ -208,7 +208,7 @@ def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
 def check_start(cfg: TrainConfig) -> Any:
     """Validate ``cfg`` for this host, then check its stage's inputs (a UserError lists every problem); returns the
     stage's registered recipe."""
-    from ellama_recipes.config.schema import local_gpu_capability
+    from ellama_recipes.config.rules import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)

@@ -31,11 +31,10 @@ from typing import Any, Callable
 
 from ellama_recipes.io.atomic import atomic_dir
 from ellama_recipes.errors import UserError
+from ellama_recipes.model.architecture import HF_LAYOUT_KEYS
 
-# config.json keys that fix the tensor layout / meaning: must be equal to merge
-ARCH_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
-             "rope_theta", "rope_scaling", "rms_norm_eps", "hidden_act")
+# config.json keys that fix the tensor layout / meaning: must be equal to merge (the architecture's HF keys)
+ARCH_KEYS = HF_LAYOUT_KEYS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 CARRIED_FILES = ("config.json", "generation_config.json", "chat_template.jinja", *TOKENIZER_FILES)
 

@@ -90,13 +90,12 @@ def memory_per_gpu(cfg: TrainConfig) -> MemoryEstimate:
     m, s, p = cfg.model, cfg.schedule, cfg.parallel
     tp, pp, cp = p.tensor_parallel, p.pipeline_parallel, p.context_parallel
     vpp = p.virtual_pipeline_parallel or 1
-    arch = m.arch()
     h, f = m.hidden_size, m.ffn_hidden_size
     kv = m.num_query_groups * (h // m.num_attention_heads)
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
     emb = m.vocab_size * h
     if pp == 1:
-        stage_params = arch.num_parameters()
+        stage_params = m.num_parameters()
     else:  # first stage holds the embedding, the last the output layer: the larger of the two
         stage_params = per_layer * math.ceil(m.num_layers / pp) + emb + h
     params_gpu = math.ceil(stage_params / tp)
@@ -137,7 +136,7 @@ def compute_plan(cfg: TrainConfig, *, tokens: int | None = None, tflops: float |
     if tokens is None:
         tokens = s.total_tokens
     steps = math.ceil(tokens / tokens_per_step)
-    n_params = cfg.model.arch().num_parameters()
+    n_params = cfg.model.num_parameters()
     achieved = float(tflops) if tflops is not None else DEFAULT_TFLOPS[cfg.precision.mode]
     if achieved <= 0:
         raise UserError(f"--tflops must be positive, got {tflops}.")

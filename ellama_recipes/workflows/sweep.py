@@ -228,7 +228,7 @@ def build_config(spec: SweepSpec, manifest: Path, out_dir: Path, lr_fraction: fl
     return cfg
 
 
-def base_config(spec: SweepSpec):
+def recipe_config(spec: SweepSpec):
     """The recipe config every point starts from (before the sweep's two knobs)."""
     return build_config(spec, spec.source_manifest, spec.out / "runs")
 
@@ -514,7 +514,7 @@ def dryrun_plan(spec: SweepSpec) -> dict[str, Any]:
     from ellama_recipes.workflows.plan import compute_plan
 
     check_spec(spec)
-    base = base_config(spec)
+    base = recipe_config(spec)
     base.validate()
     points = grid(spec)
     rows = []
@@ -570,7 +570,7 @@ def _dryrun_launch(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, str]:
 def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep and write ``sweep.json`` / ``sweep.png``; returns the ``sweep.json`` object
     (``result["launched"]`` says what was started this time)."""
-    from ellama_recipes.config.schema import local_gpu_capability
+    from ellama_recipes.config.rules import local_gpu_capability
 
     check_spec(spec)
     if spec.restore_from is None or not ((spec.restore_from / "weights").is_dir()
