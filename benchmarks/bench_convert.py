@@ -97,7 +97,7 @@ def largest_group_bytes(spec: dict, itemsize: int = 2) -> int:
 
 
 def buffer_bound(spec: dict, itemsize: int = 2, slice_bytes: int = 64 << 20) -> int:
-    """Bytes ellama's reused read buffers (engine.convert.Buffers) reach for this shape, modelled on the code: per
+    """Bytes ellama's reused read buffers (io.safetensors.Buffers) reach for this shape, modelled on the code: per
     byte size, the most buffers of that size in use at once - while writing, one chunk's HF tensors; while
     verifying or exporting, the group being worked on, the next one (read ahead), one 64 MiB compare slice or one
     whole HF tensor (a strided QKV part) - plus the largest tensor not from the pool (the merged or split QKV)."""
@@ -137,7 +137,7 @@ def build_model(out: Path, spec: dict, shard_bytes: int = 1 << 30) -> int:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    from ellama_recipes.engine.convert import SafetensorsShards
+    from ellama_recipes.io.safetensors import SafetensorsShards
     from ellama_recipes.engine.bridge import expand
     from ellama_recipes.model.architecture import to_hf as hf_from_spec
 
@@ -165,7 +165,7 @@ NEMO_IMPORT = r"""
 import json, sys
 from pathlib import Path
 from ellama_recipes.engine import cpu_compat
-from ellama_recipes.engine.convert import te_free_overrides
+from ellama_recipes.engine.checkpoint.write import te_free_overrides
 from ellama_recipes.engine.bridge import llama31_config
 from ellama_recipes.model.architecture import from_hf as spec_from_hf
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel, TransformFns
@@ -211,7 +211,7 @@ if __name__ == "__main__":
 NEMO_EXPORT = r"""
 import sys
 from pathlib import Path
-from ellama_recipes.engine.convert import _mcore_gpt, load_engine_model
+from ellama_recipes.engine.checkpoint.parity import load_engine_model, mcore_gpt
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, TransformFns
 from nemo.lightning import io
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -244,11 +244,11 @@ class CpuExporter(HFLlamaExporter):  # NeMo's exporter (init, apply_transforms, 
 if __name__ == "__main__":
     ex = CpuExporter(str(src))
     model, trainer = load_engine_model(src)
-    target = ex.init(next(_mcore_gpt(model).parameters()).dtype)
+    target = ex.init(next(mcore_gpt(model).parameters()).dtype)
     ex.convert_state(model, target, model.config).save_pretrained(out, safe_serialization=True)
 """
 
-BASE = "import nemo.collections.llm, ellama_recipes.engine.convert, ellama_recipes.engine.bridge"
+BASE = "import nemo.collections.llm, ellama_recipes.engine.checkpoint.hf_import, ellama_recipes.engine.checkpoint.hf_export"
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float, int]:

@@ -47,16 +47,12 @@ _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
-_NVTE_BACKEND = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a fresh ``python -m ellama_recipes ...`` child: this one minus the torch.distributed
     rendezvous variables an in-process import/export exported, offline hub, unbuffered output."""
-    # megatron-core's LanguageModule writes NVTE_{FLASH,FUSED,UNFUSED}_ATTN into os.environ for the attention backend
-    # of every model built in this process, and asserts them in the next model: a child with another backend (the GPU
-    # kit's proxy uses flash) must not inherit an in-process test's values.
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS and k not in _NVTE_BACKEND}
+    # (megatron-core's NVTE_*_ATTN variables of an in-process model are put back by the product itself:
+    # ellama_recipes.engine.process_env.in_process_model, tests/test_process_env.py)
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

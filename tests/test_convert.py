@@ -124,7 +124,7 @@ def exported(work, imported) -> dict[str, tuple[Path, dict]]:
 
 
 def test_import_exact_per_tensor_with_randomised_norms(imported, hf_sources):
-    from ellama_recipes.engine.convert import read_engine_weights
+    from ellama_recipes.engine.checkpoint.read import read_engine_weights
 
     for name, ckpt in imported.items():
         rep = json.loads((ckpt / "ellama_import.json").read_text())
@@ -156,7 +156,7 @@ import json, sys
 from pathlib import Path
 from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaModel
 from ellama_recipes.engine import cpu_compat
-from ellama_recipes.engine.convert import te_free_overrides
+from ellama_recipes.engine.checkpoint.write import te_free_overrides
 from ellama_recipes.engine.bridge import llama31_config
 from ellama_recipes.model.architecture import from_hf as spec_from_hf
 src, out, stage = map(Path, sys.argv[1:4])
@@ -184,7 +184,7 @@ def test_upstream_norm_mapping_is_caught(work, hf_sources):
     In a fresh process: megatron's checkpoint writer keeps a multiprocessing manager alive for the process."""
     from conftest import subprocess_env
 
-    from ellama_recipes.engine.convert import verify_engine_against_hf
+    from ellama_recipes.engine.checkpoint.verify import verify_engine_against_hf
 
     src, out = hf_sources["tiny"], work / "upstream-bug"
     script = work / "upstream_import.py"
@@ -332,7 +332,7 @@ def test_verifier_reports_dropped_and_altered_tensors(imported, exported, work):
     """The post-export check itself: a converter that drops one tensor and perturbs another is caught."""
     from safetensors.torch import save_file
 
-    from ellama_recipes.engine.convert import verify_export_tensors
+    from ellama_recipes.engine.checkpoint.verify import verify_export_tensors
 
     out, _ = exported["tiny"]
     broken = work / "broken-export"

@@ -3,7 +3,7 @@
 The bound is measured on the tensors themselves, not on process RSS (which NeMo's import dominates at this size):
 every tensor the HF reader or the checkpoint chunk reader hands out is tracked until it is freed, and the most
 bytes alive at once must not exceed the largest tensor group - whatever the depth; the reused read buffers
-(convert.Buffers) must stay a small multiple of it, the same at every depth. benchmarks/bench_convert.py
+(io.safetensors.Buffers) must stay a small multiple of it, the same at every depth. benchmarks/bench_convert.py
 measures the RSS of the same code on a 1.5B model.
 """
 
@@ -43,25 +43,27 @@ class LiveBytes:
 
 
 def _track_hf_reads(monkeypatch) -> LiveBytes:
-    from ellama_recipes.engine import convert
+    from ellama_recipes.io.safetensors import HFWeights
 
-    live, get = LiveBytes(), convert.HFWeights.get
-    monkeypatch.setattr(convert.HFWeights, "get", lambda self, name, buffers=None: live.track(get(self, name, buffers)))
+    live, get = LiveBytes(), HFWeights.get
+    monkeypatch.setattr(HFWeights, "get", lambda self, name, buffers=None: live.track(get(self, name, buffers)))
     return live
 
 
 def _track_buffers(monkeypatch) -> list:
-    """Every convert.Buffers pool created from now on (their .peak: bytes allocated at most)."""
-    from ellama_recipes.engine import convert
+    """Every Buffers pool the conversions create from now on (their .peak: bytes allocated at most)."""
+    from ellama_recipes.engine.checkpoint import hf_export, hf_import, verify
+    from ellama_recipes.io.safetensors import Buffers
 
-    pools, cls = [], convert.Buffers
+    pools = []
 
-    class Tracked(cls):
+    class Tracked(Buffers):
         def __init__(self):
             super().__init__()
             pools.append(self)
 
-    monkeypatch.setattr(convert, "Buffers", Tracked)
+    for module in (hf_import, hf_export, verify):
+        monkeypatch.setattr(module, "Buffers", Tracked)
     return pools
 
 
@@ -79,7 +81,8 @@ def depth_sources(tmp_path_factory) -> dict[int, Path]:
 
 @pytest.mark.slow
 def test_import_peak_is_one_group_and_flat_with_depth(depth_sources, tmp_path, monkeypatch):
-    from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes, read_engine_weights
+    from ellama_recipes.engine.checkpoint.hf_import import import_hf_to_engine, model_bytes
+    from ellama_recipes.engine.checkpoint.read import read_engine_weights
     from ellama_recipes.model.architecture import from_hf as spec_from_hf
 
     peaks, pool_peaks = {}, {}
@@ -111,30 +114,30 @@ def test_export_reads_chunks_never_builds_the_model(tiny_base, tiny_hf, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from ellama_recipes.engine.checkpoint import hf_export, parity, read
     from ellama_recipes.workflows.import_export import export_hf
-    from ellama_recipes.engine import convert
 
     def no_model(*a, **k):
         raise AssertionError("export instantiated the model")
 
-    monkeypatch.setattr(convert, "load_engine_model", no_model)
-    live, wants, read = LiveBytes(), [], convert.EngineChunks.read
+    monkeypatch.setattr(parity, "load_engine_model", no_model)
+    live, wants, read_region = LiveBytes(), [], read.EngineChunks.read
 
     def tracked(self, key, offsets, sizes, buffers=None):
         wants.append((key, offsets, sizes))
-        return live.track(read(self, key, offsets, sizes, buffers))
+        return live.track(read_region(self, key, offsets, sizes, buffers))
 
     def no_generic_load(*a, **k):
         raise AssertionError("a one-chunk-per-layer checkpoint went through the generic dcp load")
 
-    monkeypatch.setattr(convert.EngineChunks, "read", tracked)
-    monkeypatch.setattr(convert, "read_chunks", no_generic_load)
+    monkeypatch.setattr(read.EngineChunks, "read", tracked)
+    monkeypatch.setattr(read, "read_chunks", no_generic_load)
     report = export_hf(tiny_base, tmp_path / "hf", progress=False, check_logits=False)
     assert report["logits_checked"] is False and all(t["status"] == "equal" for t in report["tensors"])
     # one layer per read of a layer-stacked key, never the whole stack
     stacked = [(k, s) for k, _, s in wants if ".layers." in k]
     assert stacked and all(s[0] == 1 for _, s in stacked)
-    spec = convert.plan_export(tiny_base).spec
+    spec = hf_export.plan_export(tiny_base).spec
     # the group being written and the next one, read meanwhile: never more than two groups
     assert 0 < live.peak <= 2 * _largest_group_bytes(spec)
     src, out = load_file(str(tiny_hf / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -147,7 +150,7 @@ def test_export_shards_and_workers(tiny_base, tiny_hf, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ellama_recipes.engine.convert import export_engine_to_hf
+    from ellama_recipes.engine.checkpoint.hf_export import export_engine_to_hf
 
     out = tmp_path / "hf"
     out.mkdir()

@@ -43,8 +43,8 @@ _RUN = textwrap.dedent("""
         cfg = build_config("tiny", restore_from=base, data_dir=data, out_dir=out, train_steps=int(steps),
                            save_every=int(save_every), overrides=[f"schedule.val_check_interval={val_every}"])
         run_in_process(cfg)
-        from ellama_recipes.engine.dpo import summarize
-        print("SUMMARY " + json.dumps(summarize(out)))
+        from ellama_recipes.recipes import get_recipe
+        print("SUMMARY " + json.dumps(get_recipe("dpo").summarize(out)))
 """)
 
 
@@ -97,7 +97,7 @@ def dpo_run(tiny_base, pairs, tmp_path_factory):
 
 
 def test_pairs_stay_together_in_one_micro_batch(monkeypatch):
-    from ellama_recipes.engine.dpo import PairDataSampler, PairDataset, collate_pairs
+    from ellama_recipes.engine.dpo_data import PairDataSampler, PairDataset, collate_pairs
 
     pairs = [{"chosen_ids": [1, 5, 6 + i], "chosen_mask": [0, 1, 1], "rejected_ids": [1, 5, 9, 9 + i],
               "rejected_mask": [0, 1, 1, 1]} for i in range(5)]
@@ -178,7 +178,7 @@ def test_engine_loss_equals_the_formula_on_the_exported_hf_models(dpo_run, tiny_
     from transformers import AutoModelForCausalLM
 
     from ellama_recipes.data.chat import read_examples
-    from ellama_recipes.engine.dpo import PairDataset
+    from ellama_recipes.engine.dpo_data import PairDataset
 
     root = dpo_run["root"]
     policy_dir = _export(dpo_run["out"], root / "hf_dpo")

@@ -202,13 +202,13 @@ def test_partial_or_corrupt_checkpoints_are_detected_and_skipped(reference_run, 
 
 def test_architecture_comes_from_the_from_checkpoint(cpt_inputs):
     """`--size` picks the recipe defaults; the model shape is the `--from` checkpoint's (here: tiny under 8b)."""
-    from ellama_recipes.engine.blocks import build_pretrain_partial
+    from ellama_recipes.recipes import get_recipe
     from ellama_recipes.model.architecture import from_checkpoint
     from ellama_recipes.recipes.pretrain import build_config as build_pretrain_config
     from ellama_recipes.model.sizes import SIZES
 
     cfg = build_pretrain_config("8b", restore_from=str(cpt_inputs.base))
-    mc = build_pretrain_partial(cfg).model.config
+    mc = get_recipe("pretrain").build_partial(cfg).model.config
     tiny = SIZES["tiny"].arch
     assert (mc.num_layers, mc.hidden_size, mc.num_query_groups, mc.vocab_size) == (
         tiny.num_layers, tiny.hidden_size, tiny.num_query_groups, tiny.vocab_size)
@@ -234,3 +234,43 @@ def test_dangling_last_link_is_skipped(reference_run, tmp_path):
     lines: list[str] = []
     assert find_resumable(d, report=lines.append) in (ok_link, d / good.name)
     assert len(lines) == 1 and str(link) in lines[0]
+
+
+_VAL_PROBE = """
+import json, sys
+from collections import Counter
+if __name__ == "__main__":
+    base, manifest, out, per_side = sys.argv[1:5]
+    from ellama_recipes.engine import pretrain_data
+    seen = []
+    get = pretrain_data.SideConcatDataset.__getitem__
+    def counted(self, idx):
+        seen.append("domain" if idx // self.per_side == 0 else "general")
+        return get(self, idx)
+    pretrain_data.SideConcatDataset.__getitem__ = counted
+    from ellama_recipes.recipes.pretrain import build_config
+    from ellama_recipes.workflows.launch import run_in_process
+    cfg = build_config("tiny", restore_from=base, manifest=manifest, out_dir=out, train_steps=2,
+                       overrides=["schedule.val_check_interval=2", f"schedule.limit_val_batches={per_side}",
+                                  "schedule.micro_batch_size=1"])
+    run_in_process(cfg)
+    print("VAL " + json.dumps({"samples": dict(Counter(seen)), "global_batch": cfg.schedule.global_batch_size}))
+"""
+
+
+def test_per_source_validation_runs_limit_val_batches_global_batches_per_side(cpt_inputs, tmp_path):
+    """`schedule.limit_val_batches` = N means N GLOBAL batches of domain text, then N of general text (what the
+    docs say), counted in the samples the validation really reads, at 8 micro batches per step: the loader holds
+    exactly those and the trainer runs all of it (not an integer limit in Lightning's own units)."""
+    script = tmp_path / "probe.py"
+    script.write_text(_VAL_PROBE)
+    per_side = 3
+    proc = subprocess.run([sys.executable, str(script), str(cpt_inputs.base), str(cpt_inputs.manifest),
+                           str(tmp_path / "run"), str(per_side)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("VAL "))[4:])
+    want = per_side * got["global_batch"]
+    assert got["samples"] == {"domain": want, "general": want}, got
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "val_loss_domain" in rows[-1] and "val_loss_general" in rows[-1], rows[-1]

@@ -20,10 +20,11 @@ PRECISIONS = [("bf16", None), ("fp8", "delayed"), ("fp8", "current")]
 
 
 @pytest.fixture(scope="module")
-def nr():
-    from ellama_recipes.engine import blocks
+def build_partial():
+    """The pretraining recipe's partial builder (what every launch of `ellama pretrain` runs)."""
+    from ellama_recipes.recipes import get_recipe
 
-    return blocks
+    return get_recipe("pretrain").build_partial
 
 
 def _cfg(size, mode, recipe, **kw):
@@ -34,14 +35,14 @@ def _cfg(size, mode, recipe, **kw):
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("mode,recipe", PRECISIONS)
-def test_partial_fields(nr, size, mode, recipe):
+def test_partial_fields(build_partial, size, mode, recipe):
     from megatron.core.transformer.enums import AttnBackend
     from nemo.collections import llm
 
-    from ellama_recipes.engine.runner import pretrain
+    from ellama_recipes.engine.pretrain import pretrain
 
     cfg = _cfg(size, mode, recipe)
-    p = nr.build_pretrain_partial(cfg)
+    p = build_partial(cfg)
     assert p.__fn_or_cls__ is pretrain  # prepare_rank(), then llm.pretrain, in every rank
     assert p.run_dir == str(Path(cfg.checkpoint.out_dir).absolute())
 
@@ -105,8 +106,10 @@ def test_partial_fields(nr, size, mode, recipe):
     assert d.manifest == MANIFEST_PLACEHOLDER
     assert (d.global_batch_size, d.micro_batch_size, d.seq_length) == (
         SIZES[size].global_batch_size, SIZES[size].micro_batch_size, SIZES[size].seq_length)
-    # per-source validation: limit_val_batches domain batches + as many general ones
-    assert p.trainer.limit_val_batches == 2 * cfg.schedule.limit_val_batches
+    # per-source validation: limit_val_batches global batches of domain text + as many of general text, in the
+    # loader; the trainer runs all of it (an integer limit would be in Lightning's units, not global batches)
+    assert d.val_batches_per_side == cfg.schedule.limit_val_batches
+    assert p.trainer.limit_val_batches == 1.0
 
     # checkpoints + resume + metrics
     ck = p.log.ckpt
@@ -122,12 +125,12 @@ def test_partial_fields(nr, size, mode, recipe):
     assert "MetricsJsonl" in cbs
 
 
-def test_flags_reach_the_partial(nr, tmp_path):
+def test_flags_reach_the_partial(build_partial, tmp_path):
     cfg = build_pretrain_config(
         "8b", num_nodes=2, restore_from=str(tmp_path / "base"), out_dir=str(tmp_path / "run"), train_steps=500,
         save_every=50, overrides=["schedule.lr_fraction=0.05", "schedule.warmup_steps=20", "parallel.context_parallel=2"],
     )
-    p = nr.build_pretrain_partial(cfg)
+    p = build_partial(cfg)
     assert p.optim.config.lr == pytest.approx(3e-4 * 0.05)
     assert p.optim.lr_scheduler.warmup_steps == 20 and p.optim.lr_scheduler.max_steps == 500
     assert p.trainer.strategy.context_parallel_size == 2 and p.trainer.num_nodes == 2
@@ -137,11 +140,11 @@ def test_flags_reach_the_partial(nr, tmp_path):
     assert p.data.tokenizer_from == str(tmp_path / "base")
 
 
-def test_partial_serializes_for_executors(nr):
+def test_partial_serializes_for_executors(build_partial):
     """NeMo-Run executors ship the partial as zlib-JSON: it must round-trip."""
     from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
 
-    p = nr.build_pretrain_partial(build_pretrain_config("70b", fp8=True))
+    p = build_partial(build_pretrain_config("70b", fp8=True))
     ser = ZlibJSONSerializer()
     back = ser.deserialize(ser.serialize(p))
     assert back.trainer.strategy.virtual_pipeline_model_parallel_size == 5
@@ -150,7 +153,7 @@ def test_partial_serializes_for_executors(nr):
 
 
 def test_manifest_errors_are_user_errors(tmp_path):
-    from ellama_recipes.engine.pretrain_data import load_manifest
+    from ellama_recipes.data.manifest import load_manifest
 
     with pytest.raises(UserError, match="No data manifest"):
         load_manifest(MANIFEST_PLACEHOLDER)
@@ -168,13 +171,13 @@ def test_manifest_errors_are_user_errors(tmp_path):
     assert "a.bin is missing" in msg and "b.idx is missing" in msg and "'b' has no entry in `sources`" in msg
 
 
-def test_cpu_partial_is_what_every_rank_runs(nr):
+def test_cpu_partial_is_what_every_rank_runs(build_partial):
     """On a host without CUDA a cpu_fallback size builds the CPU partial itself (what the dry run shows and what
     every torchrun rank deserializes); a GPU size, or any size for Slurm, keeps the GPU partial."""
     from ellama_recipes.engine import cpu_compat
 
     cpu_host = not torch.cuda.is_available()
-    p = nr.build_pretrain_partial(build_pretrain_config("tiny", gpus_per_node=2, overrides=["parallel.tensor_parallel=2"]))
+    p = build_partial(build_pretrain_config("tiny", gpus_per_node=2, overrides=["parallel.tensor_parallel=2"]))
     mc = p.model.config
     assert (p.trainer.accelerator == "cpu") is cpu_host
     assert p.trainer.devices == 2 and p.trainer.strategy.tensor_model_parallel_size == 2
@@ -182,7 +185,7 @@ def test_cpu_partial_is_what_every_rank_runs(nr):
         assert all(getattr(mc, name) is False for name in cpu_compat._TE_FUSIONS)
         assert mc.use_cpu_initialization is True and mc.data_step_fn is cpu_compat.cpu_gpt_data_step
     for cfg in (build_pretrain_config("8b"), build_pretrain_config("tiny", executor="slurm")):
-        g = nr.build_pretrain_partial(cfg)
+        g = build_partial(cfg)
         assert g.trainer.accelerator == "gpu"
         assert getattr(g.model.config, "use_cpu_initialization", False) is False
 

@@ -9,7 +9,7 @@ Issue 13 ("Also"): for each rule, show that the launched run fails the same way 
      dead (remove it) or guards a silent mis-handling (prove that instead).
 
 Where a check is plain arithmetic on the config, it runs in this process on the objects a rank builds:
-``MegatronStrategy`` from ``engine.blocks.trainer(cfg)``, ``llm.LlamaModel(Llama31Config)`` from
+``MegatronStrategy`` from ``engine.pretrain.trainer(cfg)``, ``llm.LlamaModel(Llama31Config)`` from
 ``engine.blocks.model_config(cfg)``, ``MegatronStrategy.connect(model)`` (NeMo's
 ``set_model_parallel_attributes`` + ``TransformerConfig.__post_init__``), NeMo's ``init_parallel_ranks`` and
 ``MegatronDataSampler.setup``. Where a check needs process groups of size 2 (context parallel, sequence parallel,
@@ -115,12 +115,12 @@ def rank():
     import fiddle as fdl
     from nemo.collections import llm
 
-    from ellama_recipes.engine import blocks
+    from ellama_recipes.engine import blocks, pretrain
 
     class Rank:
         @staticmethod
         def strategy(cfg):
-            return fdl.build(blocks.trainer(cfg).strategy)
+            return fdl.build(pretrain.trainer(cfg).strategy)
 
         @staticmethod
         def optimizer(cfg):

@@ -74,7 +74,7 @@ def test_sft_loss_falls_and_metrics_rows(sft_run):
 MASK_PROOF = """
 import json, sys, torch
 from ellama_recipes.data.chat import load_chat_tokenizer, collate_sft
-from ellama_recipes.engine.convert import load_engine_model
+from ellama_recipes.engine.checkpoint.parity import load_engine_model
 from ellama_recipes.engine.sft import masked_loss
 if __name__ == "__main__":
     ckpt = sys.argv[1]

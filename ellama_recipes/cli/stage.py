@@ -16,8 +16,8 @@ from ellama_recipes.errors import UserError
 
 
 def execute(cfg, *, dryrun: bool, as_json: bool) -> None:
-    """``--dryrun``: validate, print the resolved plan and the launch, run nothing. Else: check the inputs
-    (fast, before NeMo is imported), validate for this host, launch, print the result."""
+    """``--dryrun``: validate, print the resolved plan and the launch, run nothing. Else: check once (the inputs,
+    fast, before NeMo is imported; the config for this host; the launch environment), launch, print the result."""
     if dryrun:
         cfg.validate()
         _dryrun(cfg, as_json=as_json)
@@ -29,22 +29,13 @@ def execute(cfg, *, dryrun: bool, as_json: bool) -> None:
 
 def _launch(cfg) -> None:
     from ellama_recipes.workflows import launch
-    from ellama_recipes.config.rules import local_gpu_capability
-    from ellama_recipes.recipes import get_recipe
 
-    recipe = get_recipe(cfg.stage)
-    # Input files first and fast (no torch / NeMo import), then everything this host cannot run.
-    problems = recipe.check_inputs(cfg)
-    if not problems:
-        problems = cfg.problems(at_launch=True, gpu_capability=local_gpu_capability())
-        problems += launch.launch_problems(cfg)
-    if problems:
-        raise UserError(f"Cannot start {cfg.title} ({cfg.size}): {len(problems)} problem(s):", problems=problems)
-    partial = None if launch.in_process(cfg) else recipe.build_partial(cfg)
+    recipe = launch.check(cfg)  # input files first and fast, then everything this host cannot run
+    partial = recipe.build_partial(cfg)
     if cfg.cluster.executor == "slurm":
         plan = launch.write_sbatch(cfg, launch.render(cfg, partial))
         console.print(f"sbatch script: {plan.script_file}")
-    result = launch.launch(cfg, partial)
+    result = launch.start(cfg, partial)
     # Plain lines, not a box: paths stay whole (copyable) on any terminal width.
     console.print(f"[bold green]{cfg.stage} finished[/]")
     for k, v in result.items():

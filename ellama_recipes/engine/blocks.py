@@ -1,73 +1,43 @@
-"""The shared engine building blocks of every training stage, and the continued-pretraining partial.
+"""The engine blocks every training stage is built from (stage-neutral: a stage adds its own parts, never removes
+another's).
 
-Each block takes a :class:`ellama_recipes.config.schema.TrainConfig` (any stage's config) and returns a ``run.Config``:
-:func:`model_config`, :func:`precision_plugin`, :func:`optimizer`, :func:`trainer`, :func:`logger`, :func:`resume`;
-:class:`RunLayout` names the run folder's parts. A stage engine (``engine/sft.py`` ...) combines them with its own
-data module and entry function; :func:`build_pretrain_partial` is the pretraining one. This is the only place the
-recipes meet NeMo 2.x (``nemo.collections.llm``) and megatron-core. Building the partial imports nothing heavy beyond NeMo itself and never touches a GPU, so
-``ellama pretrain --size 70b --dryrun`` works on a laptop. Launching it is ``launch.py``'s business
-(NeMo-Run executors) or :func:`ellama_recipes.engine.runner.run_local` (in-process, CPU smoke runs).
-
-What the partial holds (e-Llama continued pretraining, see DESIGN.md):
+Each block takes a stage config (:class:`ellama_recipes.config.schema.TrainConfig`, any stage) and returns a
+``run.Config``: :func:`model_config`, :func:`precision_plugin`, :func:`optimizer`, :func:`trainer` (given the stage's
+metrics callback, its other callbacks and its validation limit), :func:`logger`, :func:`resume`. A stage's module
+(:mod:`~ellama_recipes.engine.pretrain`, :mod:`~ellama_recipes.engine.sft`, :mod:`~ellama_recipes.engine.dpo`)
+combines them with its own data module, model class and entry function into its ``run.Partial``. Building a partial
+imports nothing heavy beyond NeMo itself and never touches a GPU, so ``ellama pretrain --size 70b --dryrun`` works on
+a laptop. Launching it is :mod:`ellama_recipes.workflows.launch`'s business (NeMo-Run executors) or
+:func:`ellama_recipes.engine.runner.run_local` (in-process, CPU smoke runs).
 
 - model: ``llm.LlamaModel(Llama31Config(...))`` from ``cfg.model``, or from the ``--from`` checkpoint's own
   saved config when ``cfg.checkpoint.restore_from`` points at an existing engine checkpoint (any
   Llama-3.1-architecture model works; ``--size`` only picks the recipe defaults). On GPU the layer spec is
   Transformer Engine's (NeMo's ``default_layer_spec`` picks it when TE is importable).
-- data: :class:`ellama_recipes.engine.pretrain_data.ManifestDataModule`, a ``llm.PreTrainingDataModule`` that reads
-  the blend from ``manifest.json`` at run time and adds per-source (domain / general) validation.
 - trainer: ``nl.Trainer`` + ``nl.MegatronStrategy`` (TP/PP/VPP/CP/SP, distributed optimizer) with the precision
   plugin (bf16-mixed, fp8 hybrid delayed / tensorwise current scaling, or fp32 for CPU).
 - optim: megatron ``OptimizerConfig`` (AdamW) + ``CosineAnnealingScheduler`` (linear warmup, cosine to min LR).
-- log: ``nl.NeMoLogger`` with an atomic-resume-friendly ``ModelCheckpoint`` every ``save_every`` steps,
-  TensorBoard, and :class:`ellama_recipes.engine.callbacks.MetricsJsonl` writing ``RUN/metrics.jsonl``.
+- log: ``nl.NeMoLogger`` with an atomic-resume-friendly ``ModelCheckpoint`` every ``save_every`` steps and
+  TensorBoard, in the run folder (:class:`ellama_recipes.io.run_folder.RunFolder`).
 - resume: :class:`ellama_recipes.engine.resume.SafeAutoResume`: resume from the newest *complete* checkpoint in
   the run directory (partial / corrupt ones are skipped with a message), else start from ``--from``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nemo_run as run
 import torch
 
-from ellama_recipes.engine import bridge
 from ellama_recipes.config.schema import TrainConfig
-from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER
+from ellama_recipes.engine import bridge
+from ellama_recipes.io.run_folder import RunFolder
 
-RUN_NAME = "cpt"  # the pretraining recipe's run_name (checkpoint prefix); other stages pass their own
-
-
-def _abs(path: str | Path) -> Path:
+def abs_path(path: str | Path) -> Path:
     """Paths in the partial are absolute: executors (torchrun via NeMo-Run, Slurm) run it from another cwd."""
     return Path(path).expanduser().absolute()
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """The run folder of every stage: ``RUN/checkpoints/``, ``RUN/metrics.jsonl``, ``RUN/logs/`` (NeMo text logs,
-    TensorBoard in ``logs/tb_logs``, ranks > 0 in ``logs/ranks/rank-N.log``), ``RUN/resume.json``."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> "RunLayout":
-        return cls(_abs(cfg.checkpoint.out_dir))
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
 
 # ----------------------------------------------------------------------------- model
@@ -194,17 +164,18 @@ def uses_gpu(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available() or cfg.cluster.executor != "local" or not cfg.cluster.cpu_fallback
 
 
-def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> run.Config:
+def trainer(cfg: TrainConfig, *, metrics: run.Config, callbacks: list[run.Config] | None = None,
+            limit_val_batches: int | float = 1.0, limit_test_batches: int | float | None = None) -> run.Config:
     """``nl.Trainer`` + ``nl.MegatronStrategy`` (TP/PP/VPP/CP/SP, DDP, distributed optimizer) + precision plugin.
 
-    Callbacks: NeMo's TimingCallback, :class:`~ellama_recipes.engine.callbacks.MetricsJsonl` writing
-    ``RUN/metrics.jsonl``, then ``callbacks`` (a stage's own). CPU processes (see :func:`uses_gpu`): accelerator
-    cpu with one process per "GPU" (``cluster.gpus_per_node``), gloo between them.
+    Callbacks: NeMo's TimingCallback, the stage's ``metrics`` callback (writing ``RUN/metrics.jsonl``: a
+    :class:`~ellama_recipes.engine.callbacks.MetricsJsonl`), then the stage's other ``callbacks``.
+    ``limit_val_batches``: what one validation runs, in Lightning's units (1.0 = the whole validation loader; an
+    integer counts the items Lightning fetches from it, i.e. micro batches under NeMo's megatron step). CPU processes
+    (see :func:`uses_gpu`): accelerator cpu with one process per "GPU" (``cluster.gpus_per_node``), gloo between them.
     """
     from megatron.core.distributed import DistributedDataParallelConfig
     from nemo import lightning as nl
-
-    from ellama_recipes.engine.callbacks import MetricsJsonl
 
     p, s, c = cfg.parallel, cfg.schedule, cfg.cluster
     gpu = uses_gpu(cfg)
@@ -236,12 +207,8 @@ def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> r
     from nemo.utils.exp_manager import TimingCallback
 
     callbacks = [
-        run.Config(TimingCallback),  # "train_step_timing in s" (before MetricsJsonl, which records it)
-        run.Config(
-            MetricsJsonl,
-            path=str(RunLayout.of(cfg).metrics),
-            log_every=cfg.checkpoint.log_every,
-        ),
+        run.Config(TimingCallback),  # "train_step_timing in s" (before the metrics callback, which records it)
+        metrics,
         *(callbacks or []),
     ]
     val_every = min(s.val_check_interval, s.train_steps)
@@ -252,9 +219,8 @@ def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> r
         num_nodes=c.num_nodes,
         max_steps=s.train_steps,
         accumulate_grad_batches=1,
-        # per-source validation: limit_val_batches global batches of domain text, then as many of general text
-        limit_val_batches=2 * s.limit_val_batches,
-        limit_test_batches=s.limit_val_batches,
+        limit_val_batches=limit_val_batches,
+        limit_test_batches=s.limit_val_batches if limit_test_batches is None else limit_test_batches,
         val_check_interval=val_every,
         log_every_n_steps=cfg.checkpoint.log_every,
         num_sanity_val_steps=0,
@@ -266,27 +232,8 @@ def trainer(cfg: TrainConfig, *, callbacks: list[run.Config] | None = None) -> r
     )
 
 
-# ----------------------------------------------------------------------------- data
-def data_module(cfg: TrainConfig) -> run.Config:
-    from ellama_recipes.engine.pretrain_data import ManifestDataModule
-
-    s, d = cfg.schedule, cfg.data
-    return run.Config(
-        ManifestDataModule,
-        manifest=str(_abs(d.manifest)) if d.manifest and d.manifest != MANIFEST_PLACEHOLDER else MANIFEST_PLACEHOLDER,
-        seq_length=s.seq_length,
-        micro_batch_size=s.micro_batch_size,
-        global_batch_size=s.global_batch_size,
-        num_workers=d.num_workers,
-        seed=d.seed,
-        split=d.split,
-        tokenizer_from=str(_abs(cfg.checkpoint.restore_from)) if cfg.checkpoint.restore_from else None,
-        vocab_size=cfg.model.vocab_size,
-    )
-
-
 # ----------------------------------------------------------------------------- log / resume
-def logger(cfg: TrainConfig, run_name: str = RUN_NAME) -> run.Config:
+def logger(cfg: TrainConfig, run_name: str) -> run.Config:
     """``nl.NeMoLogger`` into ``RUN/logs`` with checkpoints ``RUN/checkpoints/<run_name>--step=S-...`` every
     ``checkpoint.save_every`` steps (S = the number of optimizer steps done, as in metrics.jsonl), TensorBoard."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -294,10 +241,10 @@ def logger(cfg: TrainConfig, run_name: str = RUN_NAME) -> run.Config:
 
     from ellama_recipes.engine.callbacks import StepCheckpoint
 
-    run_dir = _abs(cfg.checkpoint.out_dir)
+    folder = RunFolder.of(cfg)
     ckpt = run.Config(
         StepCheckpoint,
-        dirpath=str(run_dir / "checkpoints"),
+        dirpath=str(folder.checkpoints),
         monitor="step",
         mode="max",
         save_last="link",  # the -last entry is a symlink to the step checkpoint, not a second full copy
@@ -313,7 +260,7 @@ def logger(cfg: TrainConfig, run_name: str = RUN_NAME) -> run.Config:
         # RUN/checkpoints/, RUN/metrics.jsonl, RUN/logs/ (NeMo's text logs, TensorBoard in RUN/logs/tb_logs/).
         # Not RUN/ itself: on every restart NeMo moves the files of its log dir into run_N/ (NeMoLogger
         # _setup_files_to_move + ModelCheckpoint.setup), which would take metrics.jsonl with them.
-        explicit_log_dir=str(run_dir / "logs"),
+        explicit_log_dir=str(folder.logs),
         name=run_name,
         use_datetime_version=False,
         ckpt=ckpt,
@@ -334,55 +281,19 @@ def resume(cfg: TrainConfig) -> run.Config:
     if cfg.checkpoint.restore_from:
         restore = run.Config(
             nl.RestoreConfig,
-            path=str(_abs(cfg.checkpoint.restore_from)),
+            path=str(abs_path(cfg.checkpoint.restore_from)),
             load_model_state=True,
             load_optim_state=False,
             load_artifacts=True,
         )
     return run.Config(
         SafeAutoResume,
-        resume_from_directory=str(_abs(cfg.checkpoint.out_dir) / "checkpoints"),
+        resume_from_directory=str(RunFolder.of(cfg).checkpoints),
         restore_config=restore,
         resume_if_exists=True,
         resume_ignore_no_checkpoint=True,
     )
 
 
-# ----------------------------------------------------------------------------- the partial
-def build_pretrain_partial(cfg: TrainConfig) -> run.Partial:
-    """The continued-pretraining ``run.Partial`` for ``cfg`` (not validated here).
-
-    Its function is :func:`ellama_recipes.engine.runner.pretrain` (``llm.pretrain`` after the per-rank setup), so
-    the in-process run, every torchrun rank and every Slurm task run the same thing. Example (what
-    ``ellama pretrain --size 70b --dryrun`` does)::
-
-        from ellama_recipes.recipes.pretrain import build_config
-        partial = build_pretrain_partial(build_config("70b"))
-    """
-    from nemo.collections import llm
-
-    from ellama_recipes.engine.runner import pretrain
-
-    return run.Partial(
-        pretrain,
-        model=run.Config(llm.LlamaModel, config=model_config(cfg)),
-        data=data_module(cfg),
-        trainer=trainer(cfg),
-        log=logger(cfg, RUN_NAME),
-        optim=optimizer(cfg),
-        resume=resume(cfg),
-        run_dir=str(RunLayout.of(cfg).root),
-    )
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Load ``manifest.json`` (UserError when missing or malformed)."""
-    from ellama_recipes.engine.pretrain_data import load_manifest
-
-    return load_manifest(path)
-
-
-__all__ = [
-    "RUN_NAME", "RunLayout", "build_pretrain_partial", "data_module", "logger",
-    "model_config", "optimizer", "precision_plugin", "read_manifest", "resume", "trainer", "uses_gpu",
-]
+__all__ = ["abs_path", "logger", "model_config", "optimizer", "p2p_fields", "precision_plugin", "resume", "trainer",
+           "uses_gpu"]

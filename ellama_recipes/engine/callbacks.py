@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from ellama_recipes.io import metrics
+from ellama_recipes.io.run_folder import RunFolder
 
 
 class MetricsJsonl(pl.Callback):
@@ -36,8 +37,8 @@ class MetricsJsonl(pl.Callback):
         if resumed:
             _fix_restored_batch_progress(trainer)
         # Records after the resumed step came from the killed run past its last complete checkpoint.
-        truncate_after(self.path, step)
-        _write_json(self.path.parent / "resume.json", {"resumed_from": step if resumed else None})
+        metrics.truncate_after(self.path, step)
+        RunFolder.at(self.path.parent).write_resumed(step if resumed else None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -51,16 +52,16 @@ class MetricsJsonl(pl.Callback):
             return
         if step % self.log_every and step != trainer.max_steps:
             return
-        metrics = trainer.callback_metrics
-        loss = metrics.get("reduced_train_loss")
-        lr = metrics.get("lr")
+        logged = trainer.callback_metrics
+        loss = logged.get("reduced_train_loss")
+        lr = logged.get("lr")
         if lr is None and trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-        rec = {"step": int(step), "train_loss": _num(loss), "lr": _num(lr)}
-        step_time = metrics.get("train_step_timing in s")
+        rec = {"step": int(step), "train_loss": to_float(loss), "lr": to_float(lr)}
+        step_time = logged.get("train_step_timing in s")
         if step_time is not None:
-            rec["step_time_s"] = _num(step_time)
-        _append(self.path, rec)
+            rec["step_time_s"] = to_float(step_time)
+        metrics.append(self.path, rec)
 
     # ---------------------------------------------------------------- per-source validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -88,7 +89,7 @@ class MetricsJsonl(pl.Callback):
             [sum(self._val["domain"]), len(self._val["domain"]), sum(self._val["general"]), len(self._val["general"])],
             dtype=torch.float64,
         )
-        pp_group = _pipeline_group()
+        pp_group = pipeline_group()
         if pp_group is not None:
             dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else sums.device
             sums = sums.to(dev)
@@ -107,7 +108,7 @@ class MetricsJsonl(pl.Callback):
         if trainer.global_rank != 0 or not vals:
             return
         step = int(trainer.global_step)
-        merge_step(self.path, step, vals)
+        metrics.merge_step(self.path, step, vals)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in vals.items())
         print(f"[ellama] step {step}: {shown}", flush=True)
 
@@ -142,7 +143,8 @@ def _fix_restored_batch_progress(trainer) -> None:
             tracker.completed = step
 
 
-def _pipeline_group():
+def pipeline_group():
+    """The pipeline-parallel group when PP > 1 (None otherwise): only its last stage computes the loss."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -152,63 +154,14 @@ def _pipeline_group():
     return parallel_state.get_pipeline_model_parallel_group()
 
 
-def merge_step(path: Path, step: int, values: dict[str, Any]) -> None:
-    """Add ``values`` to the record of ``step`` (appending one if absent); atomic rewrite."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    out, done = [], False
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("step") == step and not done:
-            rec.update(values)
-            done = True
-        out.append(json.dumps(rec))
-    if not done:
-        out.append(json.dumps({"step": step, **values}))
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(o + "\n" for o in out), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _num(x: Any) -> float | None:
+def to_float(x: Any) -> float | None:
+    """A logged value (tensor or number) as a finite float, or None."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
         x = x.detach().float().item()
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _append(path: Path, rec: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Drop records with ``step > step`` (and any torn last line); rewrite atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and int(rec.get("step", -1)) <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _step_checkpoint_class():

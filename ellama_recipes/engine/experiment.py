@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import nemo_run as run
 
-from ellama_recipes.engine.nemo_run_env import nemo_run_home
+from ellama_recipes.engine.process_env import nemo_run_home
 
 
 @dataclass
@@ -49,8 +49,9 @@ def _config_json(cfg: Any) -> str:
     return json.dumps(cfg.to_dict())
 
 
-def validate(model, data, trainer, log, optim, resume, run_dir: str | None = None):
-    """Entry function of the base pass in every rank: ``prepare_rank`` then ``llm.validate`` (no step taken)."""
+def validate(model, data, trainer, log, optim, resume, run_dir: str | None = None, report: dict | None = None):
+    """Entry function of the base pass in every rank: ``prepare_rank`` then ``llm.validate`` (no step taken, so no
+    ``RUN/complete.json``: ``report``, the training partial's summary spec, is not used)."""
     from nemo.collections import llm
 
     from ellama_recipes.engine.runner import prepare_rank

@@ -14,39 +14,12 @@ the general forgetting are both visible during training (``val_loss_domain`` / `
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
 from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
 
-from ellama_recipes.data.manifest import MANIFEST_PLACEHOLDER, SIDES, load_manifest  # noqa: F401 (re-exported)
+from ellama_recipes.data.manifest import SIDES, load_manifest
+from ellama_recipes.engine.checkpoint.read import checkpoint_tokenizer
 from ellama_recipes.errors import UserError
-
-
-def load_tokenizer(tokenizer_from: str | None, vocab_size: int):
-    """The tokenizer saved in the ``--from`` engine checkpoint, or a NullTokenizer for random-init smoke runs.
-
-    The NullTokenizer's EOD id is ``vocab_size - 1`` so every id stays inside the embedding table.
-    """
-    if tokenizer_from:
-        ctx = Path(tokenizer_from) / "context"
-        if ctx.is_dir():
-            from nemo.lightning.io import load_context
-
-            tok = load_context(ctx, subpath="model.tokenizer")
-            from nemo.collections.common.tokenizers import TokenizerSpec
-
-            if isinstance(tok, TokenizerSpec):
-                return tok
-        raise UserError(
-            f"Cannot read a tokenizer from the checkpoint {tokenizer_from!r} (expected {ctx}/ with model.tokenizer). "
-            f"Fix: pass --from an engine checkpoint written by `ellama import-hf`."
-        )
-    from nemo.collections.common.tokenizers.null_tokenizer import NullTokenizer
-
-    return NullTokenizer(vocab_size - 1)
 
 
 class _Deferred:
@@ -59,10 +32,10 @@ _DEFERRED = _Deferred()
 class ManifestDataModule(PreTrainingDataModule):
     """``PreTrainingDataModule`` over a manifest's blend, with domain / general validation sets.
 
-    ``val_dataloader`` yields ``limit_val_batches`` global batches from the domain validation set followed by
-    ``limit_val_batches`` from the general one (a single Lightning validation loader, so NeMo's Megatron
-    validation step, pipeline schedule and loss reduction are used unchanged);
-    :class:`ellama_recipes.engine.callbacks.MetricsJsonl` attributes each batch to its side by index.
+    ``val_dataloader`` yields ``val_batches_per_side`` global batches from the domain validation set followed by as
+    many from the general one (a single Lightning validation loader, so NeMo's Megatron validation step, pipeline
+    schedule and loss reduction are used unchanged; the trainer runs the whole loader);
+    :class:`ellama_recipes.engine.callbacks.MetricsJsonl` attributes each global batch to its side by index.
     """
 
     def __init__(
@@ -77,11 +50,13 @@ class ManifestDataModule(PreTrainingDataModule):
         tokenizer_from: str | None = None,
         vocab_size: int = 128256,
         per_source_validation: bool = True,
+        val_batches_per_side: int = 1,
         tokenizer=None,
     ) -> None:
         self.manifest_path = manifest
         self.manifest = load_manifest(manifest)
         self.per_source_validation = per_source_validation
+        self.val_batches_per_side = int(val_batches_per_side)
         if per_source_validation:
             missing = [side for side in SIDES if not self.manifest["side_prefixes"][side]]
             if missing:
@@ -111,7 +86,7 @@ class ManifestDataModule(PreTrainingDataModule):
     def tokenizer(self):
         tok = self.__dict__.get("_tokenizer")
         if tok is None or isinstance(tok, _Deferred):
-            tok = load_tokenizer(self.__dict__.get("_tokenizer_from"), self.__dict__.get("_vocab_size", 128256))
+            tok = checkpoint_tokenizer(self.__dict__.get("_tokenizer_from"), self.__dict__.get("_vocab_size", 128256))
             self.__dict__["_tokenizer"] = tok
         return tok
 
@@ -129,20 +104,21 @@ class ManifestDataModule(PreTrainingDataModule):
     ):
         """Train/test from the whole blend (upstream); validation = domain batches then general batches.
 
-        The trainer's ``limit_val_batches`` covers both sides (``2 x schedule.limit_val_batches``, set by the
-        recipe): the first half of the validation batches come from the domain prefixes' validation split, the
-        second half from the general prefixes' validation split. The validation split of each prefix is the same
-        held-out document range (same ``split`` string and seed) that the blended training set excludes.
+        ``val_batches_per_side`` (``schedule.limit_val_batches``) global batches come from the domain prefixes'
+        validation split, then as many from the general prefixes' validation split. The validation split of each
+        prefix is the same held-out document range (same ``split`` string and seed) that the blended training set
+        excludes.
         """
-        super().build(trainer_max_steps, trainer_val_check_interval, trainer_limit_val_batches, trainer_limit_test_batches)
         if not self.per_source_validation:
+            super().build(trainer_max_steps, trainer_val_check_interval, trainer_limit_val_batches,
+                          trainer_limit_test_batches)
             return
-        if not isinstance(trainer_limit_val_batches, int) or trainer_limit_val_batches < 2:
-            raise UserError(
-                f"Per-source validation needs an integer trainer.limit_val_batches >= 2 (half domain, half general), "
-                f"got {trainer_limit_val_batches!r}. Fix: set schedule.limit_val_batches >= 1."
-            )
-        self.val_batches_per_side = trainer_limit_val_batches // 2
+        # upstream sizes its (replaced) validation set from an integer batch count; the trainer runs the whole loader
+        super().build(trainer_max_steps, trainer_val_check_interval, 2 * max(self.val_batches_per_side, 1),
+                      trainer_limit_test_batches)
+        if self.val_batches_per_side < 1:
+            raise UserError(f"Per-source validation needs schedule.limit_val_batches >= 1, got "
+                            f"{self.val_batches_per_side}.")
         n = self.val_batches_per_side * self.data_sampler.global_batch_size
         sides = {side: self._side_validation(side, n) for side in SIDES}
         self._validation_ds = SideConcatDataset([sides["domain"], sides["general"]], n)

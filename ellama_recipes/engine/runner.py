@@ -4,18 +4,18 @@ The engine runs what it is given: the registry lookup, validation, input checks 
 layer above (:func:`ellama_recipes.workflows.launch.run_in_process`, which ``ellama pretrain --size tiny --from CKPT --data
 DIR/manifest.json --out RUN`` ends in). Multi-process launches (torchrun through NeMo-Run's LocalExecutor, Slurm)
 run the very same partial, whose function starts with :func:`prepare_rank`; so everything that must happen during
-training (metrics.jsonl, per-source validation, checkpoints, resume) lives in the partial.
+training (metrics.jsonl, per-source validation, checkpoints, resume, complete.json: :func:`finish_stage`) lives in
+the partial.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ellama_recipes.config.schema import TrainConfig
+from ellama_recipes.io.run_folder import RunFolder
 
 
 def prepare_rank(run_dir: str | None = None) -> None:
@@ -33,7 +33,7 @@ def prepare_rank(run_dir: str | None = None) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     if run_dir and rank > 0 and os.environ.get("ELLAMA_RANK_LOGS", "1") != "0":
-        logs = Path(run_dir) / "logs" / "ranks"
+        logs = RunFolder.at(run_dir).rank_logs
         logs.mkdir(parents=True, exist_ok=True)
         f = open(logs / f"rank-{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
         sys.stdout.flush()
@@ -49,55 +49,45 @@ def prepare_rank(run_dir: str | None = None) -> None:
         cpu_compat.prepare_cpu_process()
 
 
-def pretrain(model, data, trainer, log, optim, resume, run_dir: str | None = None):
-    """The continued-pretraining entry function of every rank: :func:`prepare_rank`, then ``llm.pretrain``."""
-    prepare_rank(run_dir)
-    from nemo.collections import llm
+def finish_stage(trainer, run_dir: str | None, report: dict | None) -> None:
+    """After a stage's training returned, on rank 0: ``RUN/complete.json`` when every step is done.
 
-    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume)
+    ``report`` is the stage's own summary spec, given by its recipe (``{"stage", "step_key", "fields"}``,
+    :func:`ellama_recipes.io.run_folder.summarize`); the record names the newest complete checkpoint (what ``ellama
+    align`` chains from and skips on re-runs; null when the run saved none, which align does not count as done). Launched (torchrun / Slurm) runs leave it too: the entry function of
+    every rank calls this.
+    """
+    if not (run_dir and report and trainer.global_rank == 0 and trainer.max_steps
+            and trainer.global_step >= trainer.max_steps):
+        return
+    from ellama_recipes.engine.resume import find_resumable
+    from ellama_recipes.io.run_folder import RunFolder, summarize
+
+    folder = RunFolder.at(run_dir)
+    ckpt = find_resumable(folder.checkpoints)  # None when the run saved none (checkpointing switched off)
+    summary = summarize(run_dir, report["stage"], report["fields"], step_key=report["step_key"])
+    folder.write_complete(report["stage"], int(trainer.max_steps), ckpt, summary)
 
 
-def run_local(cfg: TrainConfig, partial: Any) -> dict[str, Any]:
-    """Run ``partial`` (the stage's ``run.Partial`` for ``cfg``) in this process and return a summary of the run.
+def run_local(partial: Any, run_dir: str | Path) -> None:
+    """Run ``partial`` (a stage's ``run.Partial``) in this process, in the run folder ``run_dir``.
 
-    Nothing is looked up, validated or checked here: the caller passes a validated ``cfg`` and the partial its
-    recipe built (:func:`ellama_recipes.workflows.launch.run_in_process` does all three). Returns ``{"final_step",
-    "final_train_loss", "val_loss_domain", "val_loss_general", "resumed_from", "out_dir", "metrics"}``
-    (``resumed_from`` is None for a fresh start). Without CUDA, the CPU redirects of
-    :mod:`ellama_recipes.engine.cpu_compat` are applied first (fp32 only; bf16/fp8 are refused by validate).
-
-    Layout of ``cfg.checkpoint.out_dir`` (RUN): ``checkpoints/`` (every ``save_every`` steps + the final one),
-    ``metrics.jsonl``, ``resume.json``, ``logs/`` (NeMo text logs; TensorBoard under ``logs/tb_logs``).
-    Re-running the same command after a crash resumes from the newest complete checkpoint.
+    Nothing is looked up, validated or checked here: the caller passes the partial its recipe built for a validated
+    config (:func:`ellama_recipes.workflows.launch.run_in_process` does all three) and reads the run folder after.
+    Without CUDA, the CPU redirects of :mod:`ellama_recipes.engine.cpu_compat` are applied first (fp32 only;
+    bf16/fp8 are refused by validate). The process's rendezvous and attention-backend variables are restored
+    afterwards (:func:`ellama_recipes.engine.process_env.in_process_model`). Re-running the same partial after a
+    crash resumes from the newest complete checkpoint of ``RUN/checkpoints``.
     """
     import fiddle as fdl
     import torch
 
-    out = Path(cfg.checkpoint.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ellama_recipes.engine.process_env import in_process_model
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         from ellama_recipes.engine import cpu_compat
 
         cpu_compat.prepare_cpu_process()
-    fn = fdl.build(partial)
-    fn()
-    return summarize(out)
-
-
-def summarize(out: str | Path) -> dict[str, Any]:
-    """Summary of a run directory from its metrics.jsonl and resume record."""
-    out = Path(out)
-    metrics = out / "metrics.jsonl"
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    last = recs[-1] if recs else {}
-    val = [r for r in recs if "val_loss_domain" in r or "val_loss_general" in r]
-    resumed = out / "resume.json"
-    return {
-        "final_step": last.get("step"),
-        "final_train_loss": last.get("train_loss"),
-        "val_loss_domain": val[-1].get("val_loss_domain") if val else None,
-        "val_loss_general": val[-1].get("val_loss_general") if val else None,
-        "resumed_from": json.loads(resumed.read_text()).get("resumed_from") if resumed.exists() else None,
-        "out_dir": str(out),
-        "metrics": str(metrics),
-    }
+    with in_process_model():
+        fdl.build(partial)()

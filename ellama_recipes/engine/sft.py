@@ -10,25 +10,24 @@ What :func:`build_sft_partial` holds (``run.Partial`` of :func:`finetune`, the e
   it reaches NeMo's ``MaskedTokenLossReduction`` as the batch's ``loss_mask`` unchanged. NeMo 2.7.3's own chat
   path (``ChatDataModule`` / ``_chat_preprocess``) is not used: without a ``{% generation %}`` block in the
   template it sets the mask to all ones and silently trains on the prompt.
-- trainer / optimizer / logger / resume: the shared blocks of :mod:`ellama_recipes.engine.blocks`, with
+- trainer / optimizer / logger / resume: the shared blocks of :mod:`ellama_recipes.engine.blocks`, given
   :class:`SFTMetricsJsonl` writing ``RUN/metrics.jsonl`` rows ``{"stage": "sft", "step", "loss", "lr"}`` plus
   ``val_loss`` on validation steps.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any
 
 import nemo_run as run
 import torch
 from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
 
-from ellama_recipes.engine.callbacks import MetricsJsonl, _append, _num, _pipeline_group, merge_step
-
-RUN_NAME = "sft"
+from ellama_recipes.engine import blocks
+from ellama_recipes.engine.callbacks import MetricsJsonl, pipeline_group, to_float
+from ellama_recipes.io import metrics
+from ellama_recipes.io.run_folder import RunFolder
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -157,10 +156,10 @@ class SFTMetricsJsonl(MetricsJsonl):
         lr = m.get("lr")
         if lr is None and trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-        rec = {"stage": self.stage, "step": int(step), "loss": _num(m.get("reduced_train_loss")), "lr": _num(lr)}
+        rec = {"stage": self.stage, "step": int(step), "loss": to_float(m.get("reduced_train_loss")), "lr": to_float(lr)}
         if m.get("train_step_timing in s") is not None:
-            rec["step_time_s"] = _num(m.get("train_step_timing in s"))
-        _append(self.path, rec)
+            rec["step_time_s"] = to_float(m.get("train_step_timing in s"))
+        metrics.append(self.path, rec)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._losses: list[float] = []
@@ -175,7 +174,7 @@ class SFTMetricsJsonl(MetricsJsonl):
         if getattr(trainer, "sanity_checking", False) or not hasattr(self, "_losses"):
             return
         sums = torch.tensor([sum(self._losses), len(self._losses)], dtype=torch.float64)
-        group = _pipeline_group()  # only the last stage computes the loss; the others report 0
+        group = pipeline_group()  # only the last stage computes the loss; the others report 0
         if group is not None:
             dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else sums.device
             sums = sums.to(dev)
@@ -188,14 +187,13 @@ class SFTMetricsJsonl(MetricsJsonl):
         pl_module.log("val_loss", val, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
         if trainer.global_rank == 0:
             step = int(trainer.global_step)
-            merge_step(self.path, step, {"stage": self.stage, "val_loss": val})
+            metrics.merge_step(self.path, step, {"stage": self.stage, "val_loss": val})
             print(f"[ellama] sft step {step}: val_loss={val:.4f}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- partial
 def data_module(cfg) -> run.Config:
-    from ellama_recipes.engine.blocks import _abs
-
+    _abs = blocks.abs_path
     s, d = cfg.schedule, cfg.data
     return run.Config(
         SFTDataModule,
@@ -214,76 +212,49 @@ def data_module(cfg) -> run.Config:
 
 
 def trainer(cfg) -> run.Config:
-    """The shared trainer with the SFT metrics callback in place of pretraining's (one validation set)."""
-    from ellama_recipes.engine import blocks
-
-    tr = blocks.trainer(cfg)
-    path = str(blocks.RunLayout.of(cfg).metrics)
-    callbacks = [c for c in tr.callbacks if getattr(c, "__fn_or_cls__", None) is not MetricsJsonl]
-    callbacks.append(run.Config(SFTMetricsJsonl, path=path, log_every=cfg.checkpoint.log_every))
-    tr.callbacks = callbacks
+    """The shared trainer with SFT's metrics callback (one validation set)."""
+    metrics_cb = run.Config(SFTMetricsJsonl, path=str(RunFolder.of(cfg).metrics), log_every=cfg.checkpoint.log_every)
     # The validation loader holds exactly schedule.limit_val_batches global batches (SFTDataModule); run all of it.
     # (An int limit would count micro batches: NeMo's dataloader_iter step pulls num_microbatches per step.)
-    tr.limit_val_batches = 1.0
-    return tr
+    return blocks.trainer(cfg, metrics=metrics_cb, limit_val_batches=1.0)
 
 
-def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = None):
+def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = None, report: dict | None = None):
     """The SFT entry function of every rank: per-rank setup, the checkpoint's tokenizer, then ``llm.finetune``.
 
     The tokenizer (saved into every checkpoint's context, so ``ellama export-hf`` finds it) is the ``--from``
     checkpoint's; it is read here, after the partial is built (NeMo's ``load_context`` is itself a fiddle build).
     """
-    from ellama_recipes.engine.runner import prepare_rank
+    from ellama_recipes.engine.runner import finish_stage, prepare_rank
 
     prepare_rank(run_dir)
     from nemo.collections import llm
 
-    from ellama_recipes.engine.pretrain_data import load_tokenizer
+    from ellama_recipes.engine.checkpoint.read import checkpoint_tokenizer
 
-    data.tokenizer = load_tokenizer(data.tokenizer_from, data.vocab_size)
+    data.tokenizer = checkpoint_tokenizer(data.tokenizer_from, data.vocab_size)
     result = llm.finetune(model=model, data=data, trainer=trainer, log=log, optim=optim, resume=resume,
                           peft=None, tokenizer="data")
-    if run_dir and trainer.global_rank == 0 and trainer.max_steps and trainer.global_step >= trainer.max_steps:
-        write_stage_complete(run_dir, RUN_NAME, int(trainer.max_steps), summarize(run_dir))
+    finish_stage(trainer, run_dir, report)
     return result
 
 
-def write_stage_complete(run_dir: str | Path, stage: str, train_steps: int, summary: dict | None = None) -> dict:
-    """``RUN/complete.json`` (atomic): the stage trained ``train_steps`` steps; ``checkpoint`` is the newest complete
-    one (what ``ellama align`` chains from and skips on re-runs). Every stage's entry function calls it on rank 0
-    after training returns, so launched (torchrun / Slurm) runs leave it too."""
-    import os
-
-    from ellama_recipes.engine.resume import find_resumable
-
-    run_dir = Path(run_dir)
-    ckpt = find_resumable(run_dir / "checkpoints")
-    if ckpt is None:
-        raise RuntimeError(f"{stage} finished but {run_dir}/checkpoints holds no complete checkpoint")
-    rec = {"stage": stage, "train_steps": int(train_steps), "checkpoint": str(Path(ckpt).resolve()),
-           "summary": summary or {}}
-    tmp = run_dir / "complete.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "complete.json")
-    return rec
-
-
-def build_sft_partial(cfg) -> run.Partial:
-    """The SFT ``run.Partial`` for ``cfg`` (an :class:`ellama_recipes.recipes.sft.SFTConfig`; not validated here)."""
+def build_sft_partial(cfg, *, run_name: str, report: dict | None = None) -> run.Partial:
+    """The SFT ``run.Partial`` for ``cfg`` (an :class:`ellama_recipes.recipes.sft.SFTConfig`; not validated here):
+    :func:`finetune` with the shared blocks, SFT's data module and metrics; checkpoints
+    ``RUN/checkpoints/<run_name>--step=...``; ``report``: the recipe's summary spec for ``RUN/complete.json``."""
     from nemo.collections import llm
-
-    from ellama_recipes.engine import blocks
 
     return run.Partial(
         finetune,
         model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
         data=data_module(cfg),
         trainer=trainer(cfg),
-        log=blocks.logger(cfg, RUN_NAME),
+        log=blocks.logger(cfg, run_name),
         optim=blocks.optimizer(cfg),
         resume=blocks.resume(cfg),
-        run_dir=str(blocks.RunLayout.of(cfg).root),
+        run_dir=str(RunFolder.of(cfg).root),
+        report=report,
     )
 
 
@@ -293,11 +264,11 @@ def masked_loss(model, batch: dict[str, torch.Tensor]) -> float:
     """The training loss the engine computes for ``batch`` (one micro batch): the model's own forward step (per
     token cross-entropy against ``labels``) reduced by the model's ``training_loss_reduction``
     (``MaskedTokenLossReduction``: sum(loss x loss_mask) / sum(loss_mask)). Used to prove the masking."""
-    from ellama_recipes.engine.convert import _cpu_only, _mcore_gpt
+    from ellama_recipes.engine.checkpoint.parity import cpu_only, mcore_gpt
 
-    gpt = _mcore_gpt(model)
+    gpt = mcore_gpt(model)
     gpt.eval()
-    if _cpu_only():
+    if cpu_only():
         from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -309,26 +280,4 @@ def masked_loss(model, batch: dict[str, torch.Tensor]) -> float:
     return float(loss_sum / n)
 
 
-def summarize(out: str | Path) -> dict[str, Any]:
-    """Summary of an SFT run folder from its metrics.jsonl and resume record."""
-    out = Path(out)
-    metrics = out / "metrics.jsonl"
-    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-    train = [r for r in recs if r.get("loss") is not None]
-    val = [r for r in recs if r.get("val_loss") is not None]
-    resumed = out / "resume.json"
-    return {
-        "stage": "sft",
-        "final_step": train[-1]["step"] if train else None,
-        "first_loss": train[0]["loss"] if train else None,
-        "final_loss": train[-1]["loss"] if train else None,
-        "first_val_loss": val[0]["val_loss"] if val else None,
-        "final_val_loss": val[-1]["val_loss"] if val else None,
-        "resumed_from": json.loads(resumed.read_text()).get("resumed_from") if resumed.exists() else None,
-        "out_dir": str(out),
-        "metrics": str(metrics),
-    }
-
-
-__all__ = ["RUN_NAME", "SFTDataModule", "SFTMetricsJsonl", "build_sft_partial", "finetune", "masked_loss", "summarize",
-           "write_stage_complete"]
+__all__ = ["SFTDataModule", "SFTMetricsJsonl", "build_sft_partial", "finetune", "masked_loss"]

@@ -2,13 +2,14 @@
 
 A stage is three files:
 
-- ``ellama_recipes/recipes/<stage>.py``: its config class (a :class:`ellama_recipes.config.schema.TrainConfig` subclass with
-  ``stage = "<stage>"``), its defaults (``build_config``), and ``register(Recipe(...))``. It imports
-  ``ellama_recipes.engine`` only inside ``build_partial`` (so dry runs of the config stay fast);
+- ``ellama_recipes/recipes/<stage>.py``: its config class (a :class:`ellama_recipes.config.schema.TrainConfig`
+  subclass with ``stage = "<stage>"``), its defaults (``build_config``), its input checks, what its summary reports,
+  and ``register(Recipe(...))``. It imports ``ellama_recipes.engine`` only inside ``build_partial`` (so dry runs of
+  the config stay fast);
 - ``ellama_recipes/engine/<stage>.py``: builds the ``nemo_run.Partial`` from the shared engine blocks
-  (:mod:`ellama_recipes.engine.blocks`);
-- ``ellama_recipes/cli/<stage>.py``: the Typer command, which calls :func:`get_recipe` and
-  :mod:`ellama_recipes.workflows.launch` (``render`` for ``--dryrun``, ``launch`` for a run).
+  (:mod:`ellama_recipes.engine.blocks`) and holds the entry function every rank runs;
+- the command that runs it: ``ellama pretrain`` (:mod:`ellama_recipes.cli.pretrain`) or ``ellama align``
+  (:mod:`ellama_recipes.workflows.align`), through :mod:`ellama_recipes.workflows.launch`, which knows no stage.
 
 Every module in this package is imported by :func:`get_recipe` / :func:`recipes` (no list to edit).
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
@@ -37,6 +39,9 @@ class Recipe:
       nothing else), and its entry function must call ``engine.runner.prepare_rank()`` first.
     - ``check_inputs(config) -> [problems]``: fast file checks before anything heavy is imported (bad paths fail
       in well under two seconds).
+    - ``summary``: what the stage's summary reports, read off ``RUN/metrics.jsonl`` by :meth:`summarize`:
+      ``{"step_key": <the training rows' key>, "fields": {name: ("first" | "last", metrics key)}}``. The partial
+      carries it (:meth:`report`) so every launched rank 0 writes the same summary into ``RUN/complete.json``.
     """
 
     name: str
@@ -45,10 +50,21 @@ class Recipe:
     build_config: Callable[..., Any]
     build_partial: Callable[[Any], Any]
     check_inputs: Callable[[Any], list[str]] = lambda cfg: []
+    summary: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def experiment_name(self, cfg: Any) -> str:
         return f"ellama-{self.run_name}-{cfg.size}"
+
+    def report(self) -> dict[str, Any]:
+        """The summary spec the stage's entry function writes ``RUN/complete.json`` with."""
+        return {"stage": self.name, "step_key": self.summary["step_key"], "fields": dict(self.summary["fields"])}
+
+    def summarize(self, run_dir: str | Path) -> dict[str, Any]:
+        """The stage's summary of a run folder (:func:`ellama_recipes.io.run_folder.summarize`)."""
+        from ellama_recipes.io.run_folder import summarize
+
+        return summarize(run_dir, self.name, self.summary["fields"], step_key=self.summary["step_key"])
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -84,8 +100,6 @@ def get_recipe(name: str) -> Recipe:
 
 def check_checkpoint_dir(path: str | None, *, size: str, flag: str = "--from") -> list[str]:
     """Fast check that ``path`` (when set) is an engine checkpoint folder (weights/ and context/ inside)."""
-    from pathlib import Path
-
     if not path:
         return []
     p = Path(path)

@@ -54,6 +54,7 @@ TINY = dict(lr=3e-5, global_batch_size=8, micro_batch_size=2, train_steps=20, wa
 @dataclass
 class PairDataSpec:
     data_dir: str | None = None  # folder with train.jsonl / validation.jsonl (ellama_recipes.data.chat.prepare)
+    val_fraction: float = 0.10  # held-out share of the --dpo pairs (the held-out reward accuracy needs more than a few)
     num_workers: int = 0
     seed: int = 1234  # order of the training pairs (a seeded permutation per epoch)
 
@@ -81,6 +82,8 @@ class DPOConfig(TrainConfig):
             out.append(f"loss.beta={self.loss.beta!r} must be > 0 (Llama 3: 0.1).")
         if not (isinstance(self.loss.sft_loss_weight, (int, float)) and self.loss.sft_loss_weight >= 0):
             out.append(f"loss.sft_loss_weight={self.loss.sft_loss_weight!r} must be >= 0 (0 = pure DPO).")
+        if not 0 < self.data.val_fraction < 1:
+            out.append(f"data.val_fraction={self.data.val_fraction} must be in (0, 1).")
         if self.parallel.context_parallel != 1:
             out.append(
                 f"parallel.context_parallel={self.parallel.context_parallel}: DPO sums each response's log-probs "
@@ -164,7 +167,6 @@ def build_config(
     return finish(cfg, overrides)
 
 
-build_dpo_config = build_config  # the name ellama_recipes.workflows.align uses
 
 
 def check_inputs(cfg: DPOConfig) -> list[str]:
@@ -182,7 +184,15 @@ def check_inputs(cfg: DPOConfig) -> list[str]:
 def build_partial(cfg: DPOConfig) -> Any:
     from ellama_recipes.engine.dpo import build_dpo_partial
 
-    return build_dpo_partial(cfg)
+    return build_dpo_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+
+
+# What `ellama align` shows for DPO and RUN2/dpo/complete.json records (read off RUN2/dpo/metrics.jsonl).
+SUMMARY = {"step_key": "loss", "fields": {"final_loss": ("last", "loss"), "final_dpo_loss": ("last", "dpo_loss"),
+                                          "first_dpo_loss": ("first", "dpo_loss"),
+                                          "val_reward_accuracy": ("last", "val_reward_accuracy"),
+                                          "val_margin": ("last", "val_margin"),
+                                          "first_val_margin": ("first", "val_margin")}}
 
 
 RECIPE = register(
@@ -193,6 +203,7 @@ RECIPE = register(
         build_config=build_config,
         build_partial=build_partial,
         check_inputs=check_inputs,
+        summary=SUMMARY,
         description="DPO preference alignment from the SFT checkpoint (frozen reference = the SFT result)",
     )
 )

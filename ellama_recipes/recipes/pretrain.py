@@ -95,9 +95,15 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
 
 
 def build_partial(cfg: PretrainConfig) -> Any:
-    from ellama_recipes.engine.blocks import build_pretrain_partial
+    from ellama_recipes.engine.pretrain import build_pretrain_partial
 
-    return build_pretrain_partial(cfg)
+    return build_pretrain_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+
+
+# What `ellama pretrain` prints and RUN/complete.json records (read off RUN/metrics.jsonl).
+SUMMARY = {"step_key": "train_loss", "fields": {"final_train_loss": ("last", "train_loss"),
+                                                "val_loss_domain": ("last", "val_loss_domain"),
+                                                "val_loss_general": ("last", "val_loss_general")}}
 
 
 RECIPE = register(
@@ -108,6 +114,7 @@ RECIPE = register(
         build_config=build_config,
         build_partial=build_partial,
         check_inputs=check_inputs,
+        summary=SUMMARY,
         description="continued pretraining on a data blend (e-Llama)",
     )
 )

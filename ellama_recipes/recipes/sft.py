@@ -213,7 +213,13 @@ def check_inputs(cfg: SFTConfig) -> list[str]:
 def build_partial(cfg: SFTConfig) -> Any:
     from ellama_recipes.engine.sft import build_sft_partial
 
-    return build_sft_partial(cfg)
+    return build_sft_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+
+
+# What `ellama align` shows for SFT and RUN2/sft/complete.json records (read off RUN2/sft/metrics.jsonl).
+SUMMARY = {"step_key": "loss", "fields": {"first_loss": ("first", "loss"), "final_loss": ("last", "loss"),
+                                          "first_val_loss": ("first", "val_loss"),
+                                          "final_val_loss": ("last", "val_loss")}}
 
 
 RECIPE = register(
@@ -224,6 +230,7 @@ RECIPE = register(
         build_config=build_config,
         build_partial=build_partial,
         check_inputs=check_inputs,
+        summary=SUMMARY,
         description="supervised fine-tuning on chat data, loss on assistant tokens (Tulu 3 defaults)",
     )
 )

@@ -27,18 +27,16 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.io.atomic import write_json
+from ellama_recipes.io.run_folder import RunFolder
 
 STAGES = ("sft", "dpo")
-COMPLETE_FILE = "complete.json"
-SFT_VAL_FRACTION = 0.05
-DPO_VAL_FRACTION = 0.10  # the held-out reward accuracy needs more than a handful of pairs
 PENDING_SFT = "<the latest complete checkpoint of RUN2/sft, once SFT has finished>"
 
 
@@ -83,31 +81,15 @@ def resolve_from(path: str, echo: Callable[[str], None] | None = None) -> Path:
     return resolve_checkpoint(Path(path), echo=echo)
 
 
-def read_complete(run_dir: str | Path) -> dict[str, Any] | None:
-    f = Path(run_dir) / COMPLETE_FILE
-    try:
-        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def stage_complete(cfg: Any) -> dict[str, Any] | None:
     """The stage's completion record when it finished ``schedule.train_steps`` steps (and its checkpoint is there)."""
-    rec = read_complete(cfg.checkpoint.out_dir)
+    rec = RunFolder.of(cfg).read_complete()
     if not rec or int(rec.get("train_steps", -1)) < cfg.schedule.train_steps:
         return None
     ckpt = rec.get("checkpoint")
     if not ckpt or not Path(ckpt).exists():
         return None
     return rec
-
-
-def mark_complete(cfg: Any, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``RUN/complete.json`` for a stage that trained all its steps (the in-process path; launched ranks write
-    it from the stage's entry function)."""
-    from ellama_recipes.engine.sft import write_stage_complete
-
-    return write_stage_complete(cfg.checkpoint.out_dir, cfg.stage, cfg.schedule.train_steps, summary)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -151,9 +133,7 @@ def prepare_stage_data(kind: str, paths: list[str], tokenizer: Any, *, seq_lengt
                        seed=seed)
     data = json.loads(report_file.read_text(encoding="utf-8"))
     data["fingerprint"] = fp
-    tmp = report_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, report_file)
+    write_json(report_file, data)
     return rep
 
 
@@ -231,9 +211,10 @@ def dryrun(req: AlignRequest) -> dict[str, Any]:
     from_ckpt = req.from_path
     with contextlib.suppress(UserError):
         from_ckpt = str(resolve_from(req.from_path))
-    rows = estimate_rows(req.sft) if req.sft_steps is None else None
-    if rows is not None:
-        rows = max(1, round(rows * (1 - SFT_VAL_FRACTION)))
+    rows = None
+    if req.sft_steps is None:  # the held-out share the real run keeps (the SFT config's data.val_fraction)
+        probe = build_configs(req, from_ckpt=from_ckpt, sft_ckpt=None, train_rows=None, estimated=True)
+        rows = max(1, round(estimate_rows(req.sft) * (1 - probe["sft"].data.val_fraction)))
     cfgs = build_configs(req, from_ckpt=from_ckpt, sft_ckpt=None, train_rows=rows, estimated=True)
     for cfg in cfgs.values():  # both stages' problems before anything is built
         cfg.validate()
@@ -268,7 +249,7 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
                            out_dir=dirs["sft"] / "data", val_fraction=probe["sft"].data.val_fraction,
                            seed=probe["sft"].data.seed, echo=echo),
         prepare_stage_data("preference", req.dpo, tok, seq_length=probe["dpo"].schedule.seq_length,
-                           out_dir=dirs["dpo"] / "data", val_fraction=DPO_VAL_FRACTION,
+                           out_dir=dirs["dpo"] / "data", val_fraction=probe["dpo"].data.val_fraction,
                            seed=probe["dpo"].data.seed, echo=echo),
     ]
     if show_table:
@@ -284,7 +265,7 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
         cfg = cfgs[stage]
         if stage == "sft":
             cfg.data.pad_id = tok.pad_id
-        if stage == "dpo" and results.get("sft", {}).get("skipped") is False and _has_checkpoints(cfg):
+        if stage == "dpo" and results.get("sft", {}).get("skipped") is False and RunFolder.of(cfg).has_checkpoints():
             raise UserError(
                 f"SFT was (re)trained just now, but {cfg.checkpoint.out_dir} already holds DPO checkpoints trained "
                 f"from the previous SFT result; resuming them would mix the two. Fix: remove {cfg.checkpoint.out_dir} "
@@ -296,40 +277,17 @@ def run(req: AlignRequest, *, echo: Callable[[str], None] = print, show_table: C
                  "skipping")
             results[stage] = {"skipped": True, **done}
         else:
-            recipe = launch.check_start(cfg)  # before the stage's first line; run_in_process checks again
+            recipe = launch.check(cfg)  # once, before the stage's first line
             echo(f"[ellama] {stage}: {cfg.schedule.train_steps} steps -> {cfg.checkpoint.out_dir}")
-            if launch.in_process(cfg):
-                summary = _stage_summary(stage, launch.run_in_process(cfg))
-                done = mark_complete(cfg, summary)
-                results[stage] = {"skipped": False, **done}
-            else:
-                handle = launch.launch(cfg, recipe.build_partial(cfg))
+            handle = launch.start(cfg, recipe.build_partial(cfg))
+            done = stage_complete(cfg)  # written by the stage's rank 0, in this process or a launched one
+            if done is None:
                 results[stage] = {"skipped": False, "launched": handle}
-                if cfg.cluster.executor == "slurm" or not stage_complete(cfg):
-                    echo(f"[ellama] {stage} submitted ({cfg.cluster.executor}); re-run this command when it has "
-                         "finished to go on with the next stage.")
-                    return results
-                done = stage_complete(cfg)
-                # the stage's own summary (written by rank 0 into complete.json), not the launch handle's
-                results[stage] = {"skipped": False, **done, "job_dir": handle.get("job_dir"),
-                                  "state": handle.get("state")}
+                echo(f"[ellama] {stage} submitted ({cfg.cluster.executor}); re-run this command when it has "
+                     "finished to go on with the next stage.")
+                return results
+            # the stage's own summary (written by rank 0 into complete.json), with the launch's job folder
+            results[stage] = {"skipped": False, **done, **{k: handle[k] for k in ("job_dir", "state") if k in handle}}
         if stage == "sft":
             sft_ckpt = str(done["checkpoint"]) if done else None
     return results
-
-
-def _has_checkpoints(cfg: Any) -> bool:
-    d = Path(cfg.checkpoint.out_dir) / "checkpoints"
-    return d.is_dir() and any(d.iterdir())
-
-
-def _stage_summary(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """The stage's own summary of its run folder (SFT: losses; DPO: reward accuracy, margins)."""
-    out_dir = summary.get("out_dir")
-    if stage == "sft":
-        from ellama_recipes.engine.sft import summarize
-
-        return summarize(out_dir)
-    from ellama_recipes.engine.dpo import summarize as dpo_summarize
-
-    return dpo_summarize(out_dir)

@@ -10,7 +10,7 @@ Python (what the quickstart calls)::
     ckpt = import_hf("tiny", Path("checkpoints/tiny"))
     report = export_hf(Path("runs/cpt"), Path("hf/tiny-ecom"))
 
-The conversion streams one tensor group at a time (ellama_recipes.engine.convert, mapping table in
+The conversion streams one tensor group at a time (ellama_recipes.engine.checkpoint, mapping table in
 ellama_recipes.engine.bridge); this module finds the source, checks it, shows progress in bytes and never
 leaves a half-written output: work happens in a hidden temp dir next to the output, renamed into place only
 after verification passed.
@@ -201,7 +201,7 @@ def import_hf(size: str | None, out: Path, source: str | Path | None = None, pro
         if size is not None and kind != "built":
             _require_size(size, spec, str(source or get_size(size).hf_repo))
 
-        from ellama_recipes.engine.convert import import_hf_to_engine, model_bytes
+        from ellama_recipes.engine.checkpoint.hf_import import import_hf_to_engine, model_bytes
 
         total = model_bytes(hf_dir)
         ckpt_tmp = tmp / "ckpt"
@@ -309,7 +309,7 @@ LOGITS_CHECK_MAX_BYTES = 1 << 30
 
 def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True, echo=None, workers: int = 1,
               check_logits: bool | None = None) -> dict:
-    """Engine checkpoint (or run dir) -> verified HF directory. See ellama_recipes.engine.convert for the checks.
+    """Engine checkpoint (or run dir) -> verified HF directory. See ellama_recipes.engine.checkpoint for the checks.
 
     Returns a report: ``checkpoint``, ``out``, ``mapping`` (engine -> HF names, shapes, dtypes), ``tensors``
     (per-tensor results) and, when the logits check ran, ``max_logit_diff`` / ``logit_tolerance``. With ``dryrun``
@@ -321,9 +321,9 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
         raise UserError(f"Output {out} already exists; choose a new --out or remove it first.")
     src = resolve_checkpoint(ckpt, echo=echo)
 
-    from ellama_recipes.engine import convert as engine
+    from ellama_recipes.engine.checkpoint import hf_export, parity
 
-    plan = engine.plan_export(src)
+    plan = hf_export.plan_export(src)
     mapping = [{"engine": g.megatron, "hf": h, "engine_shape": list(g.engine_shape), "shape": list(s),
                 "dtype": str(plan.dtype).replace("torch.", "")} for g in plan.groups for h, s in zip(g.hf, g.hf_shapes)]
     report: dict = {"checkpoint": str(src), "out": str(out), "mapping": mapping}
@@ -332,7 +332,7 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
     if check_logits is None:
         check_logits = plan.nbytes <= LOGITS_CHECK_MAX_BYTES
     with atomic_dir(Path(out)) as tmp, _progress(progress) as prog:
-        rep = engine.export_engine_to_hf(
+        rep = hf_export.export_engine_to_hf(
             src, tmp, workers=workers, plan=plan,
             progress=_bytes_task(prog, "export-hf: convert + write", plan.nbytes),
             verify_progress=_bytes_task(prog, "export-hf: verify", plan.nbytes))
@@ -345,7 +345,7 @@ def export_hf(ckpt: Path, out: Path, dryrun: bool = False, progress: bool = True
             )
         report["logits_checked"] = check_logits
         if check_logits:
-            logits = engine.compare_logits(engine.engine_batch_logits(src, plan.spec["vocab_size"]), tmp)
+            logits = parity.compare_logits(parity.engine_batch_logits(src, plan.spec["vocab_size"]), tmp)
             report.update(logits)
             if not logits["logits_ok"]:
                 raise UserError(

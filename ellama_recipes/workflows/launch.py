@@ -3,8 +3,10 @@
 Stage-agnostic: the recipe comes from the registry (``get_recipe(cfg.stage)``), the partial from its
 ``build_partial``; names (experiment ``ellama-<run_name>-<size>``, task ``<stage>``) from the recipe.
 
-- ``local``: one node. World size 1 runs in this process (:func:`run_in_process`: registry lookup, validation,
-  input checks and ``build_partial`` here, then :func:`ellama_recipes.engine.runner.run_local` runs the partial).
+- :func:`check` (input files, the config for this host, the launch environment: once, every problem at once), then
+  :func:`start`; :func:`launch` is both.
+- ``local``: one node. World size 1 runs in this process (:func:`ellama_recipes.engine.runner.run_local` runs the
+  partial; :func:`run_in_process`).
   More ranks run under torchrun through ``nemo_run.LocalExecutor(launcher="torchrun")``; ``torchrun`` is the one
   next to this interpreter (``sys.executable``'s bin folder, put first on the launched command's PATH), never
   whatever PATH holds.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.io.run_folder import RunFolder
 from ellama_recipes.config.schema import TrainConfig
 
 MULTI_NODE_ENV = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -58,7 +61,7 @@ def in_process(cfg: TrainConfig) -> bool:
 
 def job_dir(cfg: TrainConfig) -> str:
     """Where NeMo-Run writes the launch (serialized task, torchrun / sbatch scripts, logs): ``RUN/launch``."""
-    return cfg.cluster.job_dir or str(Path(cfg.checkpoint.out_dir).expanduser().absolute() / "launch")
+    return cfg.cluster.job_dir or str(RunFolder.of(cfg).launch)
 
 
 def torchrun_path() -> Path:
@@ -131,7 +134,7 @@ def _experiment(cfg: TrainConfig, partial: Any, base_dir: str) -> Iterator[Any]:
 
     from ellama_recipes.recipes import get_recipe
 
-    from ellama_recipes.engine.nemo_run_env import nemo_run_home
+    from ellama_recipes.engine.process_env import nemo_run_home
 
     recipe = get_recipe(cfg.stage)
     # NEMORUN_HOME -> base_dir and an empty stdin (NeMo-Run's Slurm packaging reads it), both restored on exit
@@ -192,53 +195,47 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
 
 def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
     """Write a Slurm plan's sbatch script to ``RUN/launch/<experiment>.sbatch`` (atomically); sets script_file."""
+    from ellama_recipes.io.atomic import write_text
     from ellama_recipes.recipes import get_recipe
 
     if plan.script is None:
         return plan
     path = Path(job_dir(cfg)) / f"{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(plan.script)
-    os.replace(tmp, path)
+    write_text(path, plan.script)
     plan.script_file = str(path)
     return plan
 
 
-def check_start(cfg: TrainConfig) -> Any:
-    """Validate ``cfg`` for this host, then check its stage's inputs (a UserError lists every problem); returns the
-    stage's registered recipe."""
+def check(cfg: TrainConfig) -> Any:
+    """Everything that must hold before ``cfg`` (any registered stage) starts, checked once, all problems in one
+    UserError: its input files first (fast, nothing heavy imported), then the config for this host
+    (:meth:`~ellama_recipes.config.schema.TrainConfig.validate` at launch: ``--from``, a GPU for the GPU paths) and
+    the host's launch environment (multi-node variables). Returns the stage's registered recipe."""
     from ellama_recipes.config.rules import local_gpu_capability
     from ellama_recipes.recipes import get_recipe
 
     recipe = get_recipe(cfg.stage)
-    cfg.validate(at_launch=True, gpu_capability=local_gpu_capability())
     problems = recipe.check_inputs(cfg)
+    if not problems:
+        problems = cfg.problems(at_launch=True, gpu_capability=local_gpu_capability()) + launch_problems(cfg)
     if problems:
-        raise UserError(f"Cannot start {cfg.title}:", problems=problems)
+        raise UserError(f"Cannot start {cfg.title} ({cfg.size}): {len(problems)} problem(s):", problems=problems)
     return recipe
 
 
-def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
-    """Train ``cfg`` (any registered stage) in this process: :func:`check_start`, build its partial when none is
-    given (``get_recipe(cfg.stage).build_partial``) and run it through :func:`ellama_recipes.engine.runner.run_local`
-    (which creates the run folder); returns that run's summary."""
-    from ellama_recipes.engine.runner import run_local
+def start(cfg: TrainConfig, partial: Any) -> dict[str, Any]:
+    """Run ``partial`` (the stage's, for a ``cfg`` that passed :func:`check`) on its executor, checking nothing
+    again. In this process (world size 1, local): the stage's summary of its run folder. Launched: the experiment, its
+    job folder and, for local torchrun launches, the final state with the stage's summary (a failed job is a
+    UserError naming the failing rank's error); Slurm returns once the job is submitted."""
+    from ellama_recipes.recipes import get_recipe
 
-    recipe = check_start(cfg)
-    if partial is None:
-        partial = recipe.build_partial(cfg)
-    return run_local(cfg, partial)
-
-
-def launch(cfg: TrainConfig, partial: Any) -> dict:
-    """Launch for real. In-process runs return the training summary; others the experiment, its job folder and,
-    for local torchrun launches, the final state (a failed job is a UserError naming the failing rank's error)."""
-    problems = launch_problems(cfg)
-    if problems:
-        raise UserError(f"Cannot launch {cfg.title}:", problems=problems)
+    recipe = get_recipe(cfg.stage)
     if in_process(cfg):
-        return run_in_process(cfg, partial)
+        from ellama_recipes.engine.runner import run_local
+
+        run_local(partial, cfg.checkpoint.out_dir)
+        return recipe.summarize(cfg.checkpoint.out_dir)
     base = job_dir(cfg)
     Path(base).mkdir(parents=True, exist_ok=True)
     Path(cfg.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
@@ -256,15 +253,29 @@ def launch(cfg: TrainConfig, partial: Any) -> dict:
         raise UserError(
             f"The {cfg.title} launch failed (state {state}).", problems=[_failing_rank_error(cfg, task_dir)]
         )
-    from ellama_recipes.engine.runner import summarize
+    return {**recipe.summarize(cfg.checkpoint.out_dir), **result, "state": state}
 
-    return {**summarize(cfg.checkpoint.out_dir), **result, "state": state}
+
+def launch(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
+    """:func:`check` once, then :func:`start` the stage (its recipe's partial when none is given)."""
+    recipe = check(cfg)
+    return start(cfg, recipe.build_partial(cfg) if partial is None else partial)
+
+
+def run_in_process(cfg: TrainConfig, partial: Any = None) -> dict[str, Any]:
+    """Train ``cfg`` (any registered stage, world size 1 on the local executor) in this process: :func:`check`,
+    build its partial when none is given, run it (:func:`ellama_recipes.engine.runner.run_local`); returns the
+    stage's summary of its run folder."""
+    if not in_process(cfg):
+        raise UserError(f"{cfg.title} on {cfg.cluster.world_size} ranks ({cfg.cluster.executor}) does not run in this "
+                        "process. Fix: use ellama_recipes.workflows.launch.launch(cfg).")
+    return launch(cfg, partial)
 
 
 def _failing_rank_error(cfg: TrainConfig, task_dir: str) -> str:
     """The first failing rank's error: the last traceback in its log (rank 0: torchrun's log, ranks > 0:
     RUN/logs/rank-N.log)."""
-    logs = sorted((Path(cfg.checkpoint.out_dir).expanduser().absolute() / "logs" / "ranks").glob("rank-*.log"))
+    logs = sorted(RunFolder.of(cfg).rank_logs.glob("rank-*.log"))
     candidates = [*Path(task_dir).rglob("*.out"), *Path(task_dir).rglob("*.log"), *logs]
     found = []
     for path in candidates:
@@ -284,4 +295,5 @@ def _failing_rank_error(cfg: TrainConfig, task_dir: str) -> str:
     return f"{error}\n    (from {path}; last frames:)\n" + "\n".join(frames)
 
 
-__all__ = ["LaunchPlan", "in_process", "job_dir", "launch", "make_executor", "render", "torchrun_path", "write_sbatch"]
+__all__ = ["LaunchPlan", "check", "in_process", "job_dir", "launch", "make_executor", "render", "run_in_process",
+           "start", "torchrun_path", "write_sbatch"]

@@ -6,10 +6,11 @@
 ``merged = (1 - alpha) * base + alpha * adapted``, tensor by tensor, computed in float32 and stored in the input
 dtype. alpha 0 and 1 copy the base's / adapted's tensor bytes (bit-exact); alpha 0.5 is the mean.
 
-Streaming: both inputs are read one tensor at a time (plain reads at the offsets of the safetensors header, not a
-memory map, so pages of tensors already merged do not stay resident) and the output safetensors file is written
-one tensor at a time (its header is computed up front from the shapes, then each merged tensor's bytes
-are appended), so peak memory is about one tensor pair, not two models. The output keeps the adapted model's
+Streaming, through the one safetensors codec (:mod:`ellama_recipes.io.safetensors`): both inputs are read one tensor
+at a time (positional reads at the offsets of the safetensors header, not a memory map, so pages of tensors already
+merged do not stay resident) and the output safetensors files are written one tensor at a time (headers computed up
+front from the shapes, each merged tensor's bytes written at its offset), so peak memory is about one tensor pair,
+not two models. The output keeps the adapted model's
 shard layout and index. Before anything is written the two checkpoints must agree on architecture (config.json
 shape keys), tokenizer (tokenizer files byte-identical) and every tensor's name, shape and dtype; a mismatch is a
 user error naming the key or the tensor. Output folders are atomic (:mod:`ellama_recipes.io.atomic`); config.json,
@@ -24,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from ellama_recipes.io.atomic import atomic_dir
 from ellama_recipes.errors import UserError
+from ellama_recipes.io import safetensors
+from ellama_recipes.io.atomic import atomic_dir
+from ellama_recipes.io.safetensors import DTYPES, INDEX, HFWeights, SafetensorsShards, read_header
 from ellama_recipes.model.architecture import HF_LAYOUT_KEYS
 
 # config.json keys that fix the tensor layout / meaning: must be equal to merge (the architecture's HF keys)
@@ -52,29 +53,17 @@ def weight_files(model_dir: Path) -> list[str]:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json). Pass what "
                         "`ellama export-hf` wrote.")
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(_read_json(index)["weight_map"].values()))
-    if (model_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise UserError(f"{model_dir} has no model.safetensors (or index); merge needs safetensors weights. "
-                    "Re-export with `ellama export-hf` (it writes safetensors).")
-
-
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    files = safetensors.weight_files(model_dir)
+    if not files or not all((model_dir / f).is_file() for f in files):
+        raise UserError(f"{model_dir} has no model.safetensors (or index); merge needs safetensors weights. "
+                        "Re-export with `ellama export-hf` (it writes safetensors).")
+    return files
 
 
 def _tensor_table(model_dir: Path) -> dict[str, tuple[str, str, list[int]]]:
     """tensor name -> (file, dtype, shape), from the safetensors headers only (no weights read)."""
-    table = {}
-    for fname in weight_files(model_dir):
-        for name, info in _header(Path(model_dir) / fname).items():
-            if name != "__metadata__":
-                table[name] = (fname, info["dtype"], list(info["shape"]))
-    return table
+    weight_files(model_dir)
+    return safetensors.tensor_table(model_dir)
 
 
 def _file_digest(path: Path) -> str | None:
@@ -113,99 +102,6 @@ def check_compatible(base: Path, adapted: Path) -> dict[str, tuple[str, str, lis
     return ta
 
 
-class _StreamingSafetensorsWriter:
-    """Write a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) first, then data.
-
-    The format is an 8-byte little-endian header length, the JSON header (padded with spaces to 8 bytes), then
-    the tensors' bytes at the header's offsets; ``safetensors.safe_open`` / ``load_file`` read what this writes.
-    """
-
-    def __init__(self, path: Path, layout: list[tuple[str, str, list[int]]], metadata: dict | None = None):
-        import numpy as np
-
-        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-        offset = 0
-        self.expected: list[tuple[str, int]] = []
-        for name, dtype, shape in layout:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            self.expected.append((name, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.f = open(path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)))
-        self.f.write(raw)
-        self.i = 0
-
-    def write(self, name: str, data: memoryview) -> None:
-        exp_name, exp_bytes = self.expected[self.i]
-        if name != exp_name or data.nbytes != exp_bytes:
-            raise RuntimeError(f"streaming writer: got {name} ({data.nbytes} bytes), expected {exp_name} ({exp_bytes})")
-        self.f.write(data)
-        self.i += 1
-
-    def close(self) -> None:
-        self.f.close()
-        if self.i != len(self.expected):
-            raise RuntimeError(f"streaming writer closed after {self.i} of {len(self.expected)} tensors")
-
-
-class _TensorReader:
-    """Read single tensors of a safetensors file with plain file reads (header offsets), one at a time."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            self.header = json.loads(f.read(n))
-        self.base = 8 + n
-        self.f = None
-
-    def __enter__(self) -> "_TensorReader":
-        self.f = open(self.path, "rb")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.f.close()
-
-    def get(self, name: str):
-        import torch
-
-        info = self.header[name]
-        beg, end = info["data_offsets"]
-        self.f.seek(self.base + beg)
-        buf = bytearray(end - beg)
-        if self.f.readinto(buf) != len(buf):
-            raise UserError(f"{self.path} is truncated (tensor {name}); re-export the model.")
-        if not _TORCH_DTYPES:
-            _TORCH_DTYPES.update(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
-                                 I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
-                                 BOOL=torch.bool)
-        dtype = _TORCH_DTYPES[info["dtype"]]
-        if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
-
-
-_TORCH_DTYPES = {}
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
-
-
-def _tensor_bytes(t) -> memoryview:
-    """The tensor's raw bytes without a copy (a view of its storage)."""
-    return memoryview(t.contiguous().reshape(-1).view(torch_uint8()).numpy())
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
-
-
 def interpolate(b, a, alpha: float):
     """(1 - alpha) * b + alpha * a in float32, cast back to the input dtype; alpha 0 / 1 return the input.
 
@@ -235,33 +131,25 @@ def merge_one(base: Path, adapted: Path, alpha: float, out: Path, *, replace: bo
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha {alpha}: must be between 0 (the base) and 1 (the adapted model).")
     table = check_compatible(base, adapted)
-    base_file = {n: f for n, (f, _, _) in _tensor_table(Path(base)).items()}
+    base_hf, adapted_hf = HFWeights(Path(base)), HFWeights(Path(adapted))
     total, done = len(table), 0
-    with atomic_dir(Path(out), replace=replace) as tmp, ExitStack() as stack:
-        readers: dict[Path, _TensorReader] = {}
-
-        def reader(path: Path) -> "_TensorReader":
-            if path not in readers:
-                readers[path] = stack.enter_context(_TensorReader(path))
-            return readers[path]
-
-        for fname in weight_files(adapted):
-            names = [n for n, (f, _, _) in table.items() if f == fname]
-            meta = _header(Path(adapted) / fname).get("__metadata__")
-            writer = _StreamingSafetensorsWriter(tmp / fname, [(n, table[n][1], table[n][2]) for n in names], meta)
-            try:
-                for name in names:
-                    ta = reader(Path(adapted) / fname).get(name)
-                    tb = reader(Path(base) / base_file[name]).get(name)
-                    writer.write(name, _tensor_bytes(interpolate(tb, ta, alpha)))
-                    del ta, tb
-                    done += 1
-                    if progress:
-                        progress(done, total)
-            finally:
-                writer.close()
-        if (Path(adapted) / "model.safetensors.index.json").is_file():
-            shutil.copy2(Path(adapted) / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
+    with atomic_dir(Path(out), replace=replace) as tmp:
+        # the adapted model's shard layout, tensors in its header order, the header's metadata kept
+        layout = [(fname, [(n, tuple(table[n][2]), DTYPES[table[n][1]]) for n in table if table[n][0] == fname])
+                  for fname in weight_files(adapted)]
+        meta = read_header(Path(adapted) / layout[0][0])[0].get("__metadata__")
+        shards = SafetensorsShards(tmp, shards=layout, metadata=meta)
+        for _, tensors in layout:
+            for name, _, _ in tensors:
+                ta, tb = adapted_hf.get(name), base_hf.get(name)
+                shards.write(name, interpolate(tb, ta, alpha))
+                del ta, tb
+                done += 1
+                if progress:
+                    progress(done, total)
+        shards.finish()
+        if (Path(adapted) / INDEX).is_file():
+            shutil.copy2(Path(adapted) / INDEX, tmp / INDEX)  # the adapted model's own index (its metadata too)
         for name in CARRIED_FILES:
             if (Path(adapted) / name).is_file():
                 shutil.copy2(Path(adapted) / name, tmp / name)
