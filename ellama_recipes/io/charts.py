@@ -11,11 +11,11 @@ curve written at the end of pretraining) without an import cycle.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 from ellama_recipes.io.atomic import atomic_path
+from ellama_recipes.io.metrics import read_metrics
 
 FORGETTING_PNG = "forgetting.png"
 
@@ -40,19 +40,6 @@ def _save_atomic(fig, path: Path) -> Path:
     finally:
         _plt().close(fig)
     return Path(path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` (a torn last line from a killed run is skipped)."""
-    recs = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            recs.append(rec)
-    return recs
 
 
 def forgetting_curve(run: Path, out_png: Path | None = None) -> Path:

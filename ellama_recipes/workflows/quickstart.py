@@ -263,7 +263,9 @@ def eval_row(e: dict) -> dict[str, Any]:
 def _metrics_summary(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    from ellama_recipes.io.metrics import read_metrics
+
+    recs = read_metrics(path)
     out: dict[str, Any] = {"logged_steps": len(recs)}
     for key in ("train_loss", "val_loss_domain", "val_loss_general"):
         vals = [(r["step"], r[key]) for r in recs if r.get(key) is not None]

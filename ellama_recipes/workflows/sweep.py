@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.io.metrics import read_metrics
 
 SWEPT_KEYS = ("schedule.lr_fraction", "data.manifest", "checkpoint.out_dir")
 DEFAULT_MAX_REGRESSION_PCT = 1.0
@@ -277,21 +278,6 @@ def config_differences(base_cfg, cfg) -> dict[str, tuple[Any, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------- run folders
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
-
-
 def _val_records(recs: list[dict]) -> list[dict]:
     return [r for r in recs if r.get("val_loss_domain") is not None and r.get("val_loss_general") is not None]
 
