@@ -227,3 +227,44 @@ def test_no_generic_top_level_module():
     assert importlib.util.find_spec("ellama_recipes.cli") is not None
     top = {p.name for p in PKG.parent.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert "cli" not in top
+
+
+# The floors of the house, lowest first: a module imports (anywhere: module level, function bodies, TYPE_CHECKING)
+# only modules of its own folder or of a lower floor. Data flows one way: data -> recipes -> engine -> run folders ->
+# export / eval; the engine runs what the recipes build, the workflows chain the stages, the CLI parses flags.
+FLOORS = ("errors", "io", "data", "model", "config", "engine", "recipes", "workflows", "cli")
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "ellama_recipes" or len(parts) < 2:
+        return None
+    return FLOORS.index(parts[1]) if parts[1] in FLOORS else None
+
+
+def test_every_module_has_a_floor():
+    homeless = [str(rel) for rel, mod, _ in _sources() if mod != "ellama_recipes" and _floor(mod) is None
+                and mod not in ("ellama_recipes.__main__",)]
+    assert not homeless, f"modules outside the floors {FLOORS}: {homeless}"
+
+
+def test_no_import_runs_up_the_house():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        module = _module_name(path)
+        mine = _floor(module)
+        if mine is None:
+            continue
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for line, name in all_imports(path.read_text(encoding="utf-8"), package):
+            theirs = _floor(name)
+            if theirs is not None and theirs > mine:
+                offenders.append(f"{path.relative_to(PKG)}:{line}: {FLOORS[mine]} imports {name} ({FLOORS[theirs]})")
+    assert not offenders, "imports that run up the house:\n" + "\n".join(offenders)
+
+
+def test_the_floor_rule_sees_an_import_that_runs_up():
+    assert _floor("ellama_recipes.engine.blocks") < _floor("ellama_recipes.workflows.launch")
+    assert [n for _, n in all_imports("def f():\n    from ellama_recipes.cli.app import app\n", "ellama_recipes.io")
+            if (_floor(n) or 0) > _floor("ellama_recipes.io.metrics")] == ["ellama_recipes.cli.app",
+                                                                            "ellama_recipes.cli.app.app"]

@@ -83,7 +83,7 @@ def test_trained_tiny_base_learns_general_text_and_is_cached(tmp_path, monkeypat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ellama_recipes.workflows.evaluate import perplexity
+    from ellama_recipes.workflows.perplexity import perplexity
     from ellama_recipes.model.tiny import _general_texts, trained_tiny_base
 
     monkeypatch.setenv("ELLAMA_CACHE", str(tmp_path / "cache"))

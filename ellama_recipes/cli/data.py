@@ -114,7 +114,7 @@ def build(
     manifest = pipeline.build(domain, general, tokenizer, out, ratio=ratio, non_english=non_english, mix=mix,
                               workers=workers, progress=True, threshold=threshold, mine_fraction=mine_fraction,
                               mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg)
-    report = pipeline.build.last_report
+    report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))  # the build's accounting
     _print_table(report)
     r = manifest["realized"]
     extra = ""

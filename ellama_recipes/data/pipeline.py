@@ -207,7 +207,8 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
           non_english=0.10, mix="graph", workers=1, progress=True, *, threshold: float | None = None,
           mine_fraction: float | None = None, mine_tokens: int | None = None, mine: bool = True,
           clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None) -> dict:
-    """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``).
+    """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``;
+    the per-stage accounting is ``out/report.json``).
 
     Mining takes one budget: ``mine_fraction`` (top share of the general documents), ``mine_tokens`` (top documents
     up to that many tokens) or ``threshold`` (p(domain) >= threshold; the default, 0.5, when none is given)."""
@@ -303,8 +304,6 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
         write_json(tmp / "manifest.json", manifest)
         report["tokenizer"] = p["tokenizer"]
         write_json(tmp / "report.json", report)
-    manifest_report_last = report
-    build.last_report = manifest_report_last  # for the CLI table
     return manifest
 
 

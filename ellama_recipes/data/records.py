@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ellama_recipes.errors import UserError
 
@@ -129,32 +130,56 @@ def validate(obj: object, kind: str) -> dict:
     return rec
 
 
-def iter_file(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject | None]]:
-    """Yield ``(record, None)`` or ``(None, reject)`` for every line (JSONL) or row (Parquet) of ``path``.
-
-    Valid records get ``_src`` = ``"file:line"``.
-    """
+def iter_objects(path: Path) -> Iterator[tuple[Any, str, Reject | None]]:
+    """``(object, "file:line", None)`` per decodable JSONL line / Parquet row of ``path`` (rows without their null
+    columns), or ``(None, "file:line", reject)`` for a blank, non-UTF-8 or malformed line. The one line reader of the
+    data stages and the chat rows (:mod:`ellama_recipes.data.chat`); no schema is checked here."""
+    path = Path(path)
     if path.suffix == ".parquet":
-        yield from _iter_parquet(path, kind)
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file; all mean "not readable parquet"
+            raise UserError(f"{path} is not a readable Parquet file ({exc}). Re-export it, or convert it to JSONL.") \
+                from None
+        row = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for obj in batch.to_pylist():
+                row += 1
+                yield {k: v for k, v in obj.items() if v is not None}, f"{path}:{row}", None
         return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             src = f"{path}:{lineno}"
             line = raw.rstrip(b"\r\n")
             if not line.strip():
-                yield None, Reject(BLANK_LINE, src, "blank line")
+                yield None, src, Reject(BLANK_LINE, src, "blank line")
                 continue
             try:
-                s = line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield None, Reject(INVALID_UTF8, src, f"invalid UTF-8 at byte {exc.start}")
+                yield None, src, Reject(INVALID_UTF8, src, f"invalid UTF-8 at byte {exc.start}")
                 continue
             try:
-                obj = json.loads(s)
+                yield json.loads(text), src, None
             except json.JSONDecodeError as exc:
-                yield None, Reject(MALFORMED_JSON, src, f"{exc.msg} at column {exc.colno}")
-                continue
-            yield _validated(obj, kind, src)
+                yield None, src, Reject(MALFORMED_JSON, src, f"{exc.msg} at column {exc.colno}")
+
+
+def iter_file(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject | None]]:
+    """Yield ``(record, None)`` or ``(None, reject)`` for every line (JSONL) or row (Parquet) of ``path``.
+
+    Valid records get ``_src`` = ``"file:line"``.
+    """
+    parquet = Path(path).suffix == ".parquet"
+    for obj, src, rej in iter_objects(path):
+        if rej is not None:
+            yield None, rej
+            continue
+        if parquet and kind == "domain" and isinstance(obj.get("attributes"), list):  # parquet map -> list of pairs
+            obj["attributes"] = dict(obj["attributes"])
+        yield _validated(obj, kind, src)
 
 
 def _validated(obj: object, kind: str, src: str) -> tuple[dict | None, Reject | None]:
@@ -165,24 +190,6 @@ def _validated(obj: object, kind: str, src: str) -> tuple[dict | None, Reject | 
         return None, Reject(exc.reason, src, exc.detail)
     rec["_src"] = src
     return rec, None
-
-
-def _iter_parquet(path: Path, kind: str) -> Iterator[tuple[dict | None, Reject | None]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file; all mean "not readable parquet"
-        raise UserError(f"{path} is not a readable Parquet file ({exc}). Re-export it, or convert it to JSONL.") from exc
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for obj in batch.to_pylist():
-            row += 1
-            src = f"{path}:{row}"
-            obj = {k: v for k, v in obj.items() if v is not None}
-            if kind == "domain" and isinstance(obj.get("attributes"), list):  # parquet map type -> list of pairs
-                obj["attributes"] = dict(obj["attributes"])
-            yield _validated(obj, kind, src)
 
 
 def render(rec: dict) -> str:

@@ -7,6 +7,8 @@ curve written at the end of pretraining) without an import cycle.
   (``ellama eval --run RUN --out DIR``; pretraining writes ``RUN/forgetting.png`` when it ends)
 - :func:`eval_bars`: domain gain % and general regression % per model (``OUT/eval.png``)
 - :func:`tradeoff`: domain gain against general regression, one point per merge alpha (``OUT/tradeoff.png``)
+- :func:`sweep_front`: general loss increase against domain loss decrease per sweep run, Pareto front
+  (``OUT/sweep.png``)
 """
 
 from __future__ import annotations
@@ -117,3 +119,58 @@ def tradeoff(points: Iterable[dict], out_png: Path) -> Path:
     ax.set_title("Merge trade-off: (1 - alpha) * base + alpha * adapted")
     ax.grid(alpha=0.3)
     return _save_atomic(fig, out_png)
+
+
+# ------------------------------------------------------------------------------------------------ ellama sweep
+POINT_COLOR = "#1f5fbf"
+FRONT_COLOR = "#d9822b"
+RECOMMENDED_COLOR = "#2ca02c"
+
+
+def sweep_front(result: dict, path: Path) -> int:
+    """``sweep.png``: general loss increase (x, %) vs domain loss decrease (y, %), one labelled marker per
+    finished run, the Pareto front as a line, the ``--max-regression`` budget as a dashed vertical line and the
+    recommended point ringed. Returns the number of markers drawn. Written atomically."""
+    plt = _plt()
+    pts = [e for e in result["points"] if e["status"] == "finished"
+           and e.get("general_regression_pct") is not None and e.get("domain_gain_pct") is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
+    try:
+        budget = result["max_regression_pct"]
+        ax.axvline(budget, color="#888888", linestyle="--", linewidth=1, zorder=1,
+                   label=f"--max-regression {budget:g}%")
+        ax.axvline(0, color="#cccccc", linewidth=0.8, zorder=0)
+        ax.axhline(0, color="#cccccc", linewidth=0.8, zorder=0)
+        by_name = {e["name"]: e for e in pts}
+        front = [by_name[n] for n in result["pareto_front"] if n in by_name]
+        if front:
+            ax.plot([e["general_regression_pct"] for e in front], [e["domain_gain_pct"] for e in front],
+                    color=FRONT_COLOR, linewidth=1.5, zorder=2, label="Pareto front")
+        rec = by_name.get(result.get("recommended") or "")
+        if rec is not None:
+            ax.scatter([rec["general_regression_pct"]], [rec["domain_gain_pct"]], s=420, facecolors="none",
+                       edgecolors=RECOMMENDED_COLOR, linewidths=2.5, zorder=3, label=f"recommended: {rec['name']}")
+        xs = [e["general_regression_pct"] for e in pts]
+        ys = [e["domain_gain_pct"] for e in pts]
+        ax.scatter(xs, ys, s=60, color=POINT_COLOR, zorder=4, label="runs")
+        for e in pts:
+            k = e["knobs"]
+            ax.annotate(f"lr {k['lr_fraction']:g}, {k['ratio']}", (e["general_regression_pct"], e["domain_gain_pct"]),
+                        textcoords="offset points", xytext=(8, 6), fontsize=8, zorder=5)
+        if pts:  # room for the labels
+            xmin, xmax = min(xs + [0, budget]), max(xs + [0, budget])
+            ymin, ymax = min(ys + [0]), max(ys + [0])
+            dx, dy = (xmax - xmin) or 1.0, (ymax - ymin) or 1.0
+            ax.set_xlim(xmin - 0.12 * dx, xmax + 0.3 * dx)
+            ax.set_ylim(ymin - 0.12 * dy, ymax + 0.18 * dy)
+        ax.set_xlabel("general validation loss increase vs base (%)   [less forgetting <-]")
+        ax.set_ylabel("domain validation loss decrease vs base (%)   [more gain ->]")
+        ax.set_title(f"ellama sweep ({result['size']}): LR fraction x general:domain ratio, {len(pts)} runs")
+        ax.grid(True, alpha=0.25)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", metadata={"Title": "ellama sweep", "Description": f"{len(pts)} runs"})
+    finally:
+        plt.close(fig)
+    return len(pts)

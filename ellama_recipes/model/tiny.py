@@ -26,12 +26,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.io.atomic import atomic_dir
 from ellama_recipes.model import architecture
 from ellama_recipes.model.architecture import Architecture
 from ellama_recipes.model.sizes import SIZES
@@ -89,9 +89,8 @@ def build_tiny_base(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"Output directory {out_dir} already exists and is not empty; choose a new --out or delete it.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # an empty existing folder is replaced; the model appears there only once it is complete (io.atomic)
+    with atomic_dir(out_dir, replace=True) as tmp:
         if tokenizer_dir is not None:
             tokenizer_dir = Path(tokenizer_dir)
             if not (tokenizer_dir / "tokenizer.json").exists() and not (tokenizer_dir / "tokenizer_config.json").exists():
@@ -123,12 +122,6 @@ def build_tiny_base(
         GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True, temperature=0.6, top_p=0.9
         ).save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -48,11 +48,11 @@ def _progress(enabled: bool):
     from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TransferSpeedColumn)
 
-    from ellama_recipes.cli.common import err_console
+    from rich.console import Console
 
     return Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeElapsedColumn(), console=err_console, disable=not enabled, transient=False,
+        TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
     )
 
 

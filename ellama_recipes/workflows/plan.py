@@ -36,7 +36,7 @@ GiB = 1024**3
 H100_MEMORY_GIB = 80.0
 OVERHEAD_GIB = 5.0
 # Default achieved model TFLOP/s per GPU (6N convention) by precision, each with its source (shown by `ellama plan`).
-# No figure of ours is measured yet: benchmarks/gpu/proof.py measures one on an H100 (README, "Performance"); put it
+# No figure of ours is measured yet: benchmarks/gpu/proof.py measures one on an H100 (docs/gpu.md, "Performance"); put it
 # here, with the run's JSON as the source, once it has run.
 DEFAULT_TFLOPS = {"bf16": 343.0, "fp8": 647.0, "fp32": 50.0}
 TFLOPS_SOURCES = {
