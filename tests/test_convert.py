@@ -332,7 +332,7 @@ def test_verifier_reports_dropped_and_altered_tensors(imported, exported, work):
     """The post-export check itself: a converter that drops one tensor and perturbs another is caught."""
     from safetensors.torch import save_file
 
-    from ellama_recipes.engine.checkpoint.verify import verify_export_tensors
+    from ellama_recipes.engine.checkpoint.hf_export import verify_export_tensors
 
     out, _ = exported["tiny"]
     broken = work / "broken-export"

@@ -66,7 +66,7 @@ def _dryrun(cfg, *, as_json: bool) -> None:
     if plan.script:
         # Raw (no box): copyable from any terminal. The launch also writes it to a file.
         console.print("[bold]sbatch script (slurm executor)[/]; a launch writes it to "
-                      f"{launch.job_dir(cfg)}/{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch:")
+                      f"{launch.job_dir(cfg)}/{cfg.experiment_name}.sbatch:")
         console.print(plan.script, markup=False, highlight=False, soft_wrap=True)
     elif plan.command:
         console.print("[bold]torchrun command (local executor):[/]")

@@ -180,6 +180,8 @@ class TrainConfig:
 
     stage: ClassVar[str] = "train"
     title: ClassVar[str] = "training"
+    # checkpoint files (RUN/checkpoints/<run_name>--step=...), NeMo's log name, the NeMo-Run experiment's name
+    run_name: ClassVar[str] = "train"
 
     size: str
     model: ModelConfig
@@ -203,6 +205,11 @@ class TrainConfig:
     def runs_on_cpu(self, gpu_capability: tuple[int, int] | None) -> bool:
         """True when a launch on this host runs CPU processes over gloo (local executor, no CUDA, cpu_fallback)."""
         return self.cluster.executor == "local" and gpu_capability is None and self.cluster.cpu_fallback
+
+    @property
+    def experiment_name(self) -> str:
+        """The NeMo-Run experiment (and sbatch script) name: ``ellama-<run_name>-<size>``."""
+        return f"ellama-{self.run_name}-{self.size}"
 
     # ------------------------------------------------------------- validation
     def problems(self, *, at_launch: bool = False, gpu_capability: tuple[int, int] | None = None) -> list[str]:

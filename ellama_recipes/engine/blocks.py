@@ -233,15 +233,15 @@ def trainer(cfg: TrainConfig, *, metrics: run.Config, callbacks: list[run.Config
 
 
 # ----------------------------------------------------------------------------- log / resume
-def logger(cfg: TrainConfig, run_name: str) -> run.Config:
-    """``nl.NeMoLogger`` into ``RUN/logs`` with checkpoints ``RUN/checkpoints/<run_name>--step=S-...`` every
+def logger(cfg: TrainConfig) -> run.Config:
+    """``nl.NeMoLogger`` into ``RUN/logs`` with checkpoints ``RUN/checkpoints/<cfg.run_name>--step=S-...`` every
     ``checkpoint.save_every`` steps (S = the number of optimizer steps done, as in metrics.jsonl), TensorBoard."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
 
     from ellama_recipes.engine.callbacks import StepCheckpoint
 
-    folder = RunFolder.of(cfg)
+    folder, run_name = RunFolder.of(cfg), cfg.run_name
     ckpt = run.Config(
         StepCheckpoint,
         dirpath=str(folder.checkpoints),

@@ -334,11 +334,11 @@ def dpo(model, data, trainer, log, optim, resume, run_dir: str | None = None, re
     return result
 
 
-def build_dpo_partial(cfg, *, run_name: str, report: dict | None = None) -> Any:
+def build_dpo_partial(cfg, *, report: dict | None = None) -> Any:
     """The DPO ``run.Partial`` for a :class:`ellama_recipes.recipes.dpo.DPOConfig` (not validated here).
 
     Shared engine blocks (:mod:`ellama_recipes.engine.blocks`): model config, trainer (strategy, precision),
-    optimizer, logger (checkpoints ``RUN/checkpoints/<run_name>--step=...``), safe resume; DPO's own: the model
+    optimizer, logger (checkpoints ``RUN/checkpoints/<cfg.run_name>--step=...``), safe resume; DPO's own: the model
     class, the pair data module, the reference pass and the DPO metrics callback. ``report``: the recipe's summary
     spec for ``RUN/complete.json``.
     """
@@ -374,7 +374,7 @@ def build_dpo_partial(cfg, *, run_name: str, report: dict | None = None) -> Any:
             tokenizer_from=src,
         ),
         trainer=tr,
-        log=blocks.logger(cfg, run_name),
+        log=blocks.logger(cfg),
         optim=blocks.optimizer(cfg),
         resume=blocks.resume(cfg),
         run_dir=str(folder.root),

@@ -67,9 +67,9 @@ def pretrain(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     return result
 
 
-def build_pretrain_partial(cfg: TrainConfig, *, run_name: str, report: dict | None = None) -> run.Partial:
+def build_pretrain_partial(cfg: TrainConfig, *, report: dict | None = None) -> run.Partial:
     """The continued-pretraining ``run.Partial`` for ``cfg`` (not validated here): :func:`pretrain` with the model,
-    data, trainer, logger (checkpoints ``RUN/checkpoints/<run_name>--step=...``), optimizer and resume blocks. The
+    data, trainer, logger (checkpoints ``RUN/checkpoints/<cfg.run_name>--step=...``), optimizer and resume blocks. The
     in-process run, every torchrun rank and every Slurm task run the same thing. ``report``: the recipe's summary
     spec for ``RUN/complete.json``."""
     from nemo.collections import llm
@@ -79,7 +79,7 @@ def build_pretrain_partial(cfg: TrainConfig, *, run_name: str, report: dict | No
         model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
         data=data_module(cfg),
         trainer=trainer(cfg),
-        log=blocks.logger(cfg, run_name),
+        log=blocks.logger(cfg),
         optim=blocks.optimizer(cfg),
         resume=blocks.resume(cfg),
         run_dir=str(RunFolder.of(cfg).root),

@@ -239,10 +239,10 @@ def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = Non
     return result
 
 
-def build_sft_partial(cfg, *, run_name: str, report: dict | None = None) -> run.Partial:
+def build_sft_partial(cfg, *, report: dict | None = None) -> run.Partial:
     """The SFT ``run.Partial`` for ``cfg`` (an :class:`ellama_recipes.recipes.sft.SFTConfig`; not validated here):
     :func:`finetune` with the shared blocks, SFT's data module and metrics; checkpoints
-    ``RUN/checkpoints/<run_name>--step=...``; ``report``: the recipe's summary spec for ``RUN/complete.json``."""
+    ``RUN/checkpoints/<cfg.run_name>--step=...``; ``report``: the recipe's summary spec for ``RUN/complete.json``."""
     from nemo.collections import llm
 
     return run.Partial(
@@ -250,7 +250,7 @@ def build_sft_partial(cfg, *, run_name: str, report: dict | None = None) -> run.
         model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
         data=data_module(cfg),
         trainer=trainer(cfg),
-        log=blocks.logger(cfg, run_name),
+        log=blocks.logger(cfg),
         optim=blocks.optimizer(cfg),
         resume=blocks.resume(cfg),
         run_dir=str(RunFolder.of(cfg).root),

@@ -30,8 +30,8 @@ class Recipe:
     """A registered training stage.
 
     - ``name``: the registry key and CLI command (``"pretrain"``); equals its config class's ``stage``.
-    - ``run_name``: short name for checkpoint files (``RUN/checkpoints/<run_name>--step=...``), NeMo's log name and
-      the NeMo-Run experiment (``ellama-<run_name>-<size>``).
+    - ``run_name`` (its config class's): short name for checkpoint files (``RUN/checkpoints/<run_name>--step=...``),
+      NeMo's log name and the NeMo-Run experiment (``cfg.experiment_name``: ``ellama-<run_name>-<size>``).
     - ``config_cls``: the stage's :class:`~ellama_recipes.config.schema.TrainConfig` subclass.
     - ``build_config(size, **flags, overrides=[...]) -> config``: the stage's defaults, flags, overrides.
     - ``build_partial(config) -> nemo_run.Partial``: the whole run (model, data, trainer, log, optim, resume) through
@@ -45,7 +45,6 @@ class Recipe:
     """
 
     name: str
-    run_name: str
     config_cls: type
     build_config: Callable[..., Any]
     build_partial: Callable[[Any], Any]
@@ -53,8 +52,9 @@ class Recipe:
     summary: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
-    def experiment_name(self, cfg: Any) -> str:
-        return f"ellama-{self.run_name}-{cfg.size}"
+    @property
+    def run_name(self) -> str:
+        return self.config_cls.run_name
 
     def report(self) -> dict[str, Any]:
         """The summary spec the stage's entry function writes ``RUN/complete.json`` with."""

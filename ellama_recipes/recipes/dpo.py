@@ -71,6 +71,7 @@ class DPOConfig(TrainConfig):
 
     stage = "dpo"
     title = "DPO"
+    run_name = "dpo"
 
     schedule: PeakSchedule
     data: PairDataSpec = field(default_factory=PairDataSpec)
@@ -184,7 +185,7 @@ def check_inputs(cfg: DPOConfig) -> list[str]:
 def build_partial(cfg: DPOConfig) -> Any:
     from ellama_recipes.engine.dpo import build_dpo_partial
 
-    return build_dpo_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+    return build_dpo_partial(cfg, report=RECIPE.report())
 
 
 # What `ellama align` shows for DPO and RUN2/dpo/complete.json records (read off RUN2/dpo/metrics.jsonl).
@@ -198,7 +199,6 @@ SUMMARY = {"step_key": "loss", "fields": {"final_loss": ("last", "loss"), "final
 RECIPE = register(
     Recipe(
         name="dpo",
-        run_name="dpo",
         config_cls=DPOConfig,
         build_config=build_config,
         build_partial=build_partial,

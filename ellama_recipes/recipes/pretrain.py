@@ -43,6 +43,7 @@ class PretrainConfig(TrainConfig):
 
     stage = "pretrain"
     title = "pretraining"
+    run_name = "cpt"
 
     schedule: CPTSchedule
     data: DataSpec = field(default_factory=DataSpec)
@@ -97,7 +98,7 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
 def build_partial(cfg: PretrainConfig) -> Any:
     from ellama_recipes.engine.pretrain import build_pretrain_partial
 
-    return build_pretrain_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+    return build_pretrain_partial(cfg, report=RECIPE.report())
 
 
 # What `ellama pretrain` prints and RUN/complete.json records (read off RUN/metrics.jsonl).
@@ -109,7 +110,6 @@ SUMMARY = {"step_key": "train_loss", "fields": {"final_train_loss": ("last", "tr
 RECIPE = register(
     Recipe(
         name="pretrain",
-        run_name="cpt",
         config_cls=PretrainConfig,
         build_config=build_config,
         build_partial=build_partial,

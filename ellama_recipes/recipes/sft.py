@@ -98,6 +98,7 @@ class SFTConfig(TrainConfig):
 
     stage = "sft"
     title = "SFT"
+    run_name = "sft"
 
     schedule: PeakSchedule
     data: SFTDataSpec = field(default_factory=SFTDataSpec)
@@ -213,7 +214,7 @@ def check_inputs(cfg: SFTConfig) -> list[str]:
 def build_partial(cfg: SFTConfig) -> Any:
     from ellama_recipes.engine.sft import build_sft_partial
 
-    return build_sft_partial(cfg, run_name=RECIPE.run_name, report=RECIPE.report())
+    return build_sft_partial(cfg, report=RECIPE.report())
 
 
 # What `ellama align` shows for SFT and RUN2/sft/complete.json records (read off RUN2/sft/metrics.jsonl).
@@ -225,7 +226,6 @@ SUMMARY = {"step_key": "loss", "fields": {"first_loss": ("first", "loss"), "fina
 RECIPE = register(
     Recipe(
         name="sft",
-        run_name="sft",
         config_cls=SFTConfig,
         build_config=build_config,
         build_partial=build_partial,

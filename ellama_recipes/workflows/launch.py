@@ -1,7 +1,8 @@
 """Launching a stage's partial on a NeMo-Run executor (separate from building it: DESIGN.md practice 5).
 
-Stage-agnostic: the recipe comes from the registry (``get_recipe(cfg.stage)``), the partial from its
-``build_partial``; names (experiment ``ellama-<run_name>-<size>``, task ``<stage>``) from the recipe.
+Stage-agnostic: names come from the config (experiment ``cfg.experiment_name`` = ``ellama-<run_name>-<size>``, task
+``cfg.stage``); the registry (``get_recipe(cfg.stage)``) is asked only for the stage's input checks (:func:`check`)
+and its summary of the run folder (:func:`start`).
 
 - :func:`check` (input files, the config for this host, the launch environment: once, every problem at once), then
   :func:`start`; :func:`launch` is both.
@@ -132,16 +133,13 @@ def _experiment(cfg: TrainConfig, partial: Any, base_dir: str) -> Iterator[Any]:
     """The NeMo-Run experiment of this launch (the one code path of the dry run and the real launch)."""
     import nemo_run as run
 
-    from ellama_recipes.recipes import get_recipe
-
     from ellama_recipes.engine.process_env import nemo_run_home
 
-    recipe = get_recipe(cfg.stage)
     # NEMORUN_HOME -> base_dir and an empty stdin (NeMo-Run's Slurm packaging reads it), both restored on exit
     with nemo_run_home(base_dir), run.Experiment(
-        recipe.experiment_name(cfg), executor=make_executor(cfg), log_level="ERROR", base_dir=base_dir
+        cfg.experiment_name, executor=make_executor(cfg), log_level="ERROR", base_dir=base_dir
     ) as exp:
-        exp.add(partial, name=recipe.name)
+        exp.add(partial, name=cfg.stage)
         yield exp
 
 
@@ -149,8 +147,6 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
     """What launching would do, without launching: the torchrun command or the sbatch script (as NeMo-Run
     materializes them for the real launch)."""
     import tempfile
-
-    from ellama_recipes.recipes import get_recipe
 
     if in_process(cfg):
         return LaunchPlan(
@@ -170,7 +166,7 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
                 f"{cfg.cluster.slurm_retries} times) and resumes from the newest complete checkpoint in {run_ckpts}. "
                 "A job that reaches the time limit is ended by Slurm and not requeued: submit the same command again "
                 f"to resume there (checkpoint.save_every={cfg.checkpoint.save_every} steps bounds the lost work).",
-                f"A launch writes this script to {job_dir(cfg)}/{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch.",
+                f"A launch writes this script to {job_dir(cfg)}/{cfg.experiment_name}.sbatch.",
             ]
             if not cfg.cluster.slurm_account:
                 notes.append(
@@ -196,11 +192,10 @@ def render(cfg: TrainConfig, partial: Any) -> LaunchPlan:
 def write_sbatch(cfg: TrainConfig, plan: LaunchPlan) -> LaunchPlan:
     """Write a Slurm plan's sbatch script to ``RUN/launch/<experiment>.sbatch`` (atomically); sets script_file."""
     from ellama_recipes.io.atomic import write_text
-    from ellama_recipes.recipes import get_recipe
 
     if plan.script is None:
         return plan
-    path = Path(job_dir(cfg)) / f"{get_recipe(cfg.stage).experiment_name(cfg)}.sbatch"
+    path = Path(job_dir(cfg)) / f"{cfg.experiment_name}.sbatch"
     write_text(path, plan.script)
     plan.script_file = str(path)
     return plan

@@ -23,7 +23,9 @@ import torch
 from ellama_recipes.engine import bridge
 from ellama_recipes.engine.bridge import Group
 from ellama_recipes.engine.checkpoint.read import EngineChunks, dcp_reader, engine_shapes
-from ellama_recipes.engine.checkpoint.verify import Progress, TensorCheck, VerifyReport, map_loaded, unmapped, verify_group
+from ellama_recipes.engine.checkpoint.verify import (
+    Progress, TensorCheck, VerifyReport, map_loaded, unmapped, verify_group, verify_groups,
+)
 from ellama_recipes.engine.checkpoint.write import te_free_overrides
 from ellama_recipes.errors import UserError
 from ellama_recipes.io.safetensors import DEFAULT_SHARD_BYTES, Buffers, HFWeights, SafetensorsShards
@@ -181,3 +183,9 @@ def export_engine_to_hf(ckpt: Path, out: Path, *, workers: int = 1, shard_bytes:
     shards.finish()
     write_hf_config(plan, Path(out))
     return VerifyReport([c for cs in checks for c in cs] + unmapped(HFWeights(Path(out)), plan.groups))
+
+
+def verify_export_tensors(ckpt: Path, hf_dir: Path) -> VerifyReport:
+    """Every engine tensor maps to exactly one HF tensor, bit-exact; no HF tensor without an engine source."""
+    plan = plan_export(ckpt)
+    return verify_groups(Path(ckpt) / "weights", HFWeights(hf_dir), plan.spec, plan.groups, "export")

@@ -174,11 +174,3 @@ def groups_for_checkpoint(ckpt: Path, spec: dict) -> list[Group]:
     shapes = engine_shapes(meta)
     rows = shapes.get("embedding.word_embeddings.weight", ([None],))[0][0]
     return bridge.expand(spec, vocab_rows=rows)
-
-
-def verify_export_tensors(ckpt: Path, hf_dir: Path) -> VerifyReport:
-    """Every engine tensor maps to exactly one HF tensor, bit-exact; no HF tensor without an engine source."""
-    from ellama_recipes.engine.checkpoint.hf_export import plan_export
-
-    plan = plan_export(ckpt)
-    return verify_groups(Path(ckpt) / "weights", HFWeights(hf_dir), plan.spec, plan.groups, "export")
