@@ -132,7 +132,7 @@ def _fabricated_sweep(tmp_path: Path, unfinished: str | None = None) -> tuple[S.
 
 def test_recommendation_and_pareto_front_on_fabricated_metrics(tmp_path):
     spec, points = _fabricated_sweep(tmp_path)
-    result = S.summarize(spec, points, S.base_values(spec.out / "base"))
+    result = S.sweep_result(spec, points, S.base_values(spec.out / "base"))
     assert result["base"]["val_loss_domain"] == 2.0 and result["unfinished"] == []
     assert result["pareto_front"] == ["lr0.05_r4-1", "lr0.05_r1-4", "lr0.2_r4-1"]
     assert result["recommended"] == "lr0.05_r1-4"
@@ -155,7 +155,7 @@ def test_recommendation_and_pareto_front_on_fabricated_metrics(tmp_path):
 
 def test_unfinished_point_is_reported_not_ranked(tmp_path):
     spec, points = _fabricated_sweep(tmp_path, unfinished="lr0.05_r1-4")
-    result = S.summarize(spec, points, S.base_values(spec.out / "base"))
+    result = S.sweep_result(spec, points, S.base_values(spec.out / "base"))
     assert result["unfinished"] == ["lr0.05_r1-4"]
     assert S.point_status(spec.out / "runs" / "lr0.05_r1-4", 20) == ("partial", 15)
     assert result["recommended"] == "lr0.05_r4-1"  # the next best within 1 %
@@ -178,7 +178,7 @@ def _markers(png: Path, color: str) -> int:
 @pytest.mark.parametrize("unfinished", [None, "lr0.2_r1-4"])
 def test_chart_is_a_png_with_one_marker_per_finished_run(tmp_path, unfinished):
     spec, points = _fabricated_sweep(tmp_path, unfinished=unfinished)
-    result = S.summarize(spec, points, S.base_values(spec.out / "base"))
+    result = S.sweep_result(spec, points, S.base_values(spec.out / "base"))
     png = tmp_path / "sweep.png"
     drawn = S.write_chart(result, png)
     expected = 4 - (unfinished is not None)

@@ -295,5 +295,14 @@ def resume(cfg: TrainConfig) -> run.Config:
     )
 
 
-__all__ = ["abs_path", "logger", "model_config", "optimizer", "p2p_fields", "precision_plugin", "resume", "trainer",
-           "uses_gpu"]
+# ----------------------------------------------------------------------------- the partial
+def stage_partial(entry, cfg: TrainConfig, *, model: run.Config, data: run.Config, trainer: run.Config,
+                  report: dict | None) -> run.Partial:
+    """A stage's ``run.Partial``: its entry function with its own model, data and trainer, and the shared logger,
+    optimizer, resume and run folder; ``report`` is the recipe's summary spec for ``RUN/complete.json``."""
+    return run.Partial(entry, model=model, data=data, trainer=trainer, log=logger(cfg), optim=optimizer(cfg),
+                       resume=resume(cfg), run_dir=str(RunFolder.of(cfg).root), report=report)
+
+
+__all__ = ["abs_path", "logger", "model_config", "optimizer", "p2p_fields", "precision_plugin", "resume", "stage_partial",
+           "trainer", "uses_gpu"]

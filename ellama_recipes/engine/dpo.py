@@ -359,8 +359,9 @@ def build_dpo_partial(cfg, *, report: dict | None = None) -> Any:
         limit_val_batches=1.0,
         limit_test_batches=1,
     )
-    return run.Partial(
+    return blocks.stage_partial(
         dpo,
+        cfg,
         model=run.Config(DPOLlamaModel, config=blocks.model_config(cfg), beta=cfg.loss.beta,
                          sft_loss_weight=cfg.loss.sft_loss_weight),
         data=run.Config(
@@ -374,9 +375,5 @@ def build_dpo_partial(cfg, *, report: dict | None = None) -> Any:
             tokenizer_from=src,
         ),
         trainer=tr,
-        log=blocks.logger(cfg),
-        optim=blocks.optimizer(cfg),
-        resume=blocks.resume(cfg),
-        run_dir=str(folder.root),
         report=report,
     )

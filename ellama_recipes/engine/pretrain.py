@@ -74,17 +74,8 @@ def build_pretrain_partial(cfg: TrainConfig, *, report: dict | None = None) -> r
     spec for ``RUN/complete.json``."""
     from nemo.collections import llm
 
-    return run.Partial(
-        pretrain,
-        model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
-        data=data_module(cfg),
-        trainer=trainer(cfg),
-        log=blocks.logger(cfg),
-        optim=blocks.optimizer(cfg),
-        resume=blocks.resume(cfg),
-        run_dir=str(RunFolder.of(cfg).root),
-        report=report,
-    )
+    return blocks.stage_partial(pretrain, cfg, model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
+                                data=data_module(cfg), trainer=trainer(cfg), report=report)
 
 
 __all__ = ["build_pretrain_partial", "data_module", "pretrain", "trainer"]

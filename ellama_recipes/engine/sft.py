@@ -245,17 +245,8 @@ def build_sft_partial(cfg, *, report: dict | None = None) -> run.Partial:
     ``RUN/checkpoints/<cfg.run_name>--step=...``; ``report``: the recipe's summary spec for ``RUN/complete.json``."""
     from nemo.collections import llm
 
-    return run.Partial(
-        finetune,
-        model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
-        data=data_module(cfg),
-        trainer=trainer(cfg),
-        log=blocks.logger(cfg),
-        optim=blocks.optimizer(cfg),
-        resume=blocks.resume(cfg),
-        run_dir=str(RunFolder.of(cfg).root),
-        report=report,
-    )
+    return blocks.stage_partial(finetune, cfg, model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
+                                data=data_module(cfg), trainer=trainer(cfg), report=report)
 
 
 # ------------------------------------------------------------------------------------------------------- loss probe

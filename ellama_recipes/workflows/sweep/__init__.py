@@ -38,7 +38,7 @@ from ellama_recipes.workflows.sweep.grid import (  # noqa: F401
     recipe_config,
 )
 from ellama_recipes.workflows.sweep.results import (  # noqa: F401
-    base_values, collect_point, pareto_front, point_status, recommend, summarize,
+    base_values, collect_point, pareto_front, point_status, recommend, sweep_result,
 )
 from ellama_recipes.workflows.sweep.runner import (  # noqa: F401
     SUBMITTED, dryrun_plan, prepare_blends, run_sweep, submitted_jobs, sweep_job, train_point, validate_point,

@@ -111,7 +111,7 @@ def recommend(entries: list[dict], max_regression_pct: float) -> tuple[str | Non
                           f"{best['general_regression_pct']:.2f}% <= {max_regression_pct:g}%")
 
 
-def summarize(spec: SweepSpec, points: list[SweepPoint], base: dict[str, float] | None) -> dict[str, Any]:
+def sweep_result(spec: SweepSpec, points: list[SweepPoint], base: dict[str, float] | None) -> dict[str, Any]:
     """The ``sweep.json`` object."""
     entries = [collect_point(p, base) for p in points]
     finished = [e for e in entries if e["status"] == "finished"]

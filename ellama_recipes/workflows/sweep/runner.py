@@ -13,7 +13,7 @@ from ellama_recipes.errors import UserError
 from ellama_recipes.io.atomic import write_json
 from ellama_recipes.io.charts import sweep_front
 from ellama_recipes.workflows.sweep.grid import SweepPoint, SweepSpec, base_point, check_spec, config_differences, grid, recipe_config
-from ellama_recipes.workflows.sweep.results import base_values, point_status, summarize
+from ellama_recipes.workflows.sweep.results import base_values, point_status, sweep_result
 
 def prepare_blends(spec: SweepSpec, points: list[SweepPoint], echo: Callable[[str], None] = print) -> None:
     """Build the data once (build mode, unless OUT/data exists) and write each ratio's re-blended manifest
@@ -149,7 +149,7 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = print) -> dict[str,
         if spec.executor == "slurm":
             pending.update({name: launched["experiment"] for name, _, _ in jobs})
             write_json(spec.out / SUBMITTED, {"jobs": pending})
-    result = summarize(spec, points, base_values(base.run_dir))
+    result = sweep_result(spec, points, base_values(base.run_dir))
     result["launched"] = launched
     write_json(spec.out / "sweep.json", result)
     sweep_front(result, spec.out / "sweep.png")
