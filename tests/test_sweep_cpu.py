@@ -121,7 +121,7 @@ def test_tiny_2x2_sweep_finishes_resumes_the_interrupted_point_and_skips_finishe
         assert configs
         for c in configs:
             task = yaml.safe_load(c.read_text())
-            assert task["_target_"] == "ellama_recipes.workflows.sweep.train_point"
+            assert task["_target_"] == "ellama_recipes.workflows.sweep.runner.train_point"
             cfg = json.loads(task["config"])
             assert cfg["data"]["manifest"] == e["manifest"] and cfg["schedule"]["lr_fraction"] == e["knobs"]["lr_fraction"]
     rec, _ = S.recommend(result["points"], result["max_regression_pct"])

@@ -4,8 +4,8 @@ Built by :func:`ellama_recipes.workflows.sweep.run_sweep`, which gives every :cl
 runs what it is given and never looks a recipe up):
 
 - a point whose world size is 1 on the local executor (the tiny CPU path) is a ``run.Partial`` of the job's
-  ``entry`` (a module-level function of the layer above, :func:`ellama_recipes.workflows.sweep.train_point` /
-  :func:`ellama_recipes.workflows.sweep.validate_point`) called with the point's config as JSON: NeMo-Run starts it as its
+  ``entry`` (a module-level function of the layer above, :func:`ellama_recipes.workflows.sweep.runner.train_point` /
+  :func:`ellama_recipes.workflows.sweep.runner.validate_point`) called with the point's config as JSON: NeMo-Run starts it as its
   own process, which rebuilds the config and the recipe's partial there and trains through
   :func:`ellama_recipes.engine.runner.run_local` (so no NeMo state is shared between points);
 - any other point is the recipe's own partial (``job.partial``, built by the caller) on the launcher's executor
