@@ -37,7 +37,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     report = json.loads((out / "report.json").read_text())
 
     aligned = align_available()
-    names = ["tiny base (pretrained on general text)", "import-hf", "data build", "pretrain (CPT)", "export-hf (CPT)"]
+    names = ["tiny base (pretrained on general text)", "import-hf", "data build", "pretrain (CPT)",
+             "pretrain (CPT, no replay)", "export-hf (CPT)", "export-hf (CPT, no replay)"]
     names += ["align (SFT -> DPO)", "export-hf (aligned)"] if aligned else []
     names += ["eval"]
     assert list(report["stages"]) == names
@@ -47,18 +48,70 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
         assert f"{report[key]:+.2f}" in printed  # the final line prints the two numbers
     final = out / ("hf" if aligned else "cpt_hf")
     assert report["hf_dir"] == str(final) and report["final_model"] == ("aligned" if aligned else "cpt")
-    assert [r["model"] for r in report["eval"]] == (["base", "cpt", "aligned"] if aligned else ["base", "cpt"])
+    assert [r["model"] for r in report["eval"]] == ["base", "cpt", "cpt_noreplay"] + (["aligned"] if aligned else [])
     assert report["eval"][0]["domain_gain_pct"] is None and report["eval"][-1]["domain_gain_pct"] == report["domain_gain_pct"]
 
     # the base learned general text before import (a random-init base makes "regression" meaningless)
     base_rec = json.loads((out / "base_hf" / "ellama_base_pretrain.json").read_text())
     assert base_rec["steps"] == 20 and base_rec["last_loss"] < base_rec["first_loss"] - 1.0
+
+    # held-out evaluation: the general documents evaluated are none of those the base trained on (ids and texts),
+    # nor any the CPT blend draws from
+    trained_ids = set(base_rec["document_ids"])
+    eval_rows = [json.loads(x) for x in (out / "splits" / "eval" / "general_heldout.jsonl").read_text().splitlines()]
+    assert eval_rows and trained_ids and not trained_ids & {r["id"] for r in eval_rows}
+    assert set(report["splits"]["general_eval"]["ids"]) == {r["id"] for r in eval_rows}
+    from ellama_recipes.model.tiny import general_documents
+
+    text_of = {d["id"]: d["text"] for d in general_documents()}
+    assert len(trained_ids) + len(eval_rows) == len(text_of)
+    assert not {text_of[i] for i in trained_ids} & {r["text"] for r in eval_rows}
+    blend_texts = {json.loads(x)["text"] for f in (out / "splits" / "general").glob("*.jsonl")
+                   for x in f.read_text().splitlines()}
+    assert blend_texts and not blend_texts & {r["text"] for r in eval_rows}
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    general_sources = ev["models"][0]["perplexity"]["sources"]
+    assert sum(s["documents"] for s in general_sources.values() if s["side"] == "general") == len(eval_rows)
+    assert "held-out" in report["eval_documents"]["general"]
+
+    # the replay arm: same CPT without general replay, reported side by side
+    rep = report["replay"]
+    for arm in ("with_replay", "without_replay"):
+        for key in ("domain_gain_pct", "general_regression_pct", "ppl_general_regression_pct"):
+            assert isinstance(rep[arm][key], float) and math.isfinite(rep[arm][key]), (arm, key)
+    noreplay = json.loads((out / "data" / "manifest_noreplay.json").read_text())
+    side = {s["prefix"]: s["side"] for s in noreplay["sources"]}
+    assert all(w == 0 for w, pre in zip(noreplay["blend"][0::2], noreplay["blend"][1::2]) if side[pre] == "general")
+    assert (out / "cpt_noreplay" / "complete.json").is_file()
+    assert "1:1 replay" in printed and "no replay" in printed and rep["verdict"] in printed
     # CPT made the domain text more likely than the base found it (perplexity on the manifest's validation split)
     base_row, cpt_row = report["eval"][0], report["eval"][1]
     assert cpt_row["ppl_domain"] < base_row["ppl_domain"]
     assert set(report["eval"][0]["tasks"]) >= {"ecom_product_classification", "general_en_continuation"}
     assert (out / "cpt" / "forgetting.png").read_bytes()[:4] == b"\x89PNG"  # written by pretraining's callback
     assert (out / "eval" / "eval.png").is_file() and (out / "eval" / "eval.json").is_file()
+
+    # the aligned model answered a held-out instruction through its chat template; the base continued raw text
+    gens = report["generation"]
+    assert gens and all(set(g) >= {"model", "prompt", "text", "chat_template"} for g in gens)
+    assert any(g["model"] == "base" and g["chat_template"] is False for g in gens)
+    if aligned:
+        answers = [g for g in gens if g["model"] == "aligned"]
+        assert answers and all(g["chat_template"] is True for g in answers)
+        held = {json.loads(x)["id"] for x in (out / "splits" / "eval" / "sft_heldout.jsonl").read_text().splitlines()}
+        assert all(g["id"] in held for g in answers)
+        trained_prompts = {m["content"] for f in (out / "splits" / "sft").glob("*.jsonl")
+                           for x in f.read_text().splitlines() for m in json.loads(x)["messages"]}
+        assert not {g["prompt"] for g in answers} & trained_prompts
+        d = report["dpo"]
+        assert 0.0 <= report["val_reward_accuracy"] <= 1.0 and math.isfinite(report["val_margin"])
+        assert d["val_pairs"] > 0 and math.isfinite(report["alignment"]["ppl_general_regression_vs_cpt_pct"])
+
+    # a readable screen: engine log lines go to OUT/logs, the console keeps ellama's lines
+    assert "[NeMo" not in printed and "GPU available" not in printed
+    logs = "".join(f.read_text(errors="replace") for f in (out / "logs").glob("*.log"))
+    assert "GPU available" in logs or "megatron" in logs.lower()
+    assert all(len(line) <= 100 for line in printed.splitlines() if "│" in line or "┃" in line)
 
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +121,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     run()
     again = json.loads((out / "report.json").read_text())
     reused = [d["name"] for d in again["stage_details"] if d["reused"]]
-    assert reused == [n for n in names if n not in ("pretrain (CPT)", "align (SFT -> DPO)")]
+    assert reused == [n for n in names if n not in ("pretrain (CPT)", "pretrain (CPT, no replay)",
+                                                     "align (SFT -> DPO)")]
     assert again["domain_gain_pct"] == report["domain_gain_pct"]
 
 
@@ -79,6 +133,10 @@ def test_dryrun_lists_every_stage_with_its_command(tmp_path, capsys):
     assert names[0] == "tiny base (pretrained on general text)" and names[-1] == "eval"
     assert "ellama eval --model" in stages[-1]["command"] and "--data" in stages[-1]["command"]
     assert ("align (SFT -> DPO)" in names) == align_available()
-    assert main(["quickstart", "--out", str(tmp_path / "q"), "--dryrun", "--json", "--no-align"]) == 0
-    assert "align (SFT -> DPO)" not in [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "pretrain (CPT, no replay)" in names and "manifest_noreplay.json" in stages[names.index(
+        "pretrain (CPT, no replay)")]["command"]
+    assert "general_heldout.jsonl" in stages[-1]["command"]
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--dryrun", "--json", "--no-align", "--no-replay-arm"]) == 0
+    names = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "align (SFT -> DPO)" not in names and "pretrain (CPT, no replay)" not in names
     assert not (tmp_path / "q").exists()

@@ -43,11 +43,14 @@ def quickstart(
     fresh: bool = typer.Option(False, "--fresh", help="Delete --out first and run every stage."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the stages and their commands; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    no_replay_arm: bool = typer.Option(False, "--no-replay-arm", help="Skip the CPT-without-replay comparison arm."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show NeMo / Lightning / megatron-core log lines "
+                                 "(by default they go to OUT/logs/NN-<stage>.log)."),
 ) -> None:
     from ellama_recipes.workflows.quickstart import describe, run_quickstart
 
     if dryrun:
-        stages = describe(out, steps, align)
+        stages = describe(out, steps, align, not no_replay_arm)
         if as_json:
             print_json({"out": str(out), "stages": stages})
             return
@@ -60,38 +63,76 @@ def quickstart(
         console.print("[dim]Dry run: nothing was run.[/]")
         return
 
-    echo = (lambda msg: console.print(msg, highlight=False)) if not as_json else (lambda msg: None)
+    echo = (lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)) if not as_json \
+        else (lambda msg: None)
     summary = run_quickstart(out, steps=steps, base_steps=base_steps, align_steps=align_steps, eval_limit=eval_limit,
-                             align=align, fresh=fresh, echo=echo)
+                             align=align, fresh=fresh, replay_arm=not no_replay_arm, verbose=verbose, echo=echo)
     if as_json:
         print_json(summary)
         return
+    show_summary(summary)
+
+
+def _table(title: str, cols: list[str]) -> Table:
+    t = Table(title=title, title_justify="left", pad_edge=False)
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+    return t
+
+
+def show_summary(summary: dict) -> None:
+    """The final tables, each under 80 columns (numbers rounded deliberately, never cut)."""
+    out = Path(summary["out"])
     m = summary["metrics"]
     for key in ("val_loss_domain", "val_loss_general"):
         if key in m:
             console.print(f"CPT {key}: {m[key]['first']:.4f} (step {m[key]['first_step']}) -> "
-                          f"{m[key]['last']:.4f} (step {m[key]['last_step']})")
-    console.print(f"generation ({summary['final_model']}): {summary['generation']['text']!r}")
-    table = Table(title="ellama quickstart")
-    table.add_column("stage", style="cyan")
-    table.add_column("output")
-    table.add_column("wall s", justify="right")
+                          f"{m[key]['last']:.4f} (step {m[key]['last_step']})", highlight=False)
+    st = _table("stages (wall s; logs under OUT/logs)", ["stage", "output", "wall s"])
     total = 0.0
-    for st in summary["stage_details"]:
-        total += st["seconds"]
-        table.add_row(st["name"], st["output"], "reused" if st["reused"] else f"{st['seconds']:.1f}")
-    table.add_row("total", "", f"{total:.1f}", style="bold")
-    console.print(table)
-    ev = Table(title="base vs adapted (ellama eval; definitions: ellama eval --help)")
-    for col in ("model", "domain score", "general score", "domain gain %", "general regr. %", "ppl domain",
-                "ppl general", "ppl domain gain %", "ppl general regr. %"):
-        ev.add_column(col, justify="left" if col == "model" else "right")
+    for d in summary["stage_details"]:
+        total += d["seconds"]
+        rel = Path(d["output"]).relative_to(out) if Path(d["output"]).is_relative_to(out) else d["output"]
+        st.add_row(d["name"], str(rel), "reused" if d["reused"] else f"{d['seconds']:.1f}")
+    st.add_row("total", "", f"{total:.1f}", style="bold")
+    console.print(st)
+    ppl = _table("perplexity on held-out text (lower is better; % vs base)",
+                 ["model", "ppl domain", "ppl general", "domain gain %", "general regr. %"])
     for r in summary["eval"]:
-        ev.add_row(r["model"], _f(r["domain_score"], "{:.3f}"), _f(r["general_score"], "{:.3f}"),
-                   _f(r["domain_gain_pct"]), _f(r["general_regression_pct"]),
-                   _f(r.get("ppl_domain"), "{:.1f}"), _f(r.get("ppl_general"), "{:.1f}"),
-                   _f(r.get("ppl_domain_gain_pct")), _f(r.get("ppl_general_regression_pct")))
-    console.print(ev)
+        ppl.add_row(r["model"], _f(r.get("ppl_domain"), "{:.2f}"), _f(r.get("ppl_general"), "{:.2f}"),
+                    _f(r.get("ppl_domain_gain_pct")), _f(r.get("ppl_general_regression_pct")))
+    console.print(ppl)
+    tasks = _table("task suites (macro-average score; % vs base)",
+                   ["model", "domain score", "general score", "domain gain %", "general regr. %"])
+    for r in summary["eval"]:
+        tasks.add_row(r["model"], _f(r["domain_score"], "{:.3f}"), _f(r["general_score"], "{:.3f}"),
+                      _f(r["domain_gain_pct"]), _f(r["general_regression_pct"]))
+    console.print(tasks)
+    docs = summary.get("eval_documents") or {}
+    for side in ("general", "domain"):
+        if side in docs:
+            console.print(f"{side} measured on: {docs[side]}", highlight=False, soft_wrap=False)
+    rep = summary.get("replay")
+    if rep:
+        rt = _table(f"replay: same {rep['same']['train_steps']} steps, LR {rep['same']['max_lr']:g}, "
+                    f"{rep['same']['tokens']:,} tokens", ["CPT arm", "ppl dom. gain %", "ppl gen. regr. %",
+                                                          "task dom. gain %", "task gen. regr. %"])
+        for name, arm in (("1:1 replay", rep["with_replay"]), ("no replay", rep["without_replay"])):
+            rt.add_row(name, _f(arm["ppl_domain_gain_pct"]), _f(arm["ppl_general_regression_pct"]),
+                       _f(arm["domain_gain_pct"]), _f(arm["general_regression_pct"]))
+        console.print(rt)
+        console.print(f"replay: {rep['verdict']}", highlight=False)
+    if summary.get("dpo"):
+        d, a = summary["dpo"], summary["alignment"]
+        console.print(f"DPO held-out ({d.get('val_pairs')} pairs): reward accuracy {_f(d.get('val_reward_accuracy'), '{:.3f}')}, "
+                      f"margin {_f(d.get('first_val_margin'), '{:+.4f}')} -> {_f(d.get('val_margin'), '{:+.4f}')}",
+                      highlight=False)
+        console.print(f"aligned vs CPT: general ppl {_f(a.get('ppl_general_regression_vs_cpt_pct'))} %, "
+                      f"general task score regression {_f(a.get('general_regression_vs_cpt_pct'))} %", highlight=False)
+    for g in summary.get("generation") or []:
+        how = "chat template" if g["chat_template"] else "raw text"
+        console.print(f"{g['model']} ({how}) <- {g['prompt']!r}", highlight=False, markup=False)
+        console.print(f"    -> {g['text']!r}   (reference: {g.get('reference')!r})", highlight=False, markup=False)
     console.print(f"[bold]{summary['final_model']} vs base: domain_gain_pct {_f(summary['domain_gain_pct'])} %, "
                   f"general_regression_pct {_f(summary['general_regression_pct'])} %[/]")
-    console.print(f"[bold green]done:[/] Hugging Face model in {summary['hf_dir']}; report {Path(summary['out']) / 'report.json'}")
+    console.print(f"[bold green]done:[/] Hugging Face model in {summary['hf_dir']}; report {out / 'report.json'}")

@@ -14,8 +14,9 @@ Python::
     hf_dir = build_tiny_base(Path("tiny-hf"))
 
 A random-init base makes "general regression" meaningless, so the quickstart uses :func:`trained_tiny_base`: the
-same model after a short pretraining on the bundled *general* sample only (plain torch, the size table's base max
-LR with warmup + cosine), cached under ``$ELLAMA_CACHE`` (default ``~/.cache/ellama-recipes``) keyed by the
+same model after a short pretraining on the *train* part of the bundled general sample (plain torch, one intra-op
+thread, the size table's base max LR with warmup + cosine; :func:`split_general_documents` holds every 10th document
+of each file out, for evaluation), cached under ``$ELLAMA_CACHE`` (default ``~/.cache/ellama-recipes``) keyed by the
 architecture, the training settings and the bundled sample's bytes. Continued pretraining then adds the domain.
 """
 
@@ -128,28 +129,60 @@ def build_tiny_base(
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny base that has learned general text
 # ---------------------------------------------------------------------------------------------------------------------
-BASE_PRETRAIN_VERSION = 1  # bump when the training below changes (invalidates the cache)
+BASE_PRETRAIN_VERSION = 2  # bump when the training below changes (invalidates the cache)
+
+
+HELDOUT_EVERY = 10  # every 10th document of each bundled general file is held out for evaluation
+
+
+def general_documents() -> list[dict]:
+    """Every bundled general document: ``{"id": "<file>:<line>", "file", "line", "lang", "text"}`` (line: 1-based)."""
+    from ellama_recipes.data.bundled import sample_dir
+
+    docs = []
+    for path in sorted((sample_dir() / "general").glob("*.jsonl")):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                rec = json.loads(line)
+                docs.append({"id": f"{path.name}:{i}", "file": path.name, "line": i,
+                             "lang": rec.get("lang") or "und", "text": rec["text"]})
+    return docs
+
+
+def split_general_documents(every: int = HELDOUT_EVERY) -> dict[str, list[dict]]:
+    """The bundled general documents split in two: ``train`` (what the tiny base pretrains on, and what continued
+    pretraining replays) and ``heldout`` (every ``every``-th document of each file, by its rank in the file: what
+    general ability is measured on; neither the base nor continued pretraining ever trains on it)."""
+    split: dict[str, list[dict]] = {"train": [], "heldout": []}
+    rank: dict[str, int] = {}
+    for d in general_documents():
+        rank[d["file"]] = rank.get(d["file"], 0) + 1
+        split["heldout" if rank[d["file"]] % every == 0 else "train"].append(d)
+    return split
+
+
+def split_rule(every: int = HELDOUT_EVERY) -> str:
+    return (f"bundled general sample (en, de, fr, es): documents 1..N of each file; every {every}th "
+            f"(rank % {every} == 0) is held out for evaluation, the rest train the base")
 
 
 def _general_texts() -> list[str]:
-    from ellama_recipes.data.bundled import sample_dir
-
-    texts = []
-    for path in sorted((sample_dir() / "general").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-    return texts
+    """The general documents the tiny base trains on (the ``train`` part of :func:`split_general_documents`)."""
+    return [d["text"] for d in split_general_documents()["train"]]
 
 
 def pretrain_tiny_base(
     hf_dir: Path, texts: list[str], *, steps: int = 60, seq_length: int = 256, batch_size: int = 16,
-    max_lr: float | None = None, seed: int = 0, echo: Callable[[str], None] | None = None,
+    max_lr: float | None = None, seed: int = 0, echo: Callable[[str], None] | None = None, threads: int | None = 1,
+    documents: list[str] | None = None,
 ) -> dict:
     """Train the HF model in ``hf_dir`` in place on ``texts`` (packed ``bos text eos`` streams, next-token loss).
 
     AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warmup over 10% of the steps then cosine decay to
     10% of ``max_lr`` (default: the tiny size's base max LR, so continued pretraining's 10% rule holds literally).
+    ``threads``: torch's intra-op threads during this training (default 1: on a small shared machine one thread
+    slows down under load far less than all cores do, like the engine stages; None keeps torch's setting).
+    ``documents``: the ids of ``texts``, recorded so the evaluation can prove it never measures them.
     Returns the training record (also written to ``hf_dir/ellama_base_pretrain.json``).
     """
     import torch
@@ -177,9 +210,31 @@ def pretrain_tiny_base(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     order = torch.randperm(n, generator=gen)
-    pos, losses, t0 = 0, [], time.perf_counter()
+    losses, t0 = [], time.perf_counter()
     model.train()
+    try:
+        _train_loop(model, data, opt, sched, order, gen, steps, batch_size, n, losses, echo)
+    finally:
+        torch.set_num_threads(prev_threads)
+    model.eval()
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    record = {"steps": steps, "seq_length": seq_length, "batch_size": batch_size, "max_lr": max_lr,
+              "tokens_seen": steps * batch_size * seq_length, "corpus_tokens": len(stream),
+              "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - t0,
+              "threads": threads or prev_threads, "data": split_rule() if documents is not None else "given texts",
+              "documents": len(texts), "document_ids": documents}
+    (Path(hf_dir) / "ellama_base_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _train_loop(model, data, opt, sched, order, gen, steps, batch_size, n, losses, echo) -> None:
+    import torch
+
+    pos = 0
     for step in range(steps):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
@@ -191,17 +246,9 @@ def pretrain_tiny_base(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if echo and (step % 10 == 0 or step == steps - 1):
+        losses.append(loss.detach().item())
+        if echo and (step % 25 == 0 or step == steps - 1):
             echo(f"[tiny base] step {step + 1}/{steps} loss {losses[-1]:.3f}")
-    model.eval()
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    record = {"steps": steps, "seq_length": seq_length, "batch_size": batch_size, "max_lr": max_lr,
-              "tokens_seen": steps * batch_size * seq_length, "corpus_tokens": len(stream),
-              "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - t0,
-              "data": "bundled general sample (en, de, fr, es)"}
-    (Path(hf_dir) / "ellama_base_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def cache_root() -> Path:
@@ -229,7 +276,9 @@ def trained_tiny_base(out_dir: Path, *, steps: int = 150, seed: int = 0, cache: 
         target = cached if cache else Path(out_dir)
         with atomic_dir(target, replace=True) as tmp:
             build_tiny_base(tmp / "m", arch=arch, seed=seed)
-            pretrain_tiny_base(tmp / "m", _general_texts(), steps=steps, seed=seed, echo=echo)
+            train = split_general_documents()["train"]
+            pretrain_tiny_base(tmp / "m", [d["text"] for d in train], steps=steps, seed=seed, echo=echo,
+                               documents=[d["id"] for d in train])
             for child in (tmp / "m").iterdir():
                 child.rename(tmp / child.name)
             (tmp / "m").rmdir()

@@ -1,24 +1,36 @@
 """The whole chain on the `tiny` size and the bundled sample data, on CPU, with the answer: `ellama quickstart`.
 
-Stages (each one a command of its own, each output under OUT/):
+Stages (each one a command of its own, each output under OUT/; ``OUT/splits`` holds the held-out splits first):
 
-1. ``base_hf/``   a tiny Llama-3.1-architecture HF model + tokenizer, pretrained briefly on the bundled *general*
-                  sample so it has learned general text (:func:`ellama_recipes.model.tiny.trained_tiny_base`, cached)
+1. ``base_hf/``   a tiny Llama-3.1-architecture HF model + tokenizer, pretrained briefly on the *train* part of the
+                  bundled general sample (``splits/general``: every 10th document of each file is held out,
+                  :func:`ellama_recipes.model.tiny.split_general_documents`; cached)
 2. ``base/``      ``ellama import-hf --size tiny --from OUT/base_hf --out OUT/base``
-3. ``data/``      ``ellama data build --domain <sample>/domain --general <sample>/general --tokenizer OUT/base_hf``
+3. ``data/``      ``ellama data build --domain <sample>/domain --general OUT/splits/general --tokenizer OUT/base_hf``,
+                  plus ``data/manifest_noreplay.json`` (the same blend, general weights 0)
 4. ``cpt/``       ``ellama pretrain --size tiny --from OUT/base --data OUT/data/manifest.json --out OUT/cpt``
-                  (also writes ``cpt/forgetting.png``)
-5. ``cpt_hf/``    ``ellama export-hf --from OUT/cpt --out OUT/cpt_hf`` (verified)
-6. ``align/``     ``ellama align --from OUT/cpt ... --out OUT/align`` (SFT then DPO), when ``ellama align`` exists
+   ``cpt_noreplay/`` the same CPT (steps, LR, batch, so tokens) on ``manifest_noreplay.json``: the replay arm
+5. ``cpt_hf/``, ``cpt_noreplay_hf/``  ``ellama export-hf`` (verified)
+6. ``align/``     ``ellama align --from OUT/cpt --sft OUT/splits/sft ...`` (SFT then DPO; every 10th e-commerce SFT
+                  conversation is held out), when ``ellama align`` exists
 7. ``hf/``        ``ellama export-hf --from OUT/align/dpo --out OUT/hf``: the aligned model
-8. ``eval/``      ``ellama eval --model OUT/base_hf --model OUT/cpt_hf --model OUT/hf --data OUT/data/manifest.json``
+8. ``eval/``      ``ellama eval`` of base, cpt, cpt_noreplay, aligned on held-out text only:
+                  ``general=OUT/splits/eval/general_heldout.jsonl`` (never trained on by the base nor CPT) and
+                  ``domain=OUT/splits/eval/domain_validation.jsonl`` (the blend's validation split), + the task suites
 
 ``OUT/report.json``: ``domain_gain_pct`` and ``general_regression_pct`` of the final model (the aligned one; the CPT
 model when alignment is not available) against the base, ``hf_dir`` (its export), ``stages`` (name -> seconds of
-this invocation, 0 for reused stages), ``stage_details`` and ``eval`` (the per-model table).
+this invocation, 0 for reused stages), ``stage_details``, ``eval`` (the per-model table), ``eval_documents`` (what
+each number is measured on), ``splits``, ``replay`` (``with_replay`` / ``without_replay``: ``domain_gain_pct``,
+``general_regression_pct`` and the perplexity versions, against the base; ``verdict``), ``dpo`` +
+``val_reward_accuracy`` / ``val_margin`` (DPO's held-out pairs), ``alignment`` (the aligned model's general
+regression against the CPT model) and ``generation`` (``[{model, prompt, text, chat_template}]``: held-out
+instructions, the aligned model through its chat template, the base as raw text).
 
-Stages whose output is already complete are reused, so re-running continues where a previous run stopped
-(pretraining resumes from its last complete checkpoint); ``--fresh`` starts over.
+The console shows ellama's own lines; NeMo / Lightning / megatron-core output goes to ``OUT/logs/NN-<stage>.log``
+(:mod:`ellama_recipes.io.console`; ``verbose=True`` shows it too). Stages whose output is already complete are
+reused, so re-running continues where a previous run stopped (pretraining resumes from its last complete
+checkpoint); ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -65,38 +77,51 @@ def align_available() -> bool:
     return {"sft", "dpo"} <= names and all((sample_dir() / d).is_dir() for d in ("sft", "preference"))
 
 
-def describe(out: Path, steps: int | None = None, align: bool = True) -> list[dict[str, str]]:
+def describe(out: Path, steps: int | None = None, align: bool = True, replay_arm: bool = True) -> list[dict[str, str]]:
     """The stages and the equivalent commands, without running anything (`ellama quickstart --dryrun`)."""
     from ellama_recipes.data.bundled import sample_dir
 
     out, sample = Path(out), sample_dir()
     step_flag = f" --steps {steps}" if steps else ""
+    sp = out / "splits"
     stages = [
         {"stage": "tiny base (pretrained on general text)", "output": str(out / "base_hf"),
-         "command": "python -c 'from ellama_recipes.model.tiny import trained_tiny_base; trained_tiny_base(...)'"},
+         "command": "python -c 'from ellama_recipes.model.tiny import trained_tiny_base; trained_tiny_base(...)' "
+                    f"(trains on {sp / 'general'}: the bundled general documents minus every 10th, held out)"},
         {"stage": "import-hf", "output": str(out / "base"),
          "command": f"ellama import-hf --size tiny --from {out / 'base_hf'} --out {out / 'base'}"},
         {"stage": "data build", "output": str(out / "data"),
-         "command": f"ellama data build --domain {sample / 'domain'} --general {sample / 'general'} "
-                    f"--tokenizer {out / 'base_hf'} --out {out / 'data'}"},
+         "command": f"ellama data build --domain {sample / 'domain'} --general {sp / 'general'} "
+                    f"--tokenizer {out / 'base_hf'} --out {out / 'data'} (+ data/manifest_noreplay.json: general "
+                    "weights 0)"},
         {"stage": "pretrain (CPT)", "output": str(out / "cpt"),
          "command": f"ellama pretrain --size tiny --from {out / 'base'} --data {out / 'data' / 'manifest.json'} "
                     f"--out {out / 'cpt'}{step_flag}"},
-        {"stage": "export-hf (CPT)", "output": str(out / "cpt_hf"),
-         "command": f"ellama export-hf --from {out / 'cpt'} --out {out / 'cpt_hf'}"},
     ]
+    if replay_arm:
+        stages.append({"stage": "pretrain (CPT, no replay)", "output": str(out / "cpt_noreplay"),
+                       "command": f"ellama pretrain --size tiny --from {out / 'base'} --data "
+                                  f"{out / 'data' / 'manifest_noreplay.json'} --out {out / 'cpt_noreplay'}{step_flag}"})
+    stages.append({"stage": "export-hf (CPT)", "output": str(out / "cpt_hf"),
+                   "command": f"ellama export-hf --from {out / 'cpt'} --out {out / 'cpt_hf'}"})
     models = f"--model {out / 'base_hf'} --model {out / 'cpt_hf'}"
+    if replay_arm:
+        stages.append({"stage": "export-hf (CPT, no replay)", "output": str(out / "cpt_noreplay_hf"),
+                       "command": f"ellama export-hf --from {out / 'cpt_noreplay'} --out {out / 'cpt_noreplay_hf'}"})
+        models += f" --model {out / 'cpt_noreplay_hf'}"
     if align and align_available():
         stages += [
             {"stage": "align (SFT -> DPO)", "output": str(out / "align"),
-             "command": f"ellama align --size tiny --from {out / 'cpt'} --sft {sample / 'sft'} "
-                        f"--dpo {sample / 'preference'} --out {out / 'align'}"},
+             "command": f"ellama align --size tiny --from {out / 'cpt'} --sft {sp / 'sft'} "
+                        f"--dpo {sample / 'preference'} --out {out / 'align'}"
+                        + "".join(f" {o}" for o in QUICKSTART_SFT_OVERRIDES)},
             {"stage": "export-hf (aligned)", "output": str(out / "hf"),
              "command": f"ellama export-hf --from {out / 'align' / 'dpo'} --out {out / 'hf'}"},
         ]
         models += f" --model {out / 'hf'}"
     stages.append({"stage": "eval", "output": str(out / "eval"),
-                   "command": f"ellama eval {models} --data {out / 'data' / 'manifest.json'} --out {out / 'eval'}"})
+                   "command": f"ellama eval {models} --data domain={sp / 'eval' / 'domain_validation.jsonl'} "
+                              f"--data general={sp / 'eval' / 'general_heldout.jsonl'} --out {out / 'eval'}"})
     return stages
 
 
@@ -136,31 +161,141 @@ def _eval_is_current(out: Path, models: list[Path]) -> bool:
     return rec.stat().st_mtime > newest
 
 
+QUICKSTART_SFT_OVERRIDES: list[str] = []  # the quickstart's own alignment choices (see docs/quickstart.md)
+HELDOUT_SFT_EVERY = 10  # every 10th bundled e-commerce SFT conversation is held out (never trained on)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` unless the file already holds exactly them (re-runs keep the files' times: align reuses its
+    prepared data when its inputs are unchanged)."""
+    from ellama_recipes.io.atomic import write_text
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, text)
+
+
+def prepare_splits(out: Path) -> dict[str, Any]:
+    """The held-out splits the quickstart trains and measures on, written under ``OUT/splits``:
+
+    - ``splits/general/*.jsonl``: the general documents the tiny base pretrains on and CPT replays
+      (:func:`ellama_recipes.model.tiny.split_general_documents` ``train``);
+    - ``splits/eval/general_heldout.jsonl``: the held-out general documents, the only general text evaluated;
+    - ``splits/sft/``: the bundled SFT conversations minus every 10th e-commerce one; those held-out instructions
+      (``splits/eval/sft_heldout.jsonl``) are what the aligned model is asked after alignment.
+    Returns the record of which documents are where (ids ``file:line``)."""
+    from ellama_recipes.data.bundled import sample_dir
+    from ellama_recipes.model.tiny import split_general_documents, split_rule
+
+    split = split_general_documents()
+    sp = out / "splits"
+    by_file: dict[str, list[dict]] = {}
+    for d in split["train"]:
+        by_file.setdefault(d["file"], []).append({"text": d["text"], "lang": d["lang"]})
+    for name, rows in by_file.items():
+        _write_jsonl(sp / "general" / name, rows)
+    _write_jsonl(sp / "eval" / "general_heldout.jsonl",
+                 [{"text": d["text"], "lang": d["lang"], "id": d["id"]} for d in split["heldout"]])
+    sft_train, sft_held = [], []
+    for path in sorted((sample_dir() / "sft").glob("*.jsonl")):
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        keep = []
+        for i, r in enumerate(rows, 1):
+            held = path.stem == "ecommerce" and i % HELDOUT_SFT_EVERY == 0
+            (sft_held if held else keep).append({**r, "id": f"{path.name}:{i}"} if held else r)
+        sft_train.append((path.name, keep))
+    for name, rows in sft_train:
+        _write_jsonl(sp / "sft" / name, rows)
+    _write_jsonl(sp / "eval" / "sft_heldout.jsonl", sft_held)
+    return {"rule": split_rule(), "base_training": {"documents": len(split["train"]), "path": str(sp / "general")},
+            "general_eval": {"documents": len(split["heldout"]), "path": str(sp / "eval" / "general_heldout.jsonl"),
+                             "ids": [d["id"] for d in split["heldout"]]},
+            "sft_heldout": {"conversations": len(sft_held), "path": str(sp / "eval" / "sft_heldout.jsonl"),
+                            "rule": f"every {HELDOUT_SFT_EVERY}th conversation of sft/ecommerce.jsonl"}}
+
+
+def write_noreplay_manifest(data: Path) -> Path:
+    """``DATA/manifest_noreplay.json``: the blend with every general source's weight 0 (domain only: the same
+    steps, LR, batch and so tokens, none of them general). The general sources stay listed so pretraining still
+    measures val_loss_general on their validation split."""
+    from ellama_recipes.io.atomic import write_json
+
+    m = json.loads((data / "manifest.json").read_text())
+    side = {s["prefix"]: s["side"] for s in m["sources"]}
+    ws, prefixes = m["blend"][0::2], m["blend"][1::2]
+    dom = sum(w for w, p in zip(ws, prefixes) if side[p] == "domain")
+    blend = [x for w, p in zip(ws, prefixes) for x in ((w / dom if side[p] == "domain" else 0.0), p)]
+    target = data / "manifest_noreplay.json"
+    write_json(target, {**m, "blend": blend, "replay": "none (general weights 0; quickstart's no-replay arm)"})
+    return target
+
+
+def write_domain_eval(data: Path, target: Path) -> int:
+    """The domain documents of the blend's validation split (CPT never trains on them) as JSONL for `ellama eval`."""
+    from ellama_recipes.workflows.perplexity import sources_from_manifest
+
+    rows = [{"text": t, "lang": s.lang, "source": s.name} for s in sources_from_manifest(data / "manifest.json",
+                                                                                         max_docs=None)
+            if s.side == "domain" for t in s.texts]
+    _write_jsonl(target, rows)
+    return len(rows)
+
+
 def run_quickstart(
     out: Path, *, steps: int | None = None, base_steps: int = 150, align_steps: int | None = None,
-    eval_limit: int | None = None, align: bool = True, fresh: bool = False, prompt: str = "Product:", echo=print,
+    eval_limit: int | None = None, align: bool = True, fresh: bool = False, replay_arm: bool = True,
+    verbose: bool = False, echo=print,
 ) -> dict[str, Any]:
-    from ellama_recipes.data.bundled import sample_dir
+    from ellama_recipes.io.console import console_to_log
 
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    with console_to_log(out / "logs" / "quickstart.log", verbose=verbose) as logs:
+        return _run(out, logs, steps=steps, base_steps=base_steps, align_steps=align_steps, eval_limit=eval_limit,
+                    align=align, replay_arm=replay_arm, echo=echo)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def _run(out: Path, logs, *, steps, base_steps, align_steps, eval_limit, align, replay_arm, echo) -> dict[str, Any]:
+    from ellama_recipes.data.bundled import sample_dir
+
     sample = sample_dir()
     if not (sample / "domain").is_dir() or not (sample / "general").is_dir():
         raise UserError(f"The bundled sample data is missing under {sample}. Reinstall ellama-recipes.")
     results: list[StageResult] = []
     base_hf, base, data, cpt, cpt_hf = (out / n for n in ("base_hf", "base", "data", "cpt", "cpt_hf"))
+    nr, nr_hf = out / "cpt_noreplay", out / "cpt_noreplay_hf"
     align_dir, hf, eval_dir = out / "align", out / "hf", out / "eval"
+    log_dir = out / "logs"
+
+    def stage(name: str, output: Path, done: bool, fn: Callable[[], dict | None]) -> None:
+        logs.switch(log_dir / f"{len(results) + 1:02d}-{_slug(name)}.log")
+        try:
+            _stage(results, name, output, done, fn, echo)
+        except BaseException:
+            echo(f"[quickstart] {name} failed; its log: {logs.path}")
+            raise
+        if not done:
+            echo(f"[quickstart] {name}: {results[-1].seconds:.1f} s (log: {logs.path.relative_to(out)})")
+
+    splits = prepare_splits(out)
 
     def build_base() -> dict:
         from ellama_recipes.model.tiny import trained_tiny_base
 
         trained_tiny_base(base_hf, steps=base_steps, echo=echo)
-        return json.loads((base_hf / "ellama_base_pretrain.json").read_text())
+        rec = json.loads((base_hf / "ellama_base_pretrain.json").read_text())
+        return {k: v for k, v in rec.items() if k != "document_ids"}
 
-    _stage(results, "tiny base (pretrained on general text)", base_hf,
-           (base_hf / "ellama_base_pretrain.json").is_file(), build_base, echo)
+    stage("tiny base (pretrained on general text)", base_hf, (base_hf / "ellama_base_pretrain.json").is_file(),
+          build_base)
 
     def do_import() -> dict:
         from ellama_recipes.workflows.import_export import import_hf
@@ -168,48 +303,63 @@ def run_quickstart(
         import_hf("tiny", base, source=base_hf)
         return {}
 
-    _stage(results, "import-hf", base, (base / "context").is_dir() and (base / "weights").is_dir(), do_import, echo)
+    stage("import-hf", base, (base / "context").is_dir() and (base / "weights").is_dir(), do_import)
+
+    domain_eval = out / "splits" / "eval" / "domain_validation.jsonl"
 
     def do_data() -> dict:
         from ellama_recipes.data.pipeline import build
 
         manifest = build(
-            domain=[sample / "domain"], general=[sample / "general"], tokenizer=base_hf, out=data,
-            ratio="1:1", non_english=0.10, mix="graph",
+            domain=[sample / "domain"], general=[out / "splits" / "general"], tokenizer=base_hf, out=data,
+            ratio="1:1", non_english=0.10, mix="graph", progress=False,
         )
-        return {"realized": manifest.get("realized"), "rejected": sum((manifest.get("rejected") or {}).values())}
+        write_noreplay_manifest(data)
+        n = write_domain_eval(data, domain_eval)
+        return {"realized": manifest.get("realized"), "rejected": sum((manifest.get("rejected") or {}).values()),
+                "domain_eval_documents": n}
 
-    _stage(results, "data build", data, (data / "manifest.json").is_file(), do_data, echo)
+    stage("data build", data, all(p.is_file() for p in (data / "manifest.json", data / "manifest_noreplay.json",
+                                                          domain_eval)), do_data)
 
     from ellama_recipes.recipes.pretrain import build_config
 
     cfg = build_config("tiny", manifest=str(data / "manifest.json"), restore_from=str(base), out_dir=str(cpt),
                        train_steps=steps)
 
-    def do_pretrain() -> dict:
-        from ellama_recipes.workflows.launch import run_in_process
+    def pretrain(c) -> Callable[[], dict]:
+        def go() -> dict:
+            from ellama_recipes.workflows.launch import run_in_process
 
-        return run_in_process(cfg)
+            return run_in_process(c)
+        return go
 
     # Always enter the trainer: it resumes from the last complete checkpoint, and returns at once when done.
-    _stage(results, "pretrain (CPT)", cpt, False, do_pretrain, echo)
-    _stage(results, "export-hf (CPT)", cpt_hf, _export_is_current(cpt, cpt_hf), lambda: _export(cpt, cpt_hf), echo)
-
+    stage("pretrain (CPT)", cpt, False, pretrain(cfg))
+    if replay_arm:
+        cfg_nr = build_config("tiny", manifest=str(data / "manifest_noreplay.json"), restore_from=str(base),
+                              out_dir=str(nr), train_steps=steps)
+        stage("pretrain (CPT, no replay)", nr, False, pretrain(cfg_nr))
+    stage("export-hf (CPT)", cpt_hf, _export_is_current(cpt, cpt_hf), lambda: _export(cpt, cpt_hf))
     models, labels = [base_hf, cpt_hf], ["base", "cpt"]
+    if replay_arm:
+        stage("export-hf (CPT, no replay)", nr_hf, _export_is_current(nr, nr_hf), lambda: _export(nr, nr_hf))
+        models.append(nr_hf)
+        labels.append("cpt_noreplay")
     final_hf = cpt_hf
     aligned = align and align_available()
     if aligned:
         from ellama_recipes.workflows import align as align_mod
 
         def do_align() -> dict:
-            req = align_mod.AlignRequest(size="tiny", from_path=str(cpt), sft=[str(sample / "sft")],
+            req = align_mod.AlignRequest(size="tiny", from_path=str(cpt), sft=[str(out / "splits" / "sft")],
                                          dpo=[str(sample / "preference")], out=str(align_dir), sft_steps=align_steps,
-                                         dpo_steps=align_steps)
+                                         dpo_steps=align_steps, overrides=list(QUICKSTART_SFT_OVERRIDES))
             return {"stages": align_mod.run(req, echo=echo)}
 
-        _stage(results, "align (SFT -> DPO)", align_dir, False, do_align, echo)
+        stage("align (SFT -> DPO)", align_dir, False, do_align)
         dpo_run = align_dir / "dpo"
-        _stage(results, "export-hf (aligned)", hf, _export_is_current(dpo_run, hf), lambda: _export(dpo_run, hf), echo)
+        stage("export-hf (aligned)", hf, _export_is_current(dpo_run, hf), lambda: _export(dpo_run, hf))
         models.append(hf)
         labels.append("aligned")
         final_hf = hf
@@ -217,17 +367,21 @@ def run_quickstart(
         why = "--no-align" if not align else "`ellama align` is not available in this install"
         echo(f"[quickstart] align (SFT -> DPO): skipped ({why}); the CPT model is the final one")
 
+    general_eval = out / "splits" / "eval" / "general_heldout.jsonl"
+    eval_data = [f"domain={domain_eval}", f"general={general_eval}"]
+
     def do_eval() -> dict:
         from ellama_recipes.workflows.evaluate import evaluate
 
-        evaluate(models, data=[str(data / "manifest.json")], out=eval_dir, limit=eval_limit, labels=labels,
-                 echo=echo)
+        evaluate(models, data=eval_data, out=eval_dir, limit=eval_limit, labels=labels, max_docs=None, echo=echo)
         return {}
 
-    _stage(results, "eval", eval_dir, _eval_is_current(eval_dir, models), do_eval, echo)
+    stage("eval", eval_dir, _eval_is_current(eval_dir, models), do_eval)
+    logs.switch(log_dir / f"{len(results) + 1:02d}-generate.log")
     report = json.loads((eval_dir / "eval.json").read_text())
+    rows = {e["label"]: e for e in report["models"]}
     final = report["models"][-1]
-    summary = {
+    summary: dict[str, Any] = {
         "out": str(out),
         "domain_gain_pct": final.get("domain_gain_pct"),
         "general_regression_pct": final.get("general_regression_pct"),
@@ -237,16 +391,123 @@ def run_quickstart(
         "stages": {r.name: round(r.seconds, 2) for r in results},
         "stage_details": [r.__dict__ for r in results],
         "eval": [eval_row(e) for e in report["models"]],
+        "eval_documents": {
+            "general": f"{splits['general_eval']['documents']} held-out general documents ({general_eval}): "
+                       f"{splits['rule']}; the tiny base and CPT's replay never train on them",
+            "domain": f"the {sum(1 for _ in domain_eval.open())} domain documents of the blend's validation split "
+                      f"({domain_eval}); CPT never trains on them",
+            "tasks": "the bundled lm-eval task suites (ellama_recipes/eval_tasks, a held-out draw of the sample "
+                     "generator)" + (f", at most {eval_limit} examples each" if eval_limit else ""),
+        },
+        "splits": splits,
         "definitions": report["definitions"],
         "metrics": _metrics_summary(cpt / "metrics.jsonl"),
         "forgetting_png": str(cpt / "forgetting.png") if (cpt / "forgetting.png").is_file() else None,
         "eval_json": str(eval_dir / "eval.json"),
-        "generation": {"prompt": prompt, "text": generate(final_hf, prompt)},
     }
+    if replay_arm:
+        summary["replay"] = {
+            "with_replay": _arm(rows["cpt"], "1:1 general:domain (the recipe)", cpt),
+            "without_replay": _arm(rows["cpt_noreplay"], "domain only (general weight 0)", nr),
+            "same": {"train_steps": cfg.schedule.train_steps, "max_lr": cfg.schedule.max_lr,
+                     "global_batch_size": cfg.schedule.global_batch_size, "seq_length": cfg.schedule.seq_length,
+                     "tokens": cfg.schedule.train_steps * cfg.schedule.global_batch_size * cfg.schedule.seq_length},
+        }
+        summary["replay"]["verdict"] = _replay_verdict(summary["replay"])
+    if aligned:
+        summary["dpo"] = _dpo_summary(align_dir / "dpo")
+        summary["val_reward_accuracy"] = summary["dpo"].get("val_reward_accuracy")
+        summary["val_margin"] = summary["dpo"].get("val_margin")
+        summary["alignment"] = {
+            "general_regression_vs_cpt_pct": _pct_change(rows["cpt"].get("general_score"),
+                                                         rows["aligned"].get("general_score"), -1),
+            "ppl_general_regression_vs_cpt_pct": _ppl_change(rows["cpt"], rows["aligned"], "general"),
+            "ppl_domain_change_vs_cpt_pct": _ppl_change(rows["cpt"], rows["aligned"], "domain"),
+            "sft_overrides": list(QUICKSTART_SFT_OVERRIDES),
+        }
+    summary["generation"] = sample_generations(base_hf, final_hf if aligned else None,
+                                               out / "splits" / "eval" / "sft_heldout.jsonl")
     from ellama_recipes.io.atomic import write_json
 
     write_json(out / "report.json", summary)
     return summary
+
+
+def _pct_change(old: float | None, new: float | None, sign: int = 1) -> float | None:
+    """100 * (new - old) / old (sign -1: a fall counts positive)."""
+    if old in (None, 0) or new is None:
+        return None
+    return sign * 100.0 * (new - old) / old
+
+
+def _ppl(e: dict, side: str) -> float | None:
+    return ((e.get("perplexity") or {}).get("pooled", {}).get(side) or {}).get("ppl")
+
+
+def _ppl_change(old: dict, new: dict, side: str) -> float | None:
+    return _pct_change(_ppl(old, side), _ppl(new, side))
+
+
+def _arm(e: dict, blend: str, run: Path) -> dict[str, Any]:
+    m = _metrics_summary(run / "metrics.jsonl")
+    return {"blend": blend, "domain_gain_pct": e.get("domain_gain_pct"),
+            "general_regression_pct": e.get("general_regression_pct"),
+            "ppl_domain_gain_pct": e.get("ppl_domain_gain_pct"),
+            "ppl_general_regression_pct": e.get("ppl_general_regression_pct"),
+            "ppl_domain": _ppl(e, "domain"), "ppl_general": _ppl(e, "general"),
+            "domain_score": e.get("domain_score"), "general_score": e.get("general_score"),
+            "val_loss_general_last": (m.get("val_loss_general") or {}).get("last"),
+            "val_loss_domain_last": (m.get("val_loss_domain") or {}).get("last")}
+
+
+def _replay_verdict(r: dict) -> str:
+    w, wo = r["with_replay"], r["without_replay"]
+    parts = []
+    for key, what in (("ppl_general_regression_pct", "general perplexity regression"),
+                      ("general_regression_pct", "general task regression")):
+        a, b = w.get(key), wo.get(key)
+        if a is None or b is None:
+            continue
+        if a < b:
+            parts.append(f"replay reduces the {what} ({a:+.2f} % with vs {b:+.2f} % without)")
+        else:
+            parts.append(f"replay does NOT reduce the {what} at this scale ({a:+.2f} % with vs {b:+.2f} % without)")
+    return "; ".join(parts) or "not measured"
+
+
+def _dpo_summary(run: Path) -> dict[str, Any]:
+    rec = json.loads((run / "complete.json").read_text()) if (run / "complete.json").is_file() else {}
+    s = rec.get("summary") or {}
+    out = {k: s.get(k) for k in ("val_reward_accuracy", "val_margin", "first_val_margin", "first_dpo_loss",
+                                 "final_dpo_loss")}
+    val = run / "data" / "validation.jsonl"
+    out["val_pairs"] = sum(1 for x in val.open() if x.strip()) if val.is_file() else None
+    out["train_steps"] = rec.get("train_steps")
+    return out
+
+
+def sample_generations(base_hf: Path, aligned_hf: Path | None, heldout: Path, n: int = 2) -> list[dict[str, Any]]:
+    """Held-out domain instructions (never trained on): the aligned model answers through its chat template, the
+    base continues the same instruction as raw text. One classify and one title instruction in English."""
+    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
+    picked, seen = [], set()
+    for want in ("classify", "title", "extract"):
+        for r in rows:
+            if r.get("task") == want and r.get("lang") == "en" and want not in seen:
+                picked.append(r)
+                seen.add(want)
+                break
+    out = []
+    for r in picked[:n]:
+        msgs = [m for m in r["messages"] if m["role"] != "assistant"]
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        ref = next((m["content"] for m in r["messages"] if m["role"] == "assistant"), None)
+        out.append({"model": "base", "prompt": user, "text": generate(base_hf, user), "chat_template": False,
+                    "reference": ref, "id": r.get("id")})
+        if aligned_hf is not None:
+            out.append({"model": "aligned", "prompt": user, "text": generate(aligned_hf, msgs, chat=True),
+                        "chat_template": True, "reference": ref, "id": r.get("id")})
+    return out
 
 
 def eval_row(e: dict) -> dict[str, Any]:
@@ -274,15 +535,25 @@ def _metrics_summary(path: Path) -> dict[str, Any]:
     return out
 
 
-def generate(hf_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:
-    """Load the exported model with transformers (CPU) and greedily continue ``prompt``."""
+def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, chat: bool = False) -> str:
+    """Load the exported model with transformers (CPU) and greedily continue ``prompt``: raw text, or (``chat``)
+    the messages rendered by the tokenizer's chat template with the assistant header (only the new tokens are
+    returned then)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
-    ids = tok(prompt, return_tensors="pt")
+    if chat:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-    return tok.decode(gen[0], skip_special_tokens=True)
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
+                             eos_token_id=[t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")}
+                                           if isinstance(t, int) and t >= 0])
+    new = gen[0][ids["input_ids"].shape[1]:]
+    return tok.decode(new, skip_special_tokens=True).strip()
