@@ -108,10 +108,11 @@ def show_summary(summary: dict) -> None:
         tasks.add_row(r["model"], _f(r["domain_score"], "{:.3f}"), _f(r["general_score"], "{:.3f}"),
                       _f(r["domain_gain_pct"]), _f(r["general_regression_pct"]))
     console.print(tasks)
-    docs = summary.get("eval_documents") or {}
-    for side in ("general", "domain"):
-        if side in docs:
-            console.print(f"{side} measured on: {docs[side]}", highlight=False, soft_wrap=False)
+    sp = summary.get("splits") or {}
+    if sp:
+        console.print(f"measured on held-out text only: general = {sp['general_eval']['documents']} bundled general "
+                      f"documents the base and CPT never trained on (every 10th of each file); domain = the blend's "
+                      f"validation documents; details: report.json eval_documents", highlight=False)
     rep = summary.get("replay")
     if rep:
         rt = _table(f"replay: same {rep['same']['train_steps']} steps, LR {rep['same']['max_lr']:g}, "
@@ -131,7 +132,8 @@ def show_summary(summary: dict) -> None:
                       f"general task score regression {_f(a.get('general_regression_vs_cpt_pct'))} %", highlight=False)
     for g in summary.get("generation") or []:
         how = "chat template" if g["chat_template"] else "raw text"
-        console.print(f"{g['model']} ({how}) <- {g['prompt']!r}", highlight=False, markup=False)
+        prompt = " / ".join(g["prompt"].splitlines())
+        console.print(f"{g['model']} ({how}) <- {prompt}", highlight=False, markup=False)
         console.print(f"    -> {g['text']!r}   (reference: {g.get('reference')!r})", highlight=False, markup=False)
     console.print(f"[bold]{summary['final_model']} vs base: domain_gain_pct {_f(summary['domain_gain_pct'])} %, "
                   f"general_regression_pct {_f(summary['general_regression_pct'])} %[/]")

@@ -69,8 +69,12 @@ class ManifestDataModule(PreTrainingDataModule):
         # build of the recipe and NeMo's load_context is itself an fdl.build (nested builds are forbidden).
         self._tokenizer_from = tokenizer_from if tokenizer is None else None
         self._vocab_size = vocab_size
+        # A weight of 0 (allowed by the manifest: e.g. the quickstart's domain-only arm) keeps the source out of
+        # training (Megatron's BlendedDataset refuses zero weights) but in its side's validation set.
+        train_paths = [x for w, pre in zip(self.manifest["train_blend"][0::2], self.manifest["train_blend"][1::2])
+                       if w > 0 for x in (w, pre)]
         super().__init__(
-            paths=self.manifest["train_blend"],
+            paths=train_paths,
             seq_length=seq_length,
             tokenizer=tokenizer if tokenizer is not None else _DEFERRED,
             micro_batch_size=micro_batch_size,
@@ -137,6 +141,15 @@ class ManifestDataModule(PreTrainingDataModule):
         train_blend = self.manifest["train_blend"]
         weight = {pre: w for w, pre in zip(train_blend[0::2], train_blend[1::2])}
         ws = [weight[p] for p in prefixes]
+        if sum(ws) <= 0:  # a side kept out of training (weights 0): validate on it in proportion to its tokens
+            from pathlib import Path
+
+            root = Path(self.manifest["path"]).parent
+            tokens = {str((root / s["prefix"]).resolve()): float(s.get("tokens") or 0)
+                      for s in self.manifest.get("sources", []) if isinstance(s, dict) and "prefix" in s}
+            ws = [tokens.get(p, 0.0) for p in prefixes]
+            keep = [i for i, w in enumerate(ws) if w > 0] or list(range(len(prefixes)))
+            prefixes, ws = [prefixes[i] for i in keep], [ws[i] if ws[i] > 0 else 1.0 for i in keep]
         total = sum(ws)
         blend = (prefixes, [w / total for w in ws] if len(prefixes) > 1 and total > 0 else None)
         config = dataclasses.replace(self.gpt_dataset_config, blend=blend, blend_per_split=None, split=self.split)

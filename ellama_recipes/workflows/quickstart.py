@@ -409,7 +409,7 @@ def _run(out: Path, logs, *, steps, base_steps, align_steps, eval_limit, align, 
         summary["replay"] = {
             "with_replay": _arm(rows["cpt"], "1:1 general:domain (the recipe)", cpt),
             "without_replay": _arm(rows["cpt_noreplay"], "domain only (general weight 0)", nr),
-            "same": {"train_steps": cfg.schedule.train_steps, "max_lr": cfg.schedule.max_lr,
+            "same": {"train_steps": cfg.schedule.train_steps, "max_lr": cfg.schedule.lr,
                      "global_batch_size": cfg.schedule.global_batch_size, "seq_length": cfg.schedule.seq_length,
                      "tokens": cfg.schedule.train_steps * cfg.schedule.global_batch_size * cfg.schedule.seq_length},
         }
