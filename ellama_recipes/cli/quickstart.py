@@ -83,6 +83,8 @@ def _table(title: str, cols: list[str]) -> Table:
 def show_summary(summary: dict) -> None:
     """The final tables, each under 80 columns (numbers rounded deliberately, never cut)."""
     out = Path(summary["out"])
+    if not console.is_terminal:  # piped (| tee): lay the tables out for a 100-column screen, not rich's 80
+        console.width = 100
     m = summary["metrics"]
     for key in ("val_loss_domain", "val_loss_general"):
         if key in m:
@@ -115,9 +117,9 @@ def show_summary(summary: dict) -> None:
                       f"validation documents; details: report.json eval_documents", highlight=False)
     rep = summary.get("replay")
     if rep:
-        rt = _table(f"replay: same {rep['same']['train_steps']} steps, LR {rep['same']['max_lr']:g}, "
-                    f"{rep['same']['tokens']:,} tokens", ["CPT arm", "ppl dom. gain %", "ppl gen. regr. %",
-                                                          "task dom. gain %", "task gen. regr. %"])
+        rt = _table(f"replay vs none (% vs base): same {rep['same']['train_steps']} steps, LR "
+                    f"{rep['same']['max_lr']:g}, {rep['same']['tokens']:,} tokens",
+                    ["CPT arm", "ppl dom. gain", "ppl gen. regr.", "task dom. gain", "task gen. regr."])
         for name, arm in (("1:1 replay", rep["with_replay"]), ("no replay", rep["without_replay"])):
             rt.add_row(name, _f(arm["ppl_domain_gain_pct"]), _f(arm["ppl_general_regression_pct"]),
                        _f(arm["domain_gain_pct"]), _f(arm["general_regression_pct"]))
