@@ -101,9 +101,9 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
         assert answers and all(g["chat_template"] is True for g in answers)
         held = {json.loads(x)["id"] for x in (out / "splits" / "eval" / "sft_heldout.jsonl").read_text().splitlines()}
         assert all(g["id"] in held for g in answers)
-        trained_prompts = {m["content"] for f in (out / "splits" / "sft").glob("*.jsonl")
-                           for x in f.read_text().splitlines() for m in json.loads(x)["messages"]}
-        assert not {g["prompt"] for g in answers} & trained_prompts
+        trained = "\n".join(json.dumps(json.loads(x), ensure_ascii=False) for f in (out / "splits" / "sft").glob("*.jsonl")
+                            for x in f.read_text().splitlines() if x.strip())
+        assert trained and not any(json.dumps(g["prompt"], ensure_ascii=False)[1:-1] in trained for g in answers)
         d = report["dpo"]
         assert 0.0 <= report["val_reward_accuracy"] <= 1.0 and math.isfinite(report["val_margin"])
         assert d["val_pairs"] > 0 and math.isfinite(report["alignment"]["ppl_general_regression_vs_cpt_pct"])
