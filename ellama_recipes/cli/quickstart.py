@@ -13,12 +13,14 @@ from ellama_recipes.cli.common import console, print_json
 
 HELP = """The whole chain on the tiny model and the bundled sample data, on CPU, in minutes, with the answer.
 
-tiny base (built locally, pretrained briefly on the bundled general text, cached) -> import-hf -> data build
-(clean, graph mix, tokenize, blend 1:1) -> pretrain (continued pretraining, per-source validation, forgetting curve)
--> export-hf (verified) -> align (SFT then DPO, when `ellama align` is available) -> export-hf -> eval (base vs CPT vs
-aligned: perplexity per source and the bundled task suites). Prints each stage's wall time and the two numbers,
-domain_gain_pct and general_regression_pct of the final model against the base (definitions: `ellama eval --help`),
-and writes OUT/report.json. Completed stages under --out are reused; --fresh starts over.
+tiny base (built locally, pretrained briefly on the bundled general text minus every 10th document, which is held
+out; cached) -> import-hf -> data build (clean, graph mix, tokenize, blend 1:1) -> pretrain (continued pretraining,
+1:1 replay) and the same CPT without replay (the control arm) -> export-hf (verified) -> align (SFT then DPO) ->
+export-hf -> eval (base, CPT, CPT without replay, aligned, on held-out text and the bundled task suites) -> the
+aligned model answering held-out instructions through its chat template. Prints each stage's wall time, the
+perplexity and task tables, the replay comparison, DPO's held-out reward accuracy and margin, and writes
+OUT/report.json (docs/quickstart.md). NeMo / Lightning / megatron-core output goes to OUT/logs/NN-<stage>.log
+(--verbose shows it). Completed stages under --out are reused; --fresh starts over.
 
 Example:  ellama quickstart --out .quickstart
 """
