@@ -548,6 +548,10 @@ def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, c
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
+    # greedy: drop the checkpoint's sampling defaults (temperature / top_p), which greedy decoding warns about
+    model.generation_config.do_sample = False
+    model.generation_config.temperature = None
+    model.generation_config.top_p = None
     if chat:
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
