@@ -176,7 +176,7 @@ def problems(cfg: Any, *, at_launch: bool = False, gpu_capability: tuple[int, in
             )
         elif ck.restore_from and ck.from_scratch:
             out.append("--from and --from-scratch contradict each other. Fix: pass only one of them.")
-        out.extend(vocab_problems(cfg))
+    out.extend(vocab_problems(cfg))
     out.extend(cfg.stage_problems(at_launch=at_launch))
     return out
 

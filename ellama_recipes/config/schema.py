@@ -268,7 +268,7 @@ class TrainConfig:
             },
             "attention_backend": self.model.attention_backend,
             # the bridge's padded-vocab row (model.architecture.padded_vocab_size): "vocab 1495 -> padded 1536 at TP2"
-            "vocab": vocab_padding_note(self.model.vocab_size, p.tensor_parallel),
+            "vocab_padding": vocab_padding_note(self.model.vocab_size, p.tensor_parallel),
             "parameters": self.model.num_parameters(),
             "restore_from": self.checkpoint.restore_from,
             "out_dir": self.checkpoint.out_dir,
