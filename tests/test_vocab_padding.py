@@ -73,7 +73,7 @@ def vocab_rows(ckpt: Path) -> dict[str, list[int]]:
 @pytest.mark.parametrize("vocab,tp,padded", [
     (1495, 1, 1536), (1495, 2, 1536), (1495, 4, 1536), (1495, 8, 2048),
     (4101, 1, 4224), (4101, 2, 4352), (4101, 4, 4608),
-    (128256, 1, 128256), (128256, 8, 128000 + 1024),  # Llama 3.1: 1002 x 128 rows; at TP8 a multiple of 1024
+    (128256, 1, 128256), (128256, 2, 128256), (128256, 4, 128512), (128256, 8, 129024),  # Llama 3.1
     (128261, 1, 128384), (128261, 2, 128512), (128261, 8, 129024),
 ])
 def test_padding_rule_is_nemos_and_megatrons(vocab, tp, padded):
@@ -195,3 +195,95 @@ def test_tokenizer_larger_than_the_embedding_is_refused_before_launch(tiny_base,
     r = cli("import-hf", "--size", "tiny", "--from", hf, "--out", tmp_path / "bad_base", "--no-progress")
     assert r.code == 2 and "resize_token_embeddings" in " ".join(r.err.split())
     assert not (tmp_path / "bad_base").exists()
+
+
+# ----------------------------------------------------------------------------------------------- across ranks
+STEPS = 3
+TOL = 1e-4  # tests/test_parallel_cpu.py's tolerance (train / validation loss, absolute)
+
+
+def _pretrain(base: Path, manifest: Path, out: Path, nproc: int, *overrides: str):
+    from conftest import run_console
+
+    cmd = [sys.executable, "-m", "ellama_recipes", "pretrain", "--size", "tiny", "--gpus-per-node", str(nproc),
+           "--from", str(base), "--data", str(manifest), "--out", str(out), "--steps", str(STEPS),
+           "schedule.min_lr_ratio=1.0", "schedule.limit_val_batches=1", "checkpoint.save_every=2",
+           "checkpoint.keep_last=2", *overrides]
+    proc = run_console(cmd, out.parent / f"{out.name}.console.txt", 900)
+    assert proc.returncode == 0, proc.console[-4000:]
+    return proc
+
+
+def _losses(run: Path) -> dict[int, dict]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    return {r["step"]: {k: v for k, v in r.items() if k in ("train_loss", "val_loss_domain", "val_loss_general")}
+            for r in recs}
+
+
+def _worst(got: dict[int, dict], ref: dict[int, dict], steps) -> float:
+    worst = 0.0
+    for s in steps:
+        assert ref[s].get("train_loss") is not None and got[s].get("train_loss") is not None, (s, got[s], ref[s])
+        for k, v in ref[s].items():
+            if k in got[s]:
+                worst = max(worst, abs(got[s][k] - v))
+    return worst
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    return next(c for c in (run / "checkpoints").iterdir() if f"--step={step}-" in c.name and c.is_dir())
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended_base, tiny_inputs, cli, tmp_path):
+    """The 4,101-token checkpoint, imported once (4,224 rows): 3 steps in one process, the same 3 steps at TP2
+    (padded to 4,352 rows there: 2 ranks x 2,176) with the same losses; the TP2 run's step-2 checkpoint resumed in
+    one process (4,352 -> 4,224 rows, optimizer state included) gives step 3's loss again; export-hf of the TP2 run
+    has exactly the tokenizer's 4,101 rows, every tensor bit-exact with the checkpoint, transformers' logits equal
+    to the engine's, the 5 added tokens' rows preserved."""
+    from safetensors.torch import load_file
+
+    single, tp2 = tmp_path / "single", tmp_path / "tp2"
+    _pretrain(extended_base, tiny_inputs.manifest, single, 1)
+    _pretrain(extended_base, tiny_inputs.manifest, tp2, 2, "parallel.tensor_parallel=2")
+    ref, got = _losses(single), _losses(tp2)
+    assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
+    worst = _worst(got, ref, range(1, STEPS + 1))
+    print(f"TP2 vs single process, vocab {EXTENDED} (padded 4224 / 4352): max |loss diff| {worst:.2e}; "
+          f"train losses {[round(got[s]['train_loss'], 6) for s in sorted(got)]} vs "
+          f"{[round(ref[s]['train_loss'], 6) for s in sorted(ref)]}")
+    assert worst <= TOL
+    assert vocab_rows(_checkpoint(single, 2))["embedding.word_embeddings.weight"][0] == 4224
+    assert vocab_rows(_checkpoint(tp2, 2))["embedding.word_embeddings.weight"][0] == 4352
+
+    # reshard: the TP2 step-2 checkpoint (4,352 rows) resumed at TP1 (4,224 rows) for step 3
+    resumed = tmp_path / "tp2_to_tp1"
+    shutil.copytree(tp2, resumed, symlinks=True)
+    shutil.rmtree(resumed / "launch", ignore_errors=True)
+    for c in list((resumed / "checkpoints").iterdir()):
+        if "--step=2-" not in c.name:
+            c.unlink() if c.is_symlink() else shutil.rmtree(c)
+    proc = _pretrain(extended_base, tiny_inputs.manifest, resumed, 1)
+    assert "resuming from checkpoint" in proc.console
+    diff = _worst(_losses(resumed), ref, [STEPS])
+    print(f"TP2 step-2 checkpoint resumed at TP1, step {STEPS}: |loss diff| vs single process {diff:.2e}")
+    assert diff <= TOL
+    assert vocab_rows(_checkpoint(resumed, STEPS))["embedding.word_embeddings.weight"][0] == 4224
+
+    # export trims to the tokenizer
+    out = tmp_path / "hf"
+    r = cli("export-hf", "--from", _checkpoint(tp2, STEPS), "--out", out, "--no-progress")
+    assert r.code == 0, r.err
+    report = json.loads((out / "ellama_export.json").read_text())
+    assert report["tensors"] and all(t["status"] == "equal" for t in report["tensors"])
+    assert report["logits_checked"] is True and report["logits_ok"] is True
+    print(f"export of the TP2 run: {len(report['tensors'])} tensors bit-exact, max |logit diff| "
+          f"{report['max_logit_diff']:.2e}")
+    w, src = load_file(out / "model.safetensors"), load_file(extended_hf / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == EXTENDED
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert w[k].shape == src[k].shape == (EXTENDED, 128), k
+    # the added tokens never occur in the data: their embedding rows moved only by weight decay
+    new, old = w["model.embed_tokens.weight"][4096:], src["model.embed_tokens.weight"][4096:]
+    assert new.abs().sum() > 0 and torch.allclose(new, old, rtol=1e-2, atol=1e-6)
