@@ -104,7 +104,8 @@ def test_extended_tokenizer_imports_padded_and_exports_trimmed(extended_hf, exte
     padded row reaches it, and transformers' logits match the engine's."""
     from safetensors.torch import load_file
 
-    assert tokenizer_size(extended_hf) == EXTENDED == json.loads((extended_hf / "config.json").read_text())["vocab_size"]
+    hf_rows = json.loads((extended_hf / "config.json").read_text())["vocab_size"]
+    assert tokenizer_size(extended_hf) == EXTENDED == hf_rows
     assert json.loads((extended_base / "ellama_import.json").read_text())["all_equal"] is True
     assert vocab_rows(extended_base) == {"embedding.word_embeddings.weight": [4224, 128],
                                          "output_layer.weight": [4224, 128]}

@@ -104,10 +104,11 @@ assert tuple(f.name for f in FIELDS) == NAMES, "FIELDS must list every Architect
 
 # ------------------------------------------------------------------------------------------------ padded vocabulary
 # The padded-vocab row of the bridge: the ONE padding rule (import, training, resharding, export, --dryrun read it).
-# Megatron-LM (``_vocab_size_with_padding`` in megatron/training/tokenizer/tokenizer.py) and NeMo 2 (``get_vocab_size`` in
-# nemo/lightning/base.py, used when the config has no vocab_size) pad the embedding and output layer to a multiple of
-# ``make_vocab_size_divisible_by x TP`` so every tensor-parallel rank holds the same number of rows. The padded rows
-# are engine-only: their logits are masked to -inf before any softmax / loss (engine.vocab), and export trims them.
+# Megatron-LM (``_vocab_size_with_padding``, megatron/training/tokenizer/tokenizer.py) and NeMo 2
+# (``get_vocab_size`` in nemo/lightning/base.py, used when the config has no vocab_size) pad the embedding and output
+# layer to a multiple of ``make_vocab_size_divisible_by x TP`` so every tensor-parallel rank holds the same number of
+# rows. The padded rows are engine-only: their logits are masked (the dtype's lowest value: exp() = 0) before any
+# softmax / loss (engine/vocab.py), and export trims them.
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # NeMo GPTConfig.make_vocab_size_divisible_by / Megatron-LM default
 
 
