@@ -251,9 +251,9 @@ def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended
     ref, got = _losses(single), _losses(tp2)
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
     worst = _worst(got, ref, range(1, STEPS + 1))
-    print(f"TP2 vs single process, vocab {EXTENDED} (padded 4224 / 4352): max |loss diff| {worst:.2e}; "
-          f"train losses {[round(got[s]['train_loss'], 6) for s in sorted(got)]} vs "
-          f"{[round(ref[s]['train_loss'], 6) for s in sorted(ref)]}")
+    notes = [f"TP2 vs single process, vocab {EXTENDED} (padded 4224 / 4352): max |loss diff| {worst:.2e}; train "
+             f"losses {[round(got[s]['train_loss'], 6) for s in sorted(got)]} vs "
+             f"{[round(ref[s]['train_loss'], 6) for s in sorted(ref)]}"]  # printed at the end (cli reads capsys)
     assert worst <= TOL
     assert vocab_rows(_checkpoint(single, 2))["embedding.word_embeddings.weight"][0] == 4224
     assert vocab_rows(_checkpoint(tp2, 2))["embedding.word_embeddings.weight"][0] == 4352
@@ -268,7 +268,7 @@ def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended
     proc = _pretrain(extended_base, tiny_inputs.manifest, resumed, 1)
     assert "resuming from checkpoint" in proc.console
     diff = _worst(_losses(resumed), ref, [STEPS])
-    print(f"TP2 step-2 checkpoint resumed at TP1, step {STEPS}: |loss diff| vs single process {diff:.2e}")
+    notes.append(f"TP2 step-2 checkpoint resumed at TP1, step {STEPS}: |loss diff| vs single process {diff:.2e}")
     assert diff <= TOL
     assert vocab_rows(_checkpoint(resumed, STEPS))["embedding.word_embeddings.weight"][0] == 4224
 
@@ -279,12 +279,14 @@ def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended
     report = json.loads((out / "ellama_export.json").read_text())
     assert report["tensors"] and all(t["status"] == "equal" for t in report["tensors"])
     assert report["logits_checked"] is True and report["logits_ok"] is True
-    print(f"export of the TP2 run: {len(report['tensors'])} tensors bit-exact, max |logit diff| "
-          f"{report['max_logit_diff']:.2e}")
+    notes.append(f"export of the TP2 run: {len(report['tensors'])} tensors bit-exact, max |logit diff| "
+                 f"{report['max_logit_diff']:.2e}")
+    print("\n".join(notes))
     w, src = load_file(out / "model.safetensors"), load_file(extended_hf / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["vocab_size"] == EXTENDED
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         assert w[k].shape == src[k].shape == (EXTENDED, 128), k
+    assert not w["model.layers.0.mlp.down_proj.weight"].equal(src["model.layers.0.mlp.down_proj.weight"])  # trained
     # the added tokens never occur in the data: their embedding rows moved only by weight decay
     new, old = w["model.embed_tokens.weight"][4096:], src["model.embed_tokens.weight"][4096:]
     assert new.abs().sum() > 0 and torch.allclose(new, old, rtol=1e-2, atol=1e-6)
