@@ -50,7 +50,10 @@ def test_partial_fields(build_partial, size, mode, recipe):
     mc = p.model.config
     arch = SIZES[size].arch
     assert p.model.__fn_or_cls__ is llm.LlamaModel
-    assert mc.__fn_or_cls__.__name__ == "Llama31Config"
+    # NeMo's Llama31Config, vocabulary padded per TP by the bridge's rule (engine.vocab.PaddedLlama31Config)
+    from nemo.collections.llm.gpt.model.llama import Llama31Config
+
+    assert issubclass(mc.__fn_or_cls__, Llama31Config) and mc.make_vocab_size_divisible_by == 128
     assert (mc.num_layers, mc.hidden_size, mc.ffn_hidden_size) == (arch.num_layers, arch.hidden_size, arch.ffn_hidden_size)
     assert (mc.num_attention_heads, mc.num_query_groups, mc.vocab_size) == (
         arch.num_attention_heads, arch.num_query_groups, arch.vocab_size)

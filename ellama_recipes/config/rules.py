@@ -50,6 +50,7 @@ def problems(cfg: Any, *, at_launch: bool = False, gpu_capability: tuple[int, in
             positive("model.num_layers", m.num_layers),
             positive("model.num_attention_heads", m.num_attention_heads),
             positive("model.num_query_groups", m.num_query_groups),
+            positive("model.vocab_size", m.vocab_size),
         ]
     )
     if vpp is not None:
@@ -175,8 +176,28 @@ def problems(cfg: Any, *, at_launch: bool = False, gpu_capability: tuple[int, in
             )
         elif ck.restore_from and ck.from_scratch:
             out.append("--from and --from-scratch contradict each other. Fix: pass only one of them.")
+    out.extend(vocab_problems(cfg))
     out.extend(cfg.stage_problems(at_launch=at_launch))
     return out
+
+def vocab_problems(cfg: Any) -> list[str]:
+    """The vocabulary of the ``--from`` checkpoint at launch. Any TP works (the engine pads the embedding and output
+    layer by the bridge's rule, :func:`ellama_recipes.model.architecture.padded_vocab_size`); what cannot work is a
+    tokenizer with more ids than the model has embedding rows: its extra ids would index rows that do not exist
+    (a crash inside every rank) or padded rows whose logits are masked (an infinite loss)."""
+    from ellama_recipes.model.architecture import tokenizer_size
+
+    ck, m = cfg.checkpoint, cfg.model
+    n = tokenizer_size(ck.restore_from) if ck.restore_from else None
+    if n is None or n <= m.vocab_size:
+        return []
+    return [
+        f"model.vocab_size={m.vocab_size} (the embedding rows of --from {ck.restore_from}) is smaller than its "
+        f"tokenizer ({n} tokens): ids >= {m.vocab_size} have no embedding row. Fix: resize the HF model's "
+        f"embeddings to the tokenizer (transformers: model.resize_token_embeddings(len(tokenizer))) and import it "
+        "again with `ellama import-hf`."
+    ]
+
 
 def cpu_problems(cfg: Any) -> list[str]:
     """What a local launch on a host without CUDA cannot run (CPU processes over gloo)."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from ellama_recipes.config import overrides, rules
 from ellama_recipes.errors import ConfigError
-from ellama_recipes.model.architecture import Architecture
+from ellama_recipes.model.architecture import Architecture, vocab_padding_note
 from ellama_recipes.model.sizes import Parallelism
 
 
@@ -267,6 +267,8 @@ class TrainConfig:
                 "distributed_optimizer": self.optimizer.distributed_optimizer,
             },
             "attention_backend": self.model.attention_backend,
+            # the bridge's padded-vocab row (model.architecture.padded_vocab_size): "vocab 1495 -> padded 1536 at TP2"
+            "vocab_padding": vocab_padding_note(self.model.vocab_size, p.tensor_parallel),
             "parameters": self.model.num_parameters(),
             "restore_from": self.checkpoint.restore_from,
             "out_dir": self.checkpoint.out_dir,

@@ -44,9 +44,12 @@ def abs_path(path: str | Path) -> Path:
 
 
 def model_config(cfg: TrainConfig) -> run.Config:
-    """``run.Config(Llama31Config)`` for this recipe (from the `--from` checkpoint when it is readable here)."""
+    """``run.Config(PaddedLlama31Config)`` (NeMo's Llama31Config, vocabulary padded for the run's TP by the bridge's
+    rule and the padded logits masked: :mod:`ellama_recipes.engine.vocab`) for this recipe (from the `--from`
+    checkpoint when it is readable here)."""
     from megatron.core.transformer.enums import AttnBackend
-    from nemo.collections.llm.gpt.model.llama import Llama31Config
+
+    from ellama_recipes.engine.vocab import PaddedLlama31Config
 
     m = cfg.model
     fields: dict[str, Any] = bridge.nemo_kwargs(m)
@@ -68,7 +71,7 @@ def model_config(cfg: TrainConfig) -> run.Config:
             fields[name] = False
         fields["use_cpu_initialization"] = True
         fields["data_step_fn"] = cpu_compat.cpu_gpt_data_step
-    return run.Config(Llama31Config, **fields)
+    return run.Config(PaddedLlama31Config, **fields)
 
 
 def p2p_fields(cfg: TrainConfig) -> dict[str, Any]:

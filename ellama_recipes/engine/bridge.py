@@ -8,6 +8,10 @@ Modelled on Megatron-Bridge's ``LlamaBridge`` (``provider_bridge`` for the confi
   dry runs and the recipes read it without importing NeMo; :func:`nemo_kwargs` and :func:`llama31_config` turn an
   architecture into ``Llama31Config`` arguments with it, :func:`checkpoint_nemo_kwargs` reads them back from a
   checkpoint.
+* padded vocabulary: the rule is :func:`ellama_recipes.model.architecture.padded_vocab_size` (Megatron's
+  ``ceil(V / (make_vocab_size_divisible_by x TP))``, divisible_by 128); :func:`padded_vocab` applies it to an
+  architecture, the ``vocab`` kind below carries the padded rows (zeros on import, trimmed on export) and
+  :mod:`ellama_recipes.engine.vocab` pads the model per TP and masks the padded logits.
 * :data:`WEIGHTS` - one row per tensor: Megatron key (``*`` = layer index), HF names, kind
   (``direct`` / ``norm`` / ``qkv`` / ``gate_up`` / ``vocab``) and the HF shapes in symbols. Import, export,
   verification, the export dry-run table and the shape checks all iterate over :func:`expand` of this table.
@@ -27,19 +31,13 @@ from typing import Any, Iterator
 
 import torch
 
-from ellama_recipes.model.architecture import FIELDS, as_fields, head_dim, saved_model_config
+from ellama_recipes.model.architecture import (
+    FIELDS, MAKE_VOCAB_SIZE_DIVISIBLE_BY, as_fields, head_dim, padded_vocab_size, saved_model_config,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def vocab_divisor(vocab_size: int) -> int:
-    """Largest power of two <= 128 dividing the vocabulary: Megatron pads nothing (the HF rows map 1:1)."""
-    base = 128
-    while vocab_size % base:
-        base //= 2
-    return base
 
 
 def nemo_kwargs(spec: Any) -> dict[str, Any]:
@@ -47,15 +45,17 @@ def nemo_kwargs(spec: Any) -> dict[str, Any]:
     s = as_fields(spec)
     out = {f.nemo: s[f.name] for f in FIELDS if f.nemo is not None}
     out["kv_channels"] = head_dim(s)
-    out["make_vocab_size_divisible_by"] = vocab_divisor(s["vocab_size"])
+    out["make_vocab_size_divisible_by"] = MAKE_VOCAB_SIZE_DIVISIBLE_BY  # the padded-vocab row (architecture.py)
     return out
 
 
 def llama31_config(spec: Any, **extra: Any):
-    """A NeMo ``Llama31Config`` for the architecture, plus ``extra`` fields (seq_length, params_dtype, ...)."""
-    from nemo.collections.llm.gpt.model.llama import Llama31Config
+    """A NeMo ``Llama31Config`` for the architecture, plus ``extra`` fields (seq_length, params_dtype, ...): the
+    engine's :class:`~ellama_recipes.engine.vocab.PaddedLlama31Config` (vocabulary padded per TP, padded logits
+    masked)."""
+    from ellama_recipes.engine.vocab import PaddedLlama31Config
 
-    return Llama31Config(**{**nemo_kwargs(spec), **extra})
+    return PaddedLlama31Config(**{**nemo_kwargs(spec), **extra})
 
 
 def checkpoint_nemo_kwargs(path: str | Path) -> dict[str, Any] | None:
@@ -136,10 +136,11 @@ def dims(spec: Any) -> dict[str, int]:
             "Q": s["num_attention_heads"] * hd, "KV": s["num_query_groups"] * hd}
 
 
-def padded_vocab(spec: Any, divisor: int | None = None) -> int:
-    s = as_fields(spec)
-    d = divisor or vocab_divisor(s["vocab_size"])
-    return -(-s["vocab_size"] // d) * d
+def padded_vocab(spec: Any, tensor_parallel: int = 1, divisor: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """The engine's vocabulary rows for ``spec`` at ``tensor_parallel`` (the padded-vocab row:
+    :func:`ellama_recipes.model.architecture.padded_vocab_size`). Import writes the TP1 size; a run at another TP
+    pads further when it loads (megatron loads the vocabulary tensors ``allow_shape_mismatch``)."""
+    return padded_vocab_size(as_fields(spec)["vocab_size"], tensor_parallel, divisor)
 
 
 def expand(spec: Any, *, vocab_rows: int | None = None) -> list[Group]:

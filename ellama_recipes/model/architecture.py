@@ -102,6 +102,30 @@ FIELDS: tuple[ArchField, ...] = (
 )
 assert tuple(f.name for f in FIELDS) == NAMES, "FIELDS must list every Architecture field, in order"
 
+# ------------------------------------------------------------------------------------------------ padded vocabulary
+# The padded-vocab row of the bridge: the ONE padding rule (import, training, resharding, export, --dryrun read it).
+# Megatron-LM (``_vocab_size_with_padding``, megatron/training/tokenizer/tokenizer.py) and NeMo 2
+# (``get_vocab_size`` in nemo/lightning/base.py, used when the config has no vocab_size) pad the embedding and output
+# layer to a multiple of ``make_vocab_size_divisible_by x TP`` so every tensor-parallel rank holds the same number of
+# rows. The padded rows are engine-only: their logits are masked (the dtype's lowest value: exp() = 0) before any
+# softmax / loss (engine/vocab.py), and export trims them.
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # NeMo GPTConfig.make_vocab_size_divisible_by / Megatron-LM default
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1,
+                      divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """``ceil(V / (divisible_by * TP)) * (divisible_by * TP)``: the engine's embedding / output rows at this TP."""
+    multiple = max(1, int(divisible_by)) * max(1, int(tensor_parallel))
+    return -(-int(vocab_size) // multiple) * multiple
+
+
+def vocab_padding_note(vocab_size: int, tensor_parallel: int = 1,
+                       divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> str:
+    """The dry-run line: ``"vocab 1495 -> padded 1536 at TP2"``."""
+    return (f"vocab {vocab_size} -> padded {padded_vocab_size(vocab_size, tensor_parallel, divisible_by)} "
+            f"at TP{tensor_parallel}")
+
+
 # HF config.json keys that are not fields but say "this is a Llama 3.1 layout" (written by to_hf, checked by check_hf).
 HF_FIXED = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False}
@@ -236,3 +260,19 @@ def from_checkpoint(ckpt: str | Path) -> dict[str, Any] | None:
     """An engine checkpoint's architecture as field values (None when ``ckpt`` is not one here)."""
     saved = saved_model_config(ckpt)
     return None if saved is None else from_nemo(saved, source_config(ckpt))
+
+
+def tokenizer_size(ckpt_or_hf_dir: str | Path) -> int | None:
+    """``len(tokenizer)`` (added tokens included) of an engine checkpoint's staged tokenizer
+    (``context/nemo_tokenizer/tokenizer.json``) or of an HF directory's ``tokenizer.json``; None when there is none."""
+    d = Path(ckpt_or_hf_dir)
+    f = next((p for p in (d / "context" / "nemo_tokenizer" / "tokenizer.json", d / "tokenizer.json") if p.is_file()),
+             None)
+    if f is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(f)).get_vocab_size(with_added_tokens=True)
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported by whoever loads it
+        return None

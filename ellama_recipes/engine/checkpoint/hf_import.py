@@ -73,6 +73,13 @@ def import_hf_to_engine(hf_dir: Path, out: Path, *, workers: int = 1, progress: 
             f"{hf_dir} does not hold exactly the tensors of the Llama its config.json describes "
             f"({spec['num_layers']} layers, hidden {spec['hidden_size']}); importing would drop or misplace "
             "weights. Nothing was written.", problems=pre.problems())
+    n_tok = architecture.tokenizer_size(hf_dir)
+    if n_tok is not None and n_tok > spec["vocab_size"]:
+        raise UserError(
+            f"{hf_dir}: the tokenizer has {n_tok} tokens but the model only {spec['vocab_size']} embedding rows "
+            "(config.json vocab_size), so ids >= that have no embedding. Fix: resize the embeddings to the "
+            "tokenizer (transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained) and "
+            "import again. Nothing was written.")
     params_dtype = hf_dtype(cfg)
     buffers, held = Buffers(), {}  # held: writer thread -> the buffers of the chunk it is writing
 

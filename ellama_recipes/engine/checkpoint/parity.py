@@ -21,8 +21,11 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def load_engine_model(ckpt: Path):
-    """(LightningModule, trainer) for a NeMo 2 checkpoint on this host (CPU when there is no GPU)."""
+def load_engine_model(ckpt: Path, **config_overrides):
+    """(LightningModule, trainer) for a NeMo 2 checkpoint on this host (CPU when there is no GPU).
+
+    ``config_overrides`` set model config fields before the model is built (e.g. ``make_vocab_size_divisible_by=1``
+    builds the unpadded vocabulary: megatron loads the vocabulary tensors ``allow_shape_mismatch``)."""
     from lightning.pytorch.trainer.states import TrainerFn
     from nemo.lightning import MegatronStrategy, Trainer, _strategy_lib
 
@@ -33,6 +36,8 @@ def load_engine_model(ckpt: Path):
     model.config.fp8 = None
     model.config.fp8_param = False
     model.config.perform_initialization = False
+    for k, v in config_overrides.items():
+        setattr(model.config, k, v)
     if getattr(model, "model_transform", None) is not None:
         raise UserError(f"{ckpt} is a PEFT/adapter checkpoint; merge the adapters before exporting.")
     cpu = cpu_only()
@@ -79,8 +84,9 @@ def fixed_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def engine_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The engine's own forward pass (megatron GPTModel), in float32, on CPU or the current GPU."""
+def engine_logits(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The engine's own forward pass (megatron GPTModel), in float32, on CPU or the current GPU; with ``labels``
+    the per-token loss ``[b, s]`` of the training path (megatron's vocab-parallel cross entropy) instead."""
     gpt = mcore_gpt(model)
     gpt.eval()
     if cpu_only():
@@ -98,7 +104,8 @@ def engine_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     # own from attn_mask_type=causal and is given none, as in megatron's own training/inference paths.
     mask = None if have_transformer_engine() else \
         torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), diagonal=1)[None, None]
-    return gpt(input_ids=ids, position_ids=pos, attention_mask=mask).float().cpu()
+    lab = None if labels is None else labels.to(dev)
+    return gpt(input_ids=ids, position_ids=pos, attention_mask=mask, labels=lab).float().cpu()
 
 
 def engine_batch_logits(ckpt: Path, vocab_size: int) -> dict:
