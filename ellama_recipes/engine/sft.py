@@ -157,6 +157,8 @@ class SFTMetricsJsonl(MetricsJsonl):
         if lr is None and trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
         rec = {"stage": self.stage, "step": int(step), "loss": to_float(m.get("reduced_train_loss")), "lr": to_float(lr)}
+        if m.get("grad_norm") is not None:  # before clipping (MegatronStrategy.optimizer_step)
+            rec["grad_norm"] = to_float(m.get("grad_norm"))
         if m.get("train_step_timing in s") is not None:
             rec["step_time_s"] = to_float(m.get("train_step_timing in s"))
         metrics.append(self.path, rec)
