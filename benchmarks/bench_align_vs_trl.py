@@ -192,24 +192,42 @@ def _load(hf: Path):
     return AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
 
 
-def trl_sft(hf: Path, rows: list[dict], s: dict, out: Path, *, train_steps: int, seed: int):
-    """TRL SFTTrainer (assistant-only loss via ellama's masks) on ``rows`` in order; returns (model, per-step logs)."""
+MUTANTS = ("per_micro_batch_mean", "decay_everything")
+
+
+def trl_sft(hf: Path, rows: list[dict], s: dict, out: Path, *, train_steps: int, seed: int, mutant: str | None = None):
+    """TRL SFTTrainer (assistant-only loss via ellama's masks) on ``rows`` in order; returns (model, per-step logs).
+
+    ``mutant`` (to show what a check against this sees): ``per_micro_batch_mean`` = each micro batch of
+    ``s["micro_batch"]`` rows divided by its own token count, averaged over the accumulation steps (megatron-core's
+    default reduction); ``decay_everything`` = weight decay on the norms too."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     sampler, sched, used = _trainer_bits(s, train_steps)
+    assert mutant in (None, *MUTANTS), mutant
 
     class Trainer(SFTTrainer):
         _get_train_sampler = sampler
         create_scheduler = sched
 
+        def get_batch_samples(self, *a, **k):
+            batches, n = super().get_batch_samples(*a, **k)
+            return batches, (None if mutant == "per_micro_batch_mean" else n)
+
+        def get_decay_parameter_names(self, model):
+            if mutant == "decay_everything":
+                return [n for n, _ in model.named_parameters()]
+            return super().get_decay_parameter_names(model)
+
     tok = AutoTokenizer.from_pretrained(str(hf))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "assistant_masks": r["loss_mask"]} for r in rows])
-    args = SFTConfig(**_common_args(s, out, train_steps, seed), per_device_train_batch_size=s["global_batch"],
-                     gradient_accumulation_steps=1, max_length=None, packing=False, dataset_num_proc=None)
+    micro = s["micro_batch"] if mutant == "per_micro_batch_mean" else s["global_batch"]
+    args = SFTConfig(**_common_args(s, out, train_steps, seed), per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=s["global_batch"] // micro, max_length=None, packing=False, dataset_num_proc=None)
     tr = Trainer(model=_load(hf), args=args, train_dataset=ds, processing_class=tok, callbacks=[used])
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h and "step" in h]
@@ -234,12 +252,16 @@ def trl_dpo(hf: Path, pairs: list[dict], s: dict, out: Path, *, train_steps: int
     tok = AutoTokenizer.from_pretrained(str(hf))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    # DPOTrainer always tokenizes text pairs (no pre-tokenized path): build it on a stand-in text pair, then hand it
+    # ellama's token ids (the columns its own tokenization produces and its collator reads)
     ds = Dataset.from_list([_split_pair(p) for p in pairs])
+    stand_in = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
     args = DPOConfig(**_common_args(s, out, train_steps, seed), per_device_train_batch_size=micro_pairs,
                      gradient_accumulation_steps=s["global_batch"] // micro_pairs, beta=s["beta"],
                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, s["sft_weight"]], max_length=None)
-    tr = Trainer(model=_load(hf), ref_model=_load(hf), args=args, train_dataset=ds, processing_class=tok,
+    tr = Trainer(model=_load(hf), ref_model=_load(hf), args=args, train_dataset=stand_in, processing_class=tok,
                  callbacks=[used])
+    tr.train_dataset = ds
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h and "step" in h]
     for h, lr in zip(logs, used.lrs):
@@ -256,6 +278,19 @@ def param_diff(a, b) -> dict[str, float]:
     sb = (b if not isinstance(b, (str, Path)) else _load(Path(b))).state_dict()
     assert set(sa) == set(sb), set(sa) ^ set(sb)
     return {k: float((sa[k].float() - sb[k].float()).abs().max()) for k in sa if sa[k].is_floating_point()}
+
+
+def compare(ell, other, start) -> dict[str, dict[str, float]]:
+    """Per parameter tensor: ``max_abs`` = max |ell - other|, ``rel_l2`` = ||ell - other|| / ||ell - start|| (the
+    difference against the size of the update itself, which is ~LR per element on Adam's first step)."""
+    sa, sb, s0 = ((m if not isinstance(m, (str, Path)) else _load(Path(m))).state_dict() for m in (ell, other, start))
+    out = {}
+    for k in sa:
+        d = sa[k].double() - sb[k].double()
+        u = sa[k].double() - s0[k].double()
+        out[k] = {"max_abs": float(d.abs().max()), "rel_l2": float(d.norm() / u.norm().clamp(min=1e-30)),
+                  "moved": float(u.abs().max())}
+    return out
 
 
 def update_size(start, after) -> float:
