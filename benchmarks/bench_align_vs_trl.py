@@ -376,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = dpo_order(run / "dpo", a.dpo_steps * s["global_batch"], seed)
         trl_dpo_model, dpo_logs = trl_dpo(hf_sft, pairs, s, work / f"trl_dpo{seed}", train_steps=a.dpo_steps,
                                           seed=seed)
+        # TRL's "sft" term as TRL users usually get it: 8 pairs in one micro batch -> the token mean over all 8
+        # chosen responses (pairs weighed by length) instead of ellama's per-pair mean (docs/alignment.md)
+        trl8_model, _ = trl_dpo(hf_sft, pairs, s, work / f"trl_dpo8_{seed}", train_steps=a.dpo_steps, seed=seed,
+                                micro_pairs=s["global_batch"])
         t_trl = time.time() - t0
         e_sft, e_dpo = metrics(run / "sft"), metrics(run / "dpo")
         for k in e_sft:
@@ -392,17 +396,24 @@ def main(argv: list[str] | None = None) -> int:
                        ("rewards_rejected", "rewards_rejected", "rewards/rejected"),
                        ("margin", "margin", "rewards/margins"), ("reward_acc", "reward_accuracy", "rewards/accuracies"),
                        ("lr (used)", "lr", "used_lr"), ("grad_norm", "grad_norm", "grad_norm")], e_dpo, dpo_logs)
+        for st, ell, tl in (("SFT", e_sft, sft_logs), ("DPO", e_dpo, dpo_logs)):
+            de = max(abs(ell[k]["lr"] - ell[k]["lr_doc"]) for k in ell if ell[k].get("lr") is not None)
+            dt = max(abs(h["used_lr"] - ell[i + 1]["lr_doc"]) for i, h in enumerate(tl))
+            print(f"{st}: max |LR - documented schedule| over the steps: ellama {de:.2e}, TRL {dt:.2e}")
         d_sft = max(param_diff(hf_sft, trl_sft_model).values())
         d_dpo = max(param_diff(hf_dpo, trl_dpo_model).values())
         held = _jsonl(run / "dpo" / "data" / "validation.jsonl")
         ref = _load(hf_sft)
         sc_e = score_pairs(_load(hf_dpo), ref, held, s["beta"])
         sc_t = score_pairs(trl_dpo_model, ref, held, s["beta"])
+        sc_t8 = score_pairs(trl8_model, ref, held, s["beta"])
         print(f"\nmax |param ellama - TRL| after {a.sft_steps} SFT steps {d_sft:.3g}, after {a.dpo_steps} DPO steps "
               f"{d_dpo:.3g}")
         print(f"held-out ({len(held)} pairs): ellama acc {sc_e['accuracy']:.3f} margin {sc_e['margin']:.4f} | "
               f"TRL acc {sc_t['accuracy']:.3f} margin {sc_t['margin']:.4f}")
-        results.append({"seed": seed, "ellama": sc_e, "trl": sc_t, "param_diff_sft": d_sft, "param_diff_dpo": d_dpo,
+        print(f"TRL with 8 pairs per micro batch (token-mean NLL term): acc {sc_t8['accuracy']:.3f} margin "
+              f"{sc_t8['margin']:.4f}")
+        results.append({"seed": seed, "ellama": sc_e, "trl": sc_t, "trl_micro8": sc_t8, "param_diff_sft": d_sft, "param_diff_dpo": d_dpo,
                         "sft_loss": [e_sft[k].get("loss") for k in sorted(e_sft)],
                         "trl_sft_loss": [h["loss"] for h in sft_logs],
                         "dpo_loss": [e_dpo[k].get("loss") for k in sorted(e_dpo)],
@@ -412,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         return (statistics.mean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0)
 
     print(f"\n===== held-out reward accuracy / margin over seeds {a.seeds} (mean +- population std)")
-    print(f"{'':8} {'accuracy':>18} {'margin':>18}")
-    for who in ("ellama", "trl"):
+    print("(trl_micro8: TRL with 8 pairs per micro batch, its NLL term the token mean over the 8 chosen responses)")
+    print(f"{'':10} {'accuracy':>18} {'margin':>18}")
+    for who in ("ellama", "trl", "trl_micro8"):
         acc, mar = ms([r[who]["accuracy"] for r in results]), ms([r[who]["margin"] for r in results])
-        print(f"{who:8} {acc[0]:>10.3f} +- {acc[1]:.3f} {mar[0]:>10.4f} +- {mar[1]:.4f}")
+        print(f"{who:10} {acc[0]:>10.3f} +- {acc[1]:.3f} {mar[0]:>10.4f} +- {mar[1]:.4f}")
     for r in results:
         print(f"seed {r['seed']}: ellama {r['ellama']['accuracy']:.3f} / {r['ellama']['margin']:.4f}   "
               f"TRL {r['trl']['accuracy']:.3f} / {r['trl']['margin']:.4f}   max |param diff| SFT "
