@@ -132,6 +132,17 @@ def test_first_step_is_ln2_and_heldout_preference_is_learned(dpo_run):
     assert abs(first["dpo_loss"] - math.log(2)) < 1e-6, first
     assert abs(first["rewards_chosen"]) < 1e-5 and abs(first["margin"]) < 1e-5 and first["reward_accuracy"] == 0
     assert abs(first["loss"] - (first["dpo_loss"] + 0.2 * first["nll_loss"])) < 1e-5
+    # the LR each step RAN with is the documented schedule's (docs/alignment.md; until issue 22 the rows held the
+    # next step's): step k (1-based), W warmup steps: peak x k/(W+1) for k <= W+1, then cosine to min_lr at k = T+1
+    from ellama_recipes.recipes.dpo import build_config
+
+    sch = build_config("tiny", train_steps=STEPS).schedule
+    for r in train:
+        k, w = r["step"] - 1, sch.warmup_steps
+        want = (sch.lr * (k + 1) / (w + 1) if w > 0 and k <= w else
+                sch.min_lr + (sch.lr - sch.min_lr) * 0.5 * (1 + math.cos(math.pi * (k - w) / (STEPS - w))))
+        assert abs(r["lr"] - want) < 1e-6 * sch.lr, (r, want)
+        assert r["grad_norm"] > 0, r
     val = [r for r in rows if "val_reward_accuracy" in r]
     assert [r["step"] for r in val] == list(range(VAL_EVERY, STEPS + 1, VAL_EVERY))
     # before training the held-out margin is exactly 0 (policy == reference); it rose, and accuracy is above chance

@@ -8,6 +8,7 @@ One SFT run per module (about a minute on 2 cores), in a fresh process like the 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,13 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def _documented_lr(step: int, sch) -> float:
+    k, w, t = step - 1, sch.warmup_steps, sch.train_steps
+    if w > 0 and k <= w:
+        return sch.lr * (k + 1) / (w + 1)
+    return sch.min_lr + (sch.lr - sch.min_lr) * 0.5 * (1 + math.cos(math.pi * (k - w) / (t - w)))
+
+
 @pytest.mark.slow
 def test_sft_loss_falls_and_metrics_rows(sft_run):
     out, _ = sft_run
@@ -54,6 +62,14 @@ def test_sft_loss_falls_and_metrics_rows(sft_run):
     train = [r for r in rows if r.get("loss") is not None]
     assert [r["step"] for r in train] == list(range(1, SFT_STEPS + 1))
     assert all(r["stage"] == "sft" and r["lr"] is not None for r in rows)
+    assert all(r["grad_norm"] > 0 for r in train)  # before clipping
+    # the LR each step ran with is the documented schedule's (docs/alignment.md): step k (1-based) of T with W warmup
+    # steps: peak x k/(W+1) for k <= W+1, then cosine from the peak to min_lr at k = T+1 (NeMo's CosineAnnealing)
+    from ellama_recipes.recipes.sft import build_config
+
+    sch = build_config("tiny", train_steps=SFT_STEPS).schedule
+    for r in train:
+        assert abs(r["lr"] - _documented_lr(r["step"], sch)) < 1e-6 * sch.lr, (r, sch)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) >= 2, rows
     first, last = sum(r["loss"] for r in train[:4]) / 4, sum(r["loss"] for r in train[-4:]) / 4

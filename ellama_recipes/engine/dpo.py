@@ -268,10 +268,17 @@ class DPOMetricsJsonl(MetricsJsonl):
             return
         if step % self.log_every and step != trainer.max_steps:
             return
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        # The LR this step ran with: NeMo's optimizer module logs it at the step's start. Not the optimizer's
+        # param_groups here: Lightning steps the LR scheduler BEFORE on_train_batch_end, so they already hold the
+        # next step's LR (the rows were one step ahead of the schedule until Dec 2026, issue 22).
+        lr = trainer.callback_metrics.get("lr")
+        if lr is None and trainer.optimizers:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
         rec: dict[str, Any] = {"stage": self.stage, "step": int(step)}
         rec.update({k: float(v) for k, v in zip(METRIC_KEYS, vec.tolist())})
         rec["lr"] = to_float(lr)
+        if trainer.callback_metrics.get("grad_norm") is not None:  # before clipping (MegatronStrategy.optimizer_step)
+            rec["grad_norm"] = to_float(trainer.callback_metrics["grad_norm"])
         step_time = trainer.callback_metrics.get("train_step_timing in s")
         if step_time is not None:
             rec["step_time_s"] = to_float(step_time)

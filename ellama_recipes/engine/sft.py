@@ -157,6 +157,8 @@ class SFTMetricsJsonl(MetricsJsonl):
         if lr is None and trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
         rec = {"stage": self.stage, "step": int(step), "loss": to_float(m.get("reduced_train_loss")), "lr": to_float(lr)}
+        if m.get("grad_norm") is not None:  # before clipping (MegatronStrategy.optimizer_step)
+            rec["grad_norm"] = to_float(m.get("grad_norm"))
         if m.get("train_step_timing in s") is not None:
             rec["step_time_s"] = to_float(m.get("train_step_timing in s"))
         metrics.append(self.path, rec)
@@ -216,7 +218,18 @@ def trainer(cfg) -> run.Config:
     metrics_cb = run.Config(SFTMetricsJsonl, path=str(RunFolder.of(cfg).metrics), log_every=cfg.checkpoint.log_every)
     # The validation loader holds exactly schedule.limit_val_batches global batches (SFTDataModule); run all of it.
     # (An int limit would count micro batches: NeMo's dataloader_iter step pulls num_microbatches per step.)
-    return blocks.trainer(cfg, metrics=metrics_cb, limit_val_batches=1.0)
+    tr = blocks.trainer(cfg, metrics=metrics_cb, limit_val_batches=1.0)
+    return tr
+
+
+# The SFT loss whose gradient is taken: sum of the assistant tokens' NLL over the GLOBAL batch / their number (TRL's
+# SFTTrainer: sum / num_items_in_batch). megatron-core's default (calculate_per_token_loss=False) instead divides
+# each micro batch's sum by ITS token count and averages those means over micro batches and DP ranks: every micro
+# batch weighs the same whatever its token count, so the update depended on micro_batch_size and the DP size, and
+# was not the gradient of the logged loss (NeMo's MaskedTokenLossReduction.reduce logs the global token mean).
+# Measured against TRL on the tiny model (issue 22, global batch 8, micro batch 2): grad norm 7.48 vs TRL's 6.04 at
+# step 1 before, equal after.
+PER_TOKEN_LOSS = True
 
 
 def finetune(model, data, trainer, log, optim, resume, run_dir: str | None = None, report: dict | None = None):
@@ -245,8 +258,14 @@ def build_sft_partial(cfg, *, report: dict | None = None) -> run.Partial:
     ``RUN/checkpoints/<cfg.run_name>--step=...``; ``report``: the recipe's summary spec for ``RUN/complete.json``."""
     from nemo.collections import llm
 
-    return blocks.stage_partial(finetune, cfg, model=run.Config(llm.LlamaModel, config=blocks.model_config(cfg)),
-                                data=data_module(cfg), trainer=trainer(cfg), report=report)
+    model_cfg = blocks.model_config(cfg)
+    model_cfg.calculate_per_token_loss = PER_TOKEN_LOSS
+    tr = trainer(cfg)
+    # per-token loss: DP ranks SUM their gradients and megatron's finalize_model_grads divides by the all-reduced
+    # token count (megatron-core refuses calculate_per_token_loss together with average_in_collective)
+    tr.strategy.ddp.average_in_collective = not PER_TOKEN_LOSS
+    return blocks.stage_partial(finetune, cfg, model=run.Config(llm.LlamaModel, config=model_cfg),
+                                data=data_module(cfg), trainer=tr, report=report)
 
 
 # ------------------------------------------------------------------------------------------------------- loss probe
