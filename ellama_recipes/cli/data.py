@@ -57,6 +57,21 @@ def _apply_overrides(overrides: list[str] | None, targets: dict[str, object]) ->
     return {sec: {f.name: getattr(obj, f.name) for f in fields(obj)} for sec, obj in targets.items()}
 
 
+EXECUTOR_HELP = ("ray (default: the stages run as Ray Data pipelines; a local Ray instance on this machine, loopback "
+                 "only, unless --ray-address / RAY_ADDRESS names a cluster), inprocess (the sequential pipeline in "
+                 "this process) or slurm (build: submit a Ray cluster + the build through NeMo-Run with the "
+                 "cluster.* keys of training; see --dryrun).")
+RAY_ADDRESS_HELP = "Address of a running Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start a local one."
+
+
+def _executor(executor: str, ray_address: str | None, allowed=("ray", "inprocess")) -> str:
+    if executor not in allowed:
+        raise UserError(f"Unknown --executor {executor!r}. Use one of: {', '.join(allowed)}.")
+    if ray_address and executor != "ray":
+        raise UserError(f"--ray-address {ray_address} needs --executor ray (got {executor}).")
+    return executor
+
+
 def _print_table(report: dict) -> None:
     from ellama_recipes.data.pipeline import stage_table
 
@@ -86,7 +101,10 @@ def build(
     ratio: str = typer.Option("1:1", "--ratio", help="General:domain token ratio of the blend."),
     non_english: float = typer.Option(0.10, "--non-english", help="Non-English share of the general side's tokens."),
     mix: str = typer.Option("graph", "--mix", help="graph (EcomGPT-CT) or separate."),
-    workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="CPUs: tokenizer/scoring processes (inprocess, "
+                                          "default 1) or the local Ray instance's CPUs (ray, default: all cores)."),
+    executor: str = typer.Option("ray", "--executor", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine general documents with p(domain) >= P "
                                               "(default 0.5 when no budget is given)."),
@@ -102,18 +120,33 @@ def build(
     from ellama_recipes.data.mine import Budget
     from ellama_recipes.data.serialize import MixConfig
 
+    _executor(executor, ray_address, ("ray", "inprocess", "slurm"))
     ccfg, mcfg = CleanConfig(), MixConfig(mix=mix)
-    settings = _apply_overrides(overrides, {"clean": ccfg, "mix": mcfg})
+    cluster_overrides = [o for o in overrides or [] if o.startswith("cluster.")]
+    if cluster_overrides and executor != "slurm":
+        raise UserError(f"{cluster_overrides[0]}: cluster.* keys configure --executor slurm only.")
+    settings = _apply_overrides([o for o in overrides or [] if not o.startswith("cluster.")],
+                                {"clean": ccfg, "mix": mcfg})
     budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
+    if executor == "slurm":
+        from ellama_recipes.workflows.data_launch import submit_build
+
+        res = submit_build(cluster_overrides, _build_argv(), out, dryrun=dryrun)
+        print_json(res)
+        return
     if dryrun:
-        plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
+        plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers or 1)
         plan["settings"] = settings
         plan["mine"] = budget.as_dict() if not no_mine else False
+        plan["executor"] = {"kind": executor, "ray_address": ray_address or ("local" if executor == "ray" else None)}
         print_json(plan)
         return
+    local_ray = executor == "ray" and not ray_address
     manifest = pipeline.build(domain, general, tokenizer, out, ratio=ratio, non_english=non_english, mix=mix,
-                              workers=workers, progress=True, threshold=threshold, mine_fraction=mine_fraction,
-                              mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg)
+                              workers=(workers or 1) if executor == "inprocess" else 1, progress=True,
+                              threshold=threshold, mine_fraction=mine_fraction,
+                              mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg,
+                              executor=executor, ray_address=ray_address, num_cpus=workers if local_ray else None)
     report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))  # the build's accounting
     _print_table(report)
     r = manifest["realized"]
