@@ -209,7 +209,7 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
           mine_fraction: float | None = None, mine_tokens: int | None = None, mine: bool = True,
           clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None,
           executor: str = "inprocess", ray_address: str | None = None, num_cpus: int | None = None,
-          block_bytes: int | None = None, shard_bytes: int | None = None) -> dict:
+          block_bytes: int | None = None, shard_bytes: int | None = None, dedup: str = "auto") -> dict:
     """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``;
     the per-stage accounting is ``out/report.json``).
 
@@ -239,7 +239,7 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
         kw = {k: v for k, v in (("block_bytes", block_bytes), ("shard_bytes", shard_bytes)) if v}
         return ray_build.build_ray(dfiles, gfiles, tok, Path(out), ratio=ratio, non_english=non_english, mix=mix,
                                    budget=budget, mine=mine, ccfg=ccfg, mcfg=mcfg, plan=p, ray_address=ray_address,
-                                   num_cpus=num_cpus, **kw)
+                                   num_cpus=num_cpus, dedup=dedup, **kw)
     report: dict = {"stages": []}
     with atomic_dir(Path(out)) as tmp, _Progress(progress) as prog:
         work = tmp / "work"

@@ -43,6 +43,8 @@ from ellama_recipes.data.clean import EXACT_DUPLICATE, NEAR_DUPLICATE, CleanConf
 from ellama_recipes.errors import UserError
 
 SHARD_BYTES = 16 << 20  # input bytes per tokenized shard
+DEDUP_LOCAL_MAX = 200_000  # dedup="auto" on a local Ray instance: up to this many records deduped on the driver
+DEDUPS = ("auto", "ray", "local")
 DUPLICATE_ID = "duplicate_id"
 QUALITY = ("too_short", "too_long", "low_quality")
 
@@ -100,6 +102,7 @@ class State:
         if self.dir.exists() and not same:
             shutil.rmtree(self.dir)
         self.resumed = same
+        self.local_ray = True
         (self.dir / "work" / "stages").mkdir(parents=True, exist_ok=True)
         from ellama_recipes.io.atomic import write_json
 
@@ -150,13 +153,24 @@ def _duplicate_ids(rows: list[dict]) -> None:
             taken.add(pid)
 
 
+def _find_duplicates(survivors, ccfg: CleanConfig, dedup: str) -> list[dict]:
+    """The rows to drop, by :func:`ellama_recipes.data.dedup.find_duplicates` (``dedup="ray"``: shuffles across
+    the cluster) or :func:`~ellama_recipes.data.dedup.find_duplicates_local` on the driver (``"local"``: the same
+    decisions, no shuffle stages; what ``"auto"`` picks on a local Ray instance for up to DEDUP_LOCAL_MAX
+    documents, where Ray's shuffle start-up costs more than the whole dedup)."""
+    from ellama_recipes.data.dedup import find_duplicates, find_duplicates_local
+
+    if dedup == "local":
+        return find_duplicates_local(survivors.iter_rows(), _dedup_cfg(ccfg))
+    return list(find_duplicates(survivors, _dedup_cfg(ccfg)).iter_rows())
+
+
 def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpus: int,
-               block_bytes: int = BLOCK_BYTES) -> dict:
+               block_bytes: int = BLOCK_BYTES, dedup: str = "ray") -> dict:
     """Stage 1 for one kind; writes work/clean_KIND.jsonl and rejects/clean_KIND.jsonl; returns the stage info
     (stats, nodes seen)."""
     import ray.data
 
-    from ellama_recipes.data.dedup import find_duplicates
     from ellama_recipes.data.ray_stages import CleanBlock
     from ellama_recipes.io.atomic import atomic_path
 
@@ -169,6 +183,8 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     cleaned = _map_blocks(blocks, CleanBlock, (kind, asdict(ccfg)), n_cpus).materialize()
     stats = StageStats(f"clean {kind}")
     nodes: Counter = Counter()
+    if dedup == "auto":
+        dedup = "local" if st.local_ray and cleaned.count() <= DEDUP_LOCAL_MAX else "ray"
     if kind == "domain":  # the product-id rule needs corpus order; domain rows are held for the graph anyway
         rows = [dict(r) for r in cleaned.iter_rows()]
         _duplicate_ids(rows)
@@ -179,7 +195,7 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
         rows = None
         survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
             .rename_columns({"gid": "id"})
-    drops = {int(d["id"]): d for d in find_duplicates(survivors, _dedup_cfg(ccfg)).iter_rows()}
+    drops = {int(d["id"]): d for d in _find_duplicates(survivors, ccfg, dedup)}
     (st.dir / "rejects").mkdir(exist_ok=True)
     (st.dir / "work").mkdir(exist_ok=True)
     with atomic_path(st.dir / "rejects" / f"{stage}.jsonl") as rtmp, atomic_path(st.dir / "work" / f"{stage}.jsonl") as ctmp, \
@@ -213,7 +229,7 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
                         f"rejected ({dict(stats.rejected)}). See {st.out}/rejects/{stage}.jsonl (in "
                         f"{st.dir} while the build is unfinished) for each line's reason; fix the input format "
                         "(JSON Lines, schema in `ellama data build --help`).")
-    return st.finish(stage, {"stats": stats.as_dict(), "nodes": dict(nodes), "blocks": len(blocks),
+    return st.finish(stage, {"stats": stats.as_dict(), "nodes": dict(nodes), "blocks": len(blocks), "dedup": dedup,
                              "seconds": round(time.perf_counter() - t0, 2)})
 
 
@@ -297,7 +313,8 @@ __all__ = ["ray_session", "State", "fingerprint", "clean_kind", "ray_scorer", "t
 
 def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, non_english, mix: str, budget,
               mine: bool, ccfg: CleanConfig, mcfg, plan: dict, ray_address: str | None = None,
-              num_cpus: int | None = None, block_bytes: int = BLOCK_BYTES, shard_bytes: int = SHARD_BYTES) -> dict:
+              num_cpus: int | None = None, block_bytes: int = BLOCK_BYTES, shard_bytes: int = SHARD_BYTES,
+              dedup: str = "auto") -> dict:
     """The Ray executor of :func:`ellama_recipes.data.pipeline.build` (same arguments, already checked)."""
     from ellama_recipes.data.blend import make_manifest
     from ellama_recipes.data.manifest import write_source_sidecar
@@ -309,18 +326,23 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     settings = {"ratio": str(ratio), "non_english": non_english, "mix": mix, "budget": budget.as_dict(),
                 "mine": mine, "clean": asdict(ccfg), "mix_config": asdict(mcfg), "tokenizer": _hash_tokenizer(tok),
                 "block_bytes": block_bytes, "shard_bytes": shard_bytes}
+    if dedup not in DEDUPS:
+        raise UserError(f"Unknown --dedup {dedup!r}. Use one of: {', '.join(DEDUPS)}.")
     st = State(out, fingerprint(dfiles + gfiles, settings))
+    st.local_ray = not ray_address
     work = st.dir / "work"
     timings: dict[str, float] = {}
     nodes: dict[str, dict] = {}
+    dedups: dict[str, str] = {}
     report: dict = {"stages": []}
     with ray_session(ray_address, num_cpus) as n_cpus:
         # 1. clean
         for kind, files in (("domain", dfiles), ("general", gfiles)):
-            info = clean_kind(files, kind, ccfg, st, n_cpus, block_bytes)
+            info = clean_kind(files, kind, ccfg, st, n_cpus, block_bytes, dedup)
             report["stages"].append(info["stats"])
             nodes[f"clean_{kind}"] = info["nodes"]
             timings[f"clean_{kind}"] = info["seconds"]
+            dedups[kind] = info["dedup"]
         # 2. serialize (driver; deterministic and cheap, so recomputed on a resume)
         t0 = time.perf_counter()
         wheres = (work / "clean_domain.where").read_text(encoding="utf-8").splitlines()
@@ -415,8 +437,53 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     write_json(st.dir / "manifest.json", manifest)
     report["tokenizer"] = plan["tokenizer"]
     report["executor"] = {"kind": "ray", "address": ray_address or "local", "cpus": n_cpus,
-                          "resumed": st.resumed, "block_bytes": block_bytes, "shard_bytes": shard_bytes,
+                          "resumed": st.resumed, "dedup": dedups, "block_bytes": block_bytes, "shard_bytes": shard_bytes,
                           "seconds": timings, "rows_per_node": nodes}
     write_json(st.dir / "report.json", report)
     st.promote()
     return manifest
+
+
+# ------------------------------------------------------------------------------------------------ the subcommands
+
+
+def clean_files_ray(files: list[Path], kind: str, cfg: CleanConfig, out_tmp: Path, *, ray_address=None,
+                    num_cpus=None, block_bytes: int = BLOCK_BYTES, dedup: str = "auto") -> dict:
+    """``ellama data clean --executor ray``: stage 1 into ``out_tmp`` (clean.jsonl, rejects.jsonl); returns the
+    stage's stats dict."""
+    st = State(out_tmp / "_state", {"clean": asdict(cfg), "files": [str(p) for p in files]})
+    st.local_ray = not ray_address
+    with ray_session(ray_address, num_cpus) as n_cpus:
+        info = clean_kind(files, kind, cfg, st, n_cpus, block_bytes, dedup)
+    os.replace(st.dir / "work" / f"clean_{kind}.jsonl", out_tmp / "clean.jsonl")
+    os.replace(st.dir / "rejects" / f"clean_{kind}.jsonl", out_tmp / "rejects.jsonl")
+    shutil.rmtree(st.dir)
+    return info["stats"]
+
+
+def tokenize_ray(files: list[Path], tok, out: Path, side: str, lang: str | None, *, ray_address=None,
+                 num_cpus=None, shard_bytes: int = SHARD_BYTES) -> dict:
+    """``ellama data tokenize --executor ray``: every block of ``files`` to its own shard ``OUT/NAME-00000`` (plus
+    ``.source.json`` sidecars for ``ellama data blend``); rejects to ``OUT/rejects.jsonl``. Returns totals."""
+    from ellama_recipes.data.manifest import write_source_sidecar
+
+    out.mkdir(parents=True, exist_ok=True)
+    with ray_session(ray_address, num_cpus) as n_cpus:
+        metas = []
+        for i, f in enumerate(files):
+            name, where = (out.name, out.parent) if len(files) == 1 else (f"{out.name}_{i:03d}", out)
+            metas += tokenize_sources([(name, f, side)], tok, where, n_cpus, shard_bytes).get(name, [])
+    langs: Counter = Counter()
+    tot = {"documents": 0, "tokens": 0, "rejected": Counter(), "shards": len(metas)}
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as rf:
+        for m in metas:
+            langs.update(m["langs"])
+            tot["documents"] += m["documents"]
+            tot["tokens"] += m["tokens"]
+            for rj in m["rejects"]:
+                tot["rejected"][rj["reason"]] += 1
+                rf.write(json.dumps(rj, ensure_ascii=False) + "\n")
+    src_lang = lang or (langs.most_common(1)[0][0] if langs else "und")
+    for m in metas:
+        write_source_sidecar(Path(m["prefix"]), side, src_lang, m["documents"], m["tokens"], source=out.name)
+    return tot
