@@ -43,15 +43,13 @@ def source_groups(manifest: dict) -> dict[str, dict]:
 
 
 def _tokens(out: Path, prefixes: list[str]):
+    """The concatenated token stream of ``prefixes`` (each ``.bin`` is its documents' tokens back to back, in the
+    dtype its ``.idx`` names)."""
     import numpy as np
 
-    from ellama_recipes.data.indexed import _idx_mod
+    from ellama_recipes.data.indexed import read_back
 
-    arrs = []
-    for p in prefixes:
-        ds = _idx_mod().IndexedDataset(str(Path(out) / p), mmap=True)
-        arrs.append(np.asarray(ds.bin_reader.read(ds.index.dtype, int(sum(ds.sequence_lengths)), 0))
-                    if len(ds) else np.zeros(0, ds.index.dtype))
+    arrs = [np.fromfile(str(Path(out) / p) + ".bin", dtype=read_back(Path(out) / p)["dtype"]) for p in prefixes]
     return np.concatenate(arrs) if arrs else np.zeros(0)
 
 
@@ -91,3 +89,26 @@ def compare_builds(ray_out: Path, ref_out: Path) -> dict:
     res["realized"] = (ma["realized"], mb["realized"])
     res["rejected"] = (ma["rejected"], mb["rejected"])
     return res
+
+
+def text_at(where: str, kind: str) -> str | None:
+    """The cleaned text the dedup compares for the input line ``where`` ("file:line"): normalised, products
+    rendered; None for a line that does not validate."""
+    from ellama_recipes.data.clean import normalize_text
+    from ellama_recipes.data.records import TEXT_FIELD, RecordError, render, validate
+
+    path, _, line = where.rpartition(":")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == int(line):
+                break
+    try:
+        rec = validate(json.loads(raw.decode("utf-8")), kind)
+    except (ValueError, RecordError):
+        return None
+    fld = TEXT_FIELD[rec["type"]]
+    rec[fld] = normalize_text(rec[fld])
+    if rec["type"] == "product":
+        rec["title"] = normalize_text(rec["title"])
+        return render(rec)
+    return rec[fld]

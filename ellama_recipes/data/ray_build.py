@@ -68,9 +68,13 @@ def ray_session(address: str | None, num_cpus: int | None):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in block order (corpus order)
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+        SESSION["node_addresses"] = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
     finally:
         if started:
             ray.shutdown()
+
+
+SESSION: dict = {}  # what the last session saw (node addresses), for the report
 
 
 def _pool(n_cpus: int, n_blocks: int) -> int:
@@ -437,6 +441,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     write_json(st.dir / "manifest.json", manifest)
     report["tokenizer"] = plan["tokenizer"]
     report["executor"] = {"kind": "ray", "address": ray_address or "local", "cpus": n_cpus,
+                          "node_addresses": SESSION.get("node_addresses"),
                           "resumed": st.resumed, "dedup": dedups, "block_bytes": block_bytes, "shard_bytes": shard_bytes,
                           "seconds": timings, "rows_per_node": nodes}
     write_json(st.dir / "report.json", report)
