@@ -32,6 +32,7 @@ SAMPLE = ROOT / "ellama_recipes" / "sample_data"
 INPUTS = ["--domain", str(SAMPLE / "domain"), "--domain", str(SAMPLE / "bad/domain_bad.jsonl"),
           "--general", str(SAMPLE / "general"), "--general", str(SAMPLE / "bad/general_bad.jsonl")]
 RAY_ARGS = ["--dedup", "local", "--block-mb", "0.25", "--shard-mb", "0.25"]
+CLASSIFY_ARGS = ["--domain", str(SAMPLE / "domain"), "--general", str(SAMPLE / "general"), "--mine-fraction", "0.03"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -104,6 +105,13 @@ def scenario(root: Path, tok: str) -> None:
                  for p in (root / "resumed").glob("tokenized/*/*.shard.json")}
         res["rewritten_after_resume"] = sorted(k for k, v in finished.items() if after.get(k) != v)
         res["seconds"]["killed_and_resumed"] = round(time.perf_counter() - t, 1)
+
+        # mining alone: `ellama data classify` scored by the cluster's actor pool
+        t = time.perf_counter()
+        res["rc_classify"] = subprocess.run(
+            [sys.executable, "-m", "ellama_recipes", "data", "classify", *CLASSIFY_ARGS, "--out",
+             str(root / "classify_ray"), "--ray-address", addr], env=env, capture_output=True, timeout=600).returncode
+        res["seconds"]["classify"] = round(time.perf_counter() - t, 1)
 
         # a corpus that leaves nothing valid
         res["rc_bad"] = _build(env, root / "bad", "--ray-address", addr, *RAY_ARGS, log=root / "bad.log",
@@ -213,6 +221,25 @@ def test_killed_build_resumes_without_redoing_finished_work(runs):
         rb = read_back(root / "resumed" / s["prefix"])
         assert (rb["documents"], rb["tokens"]) == (s["documents"], s["tokens"])
     assert not list((root / "resumed").rglob(".*tmp*"))
+
+
+def test_mining_on_ray_selects_the_same_documents(runs, cli, tmp_path):
+    """`ellama data classify --mine-fraction F`: the classifier fitted on the same sample, the corpus scored by the
+    cluster's actors (ScoreBlock, several blocks: the corpus is 4 files), the same documents mined and kept."""
+    root, res = runs
+    assert res["rc_classify"] == 0
+    r = cli("data", "classify", *CLASSIFY_ARGS, "--out", tmp_path / "ref", "--executor", "inprocess")
+    assert r.code == 0, r.err
+    ray_out, ref = root / "classify_ray", tmp_path / "ref"
+    assert (ray_out / "mined.jsonl").read_bytes() == (ref / "mined.jsonl").read_bytes()
+    assert (ray_out / "mined.jsonl").read_text().count("\n") > 0
+    names = sorted(p.name for p in ref.glob("general_*.jsonl"))
+    assert names == sorted(p.name for p in ray_out.glob("general_*.jsonl")) and names
+    for n in names:
+        assert (ray_out / n).read_bytes() == (ref / n).read_bytes()
+    a, b = (json.loads((x / "report.json").read_text()) for x in (ray_out, ref))
+    for k in ("mined", "kept", "min_mined_score", "score_quantiles_general", "accounting"):
+        assert a[k] == b[k], k
 
 
 def test_nothing_valid_exits_2_with_the_reason(runs):
