@@ -247,26 +247,54 @@ def find_duplicates_local(rows: Iterable[dict], cfg: DedupConfig = DedupConfig()
 
 
 # ---------------------------------------------------------------------------------------------------- Ray Data
+#
+# Shuffles (each a Ray Data hash groupby with ``num_partitions`` partitions; blocks spill to disk):
+#   G1  rows (band, gkey, id, xkey, where): band -1 = the exact key, 0..bands-1 = LSH band keys -> exact drops and
+#       candidate pairs (within a bucket, exact duplicates are reduced to their survivor: they share every band)
+#   V1  candidates + documents grouped by the pair's first id  -> candidates carrying text_a
+#   V2  those + documents grouped by the pair's second id      -> verified edges (exact Jaccard >= threshold)
+#   A   edges grouped by node                                   -> node state (label, neighbours, their Jaccard)
+#   LP  one groupby per label-propagation round (messages to neighbours + the node's state), until no label changes
+#   R   node states grouped by label (= cluster)                -> drops, by the rule of step 5
+# The driver only counts rows (``changed`` per round); it never holds documents, pairs or edges.
 
-def _empty_output(ray_data):
+def _schema(kind: str):
     import pyarrow as pa
 
-    schema = pa.schema([("id", pa.int64()), ("rep_id", pa.int64()), ("reason", pa.string()),
-                        ("jaccard", pa.float64()), ("rep_where", pa.string())])
-    return ray_data.from_arrow(schema.empty_table())
+    return {
+        "out": pa.schema([("id", pa.int64()), ("rep_id", pa.int64()), ("reason", pa.string()),
+                          ("jaccard", pa.float64()), ("rep_where", pa.string())]),
+        "g1": pa.schema([("kind", pa.int8()), ("a", pa.int64()), ("b", pa.int64()), ("where", pa.string())]),
+        "v": pa.schema([("k", pa.int64()), ("other", pa.int64()), ("text", pa.string()), ("where", pa.string()),
+                        ("doc", pa.bool_())]),
+        "edge": pa.schema([("a", pa.int64()), ("b", pa.int64()), ("jaccard", pa.float64()), ("where_a", pa.string()),
+                           ("where_b", pa.string())]),
+        "state": pa.schema([("node", pa.int64()), ("label", pa.int64()), ("where", pa.string()),
+                            ("nbrs", pa.binary()), ("jacs", pa.binary()), ("changed", pa.bool_()),
+                            ("msg", pa.bool_())]),
+    }[kind]
 
 
-def _to_output(batch: dict, reason: str) -> dict:
-    n = len(batch["id"])
-    return {"id": np.asarray(batch["id"], dtype=np.int64), "rep_id": np.asarray(batch["rep_id"], dtype=np.int64),
-            "reason": np.array([reason] * n, dtype=object), "jaccard": np.asarray(batch["jaccard"], dtype=np.float64),
-            "rep_where": np.asarray(batch["rep_where"], dtype=object)}
+def _table(kind: str, cols: dict):
+    import pyarrow as pa
+
+    sch = _schema(kind)
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
 
-def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig()) -> "ray.data.Dataset":
+def _num_partitions(ds) -> int:
+    try:
+        n = ds.num_blocks()
+    except Exception:  # noqa: BLE001  (lazy dataset: unknown block count)
+        n = 8
+    return max(2, min(64, int(n)))
+
+
+def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(),
+                    num_partitions: int | None = None) -> "ray.data.Dataset":
     """Input rows: ``{"id": int64 (global order; smaller = earlier = preferred representative), "text": str,
     "where": str ("file:line")}``. Output rows, ONLY for the documents to drop: ``{"id", "rep_id" (the kept
-    document it duplicates: the smallest id of its exact-duplicate group, or for near duplicates the smallest kept
+    document it duplicates: the smallest id of its exact-duplicate group; for near duplicates the smallest kept
     document of its cluster it has a verified pair with -- the cluster's smallest id unless the cluster chains),
     "reason" ("exact_duplicate" | "near_duplicate"), "jaccard" (exact word-5-shingle Jaccard of (id, rep_id), 1.0
     for exact), "rep_where"}``.
@@ -274,145 +302,185 @@ def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig()) ->
     Exact dedup by the cleaner's content key through a groupby (shuffle); near dedup: MinHash signatures in
     parallel (``map_batches``), LSH bands exploded and grouped by band key (shuffle, spills to disk, never one
     in-memory index), candidate pairs verified by EXACT word-5-shingle Jaccard >= threshold, clusters by a
-    distributed connected-components pass (label propagation with joins/groupbys, iterated until no label changes;
+    distributed connected-components pass (label propagation through groupbys, iterated until no label changes;
     nothing collected on the driver), and inside each cluster the rule of the module docstring (step 5): a
     document is dropped only if it has a verified pair (exact Jaccard >= threshold) with a kept document of its
     cluster; the smallest id of every cluster is kept. Deterministic. Returns a materialized dataset.
+    ``num_partitions``: partitions of every shuffle (default: the input's block count, 2..64).
     """
-    import ray.data as rd
-
-    cfg_ = cfg
-    base = ds.select_columns(["id", "text", "where"])
-
-    # ---- exact: (xkey, id, where) grouped by xkey; text stays out of the shuffle
-    def add_key(batch):
-        return {"xkey": np.array([exact_key(t) for t in batch["text"]], dtype=np.int64),
-                "id": np.asarray(batch["id"], dtype=np.int64), "where": batch["where"]}
-
-    keyed = base.map_batches(add_key, batch_format="numpy").materialize()
-
-    def exact_groups(g):
-        order = np.argsort(g["id"], kind="stable")
-        ids = np.asarray(g["id"], dtype=np.int64)[order]
-        where = np.asarray(g["where"], dtype=object)[order]
-        n = len(ids)
-        return {"id": ids, "rep_id": np.full(n, ids[0], dtype=np.int64),
-                "rep_where": np.array([where[0]] * n, dtype=object)}
-
-    reps = keyed.groupby("xkey").map_groups(exact_groups, batch_format="numpy").materialize()
-    exact_drops = (reps.filter(expr="id != rep_id")
-                   .map_batches(lambda b: _to_output({**b, "jaccard": np.ones(len(b["id"]))}, EXACT_DUPLICATE),
-                                batch_format="numpy"))
-    parts = [exact_drops]
-    if cfg_.near:
-        kept_ids = reps.filter(expr="id == rep_id").select_columns(["id"])
-        survivors = base.join(kept_ids, join_type="inner", num_partitions=_parts(base), on=("id",)).materialize()
-        if survivors.count() > 1:
-            parts.append(_near_duplicates(survivors, cfg_))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.union(p)
-    out = out.materialize()
-    return out
-
-
-def _parts(ds) -> int:
-    try:
-        return max(1, min(64, ds.num_blocks()))
-    except Exception:  # noqa: BLE001  (a lazy dataset without a known block count)
-        return 8
-
-
-def _near_duplicates(survivors, cfg: DedupConfig):
-    """Near-duplicate drops among ``survivors`` (id, text, where), distributed."""
-    import ray.data as rd
-
-    nparts = _parts(survivors)
+    docs = ds.select_columns(["id", "text", "where"])
+    P = num_partitions or _num_partitions(ds)
 
     def explode(batch):
         ids = np.asarray(batch["id"], dtype=np.int64)
-        keys = band_keys(signatures(list(batch["text"]), cfg), cfg)
-        return {"bkey": keys.reshape(-1), "id": np.repeat(ids, cfg.bands)}
+        texts = list(batch["text"])
+        where = np.asarray(batch["where"], dtype=object)
+        xk = np.array([exact_key(t) for t in texts], dtype=np.int64)
+        n = len(ids)
+        cols = {"band": [np.full(n, -1, np.int16)], "gkey": [xk], "id": [ids], "xkey": [xk], "where": [where]}
+        if cfg.near and n:
+            bk = band_keys(signatures(texts, cfg), cfg)  # (n, bands)
+            cols["band"].append(np.tile(np.arange(cfg.bands, dtype=np.int16), n))
+            cols["gkey"].append(bk.reshape(-1))
+            cols["id"].append(np.repeat(ids, cfg.bands))
+            cols["xkey"].append(np.repeat(xk, cfg.bands))
+            cols["where"].append(np.repeat(where, cfg.bands))
+        return {k: np.concatenate(v) for k, v in cols.items()}
 
-    bands = survivors.map_batches(explode, batch_format="numpy")
+    def g1(g):
+        ids = np.asarray(g["id"], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        where = np.asarray(g["where"], dtype=object)[order]
+        if int(g["band"][0]) < 0:  # one exact-key group: the smallest id stays
+            n = len(ids) - 1
+            return _table("g1", {"kind": [0] * n, "a": [int(ids[0])] * n, "b": ids[1:].tolist(),
+                                 "where": [where[0]] * n})
+        xk = np.asarray(g["xkey"], dtype=np.int64)[order]
+        seen, members = set(), []
+        for i, x in zip(ids.tolist(), xk.tolist()):  # exact duplicates share every band: keep their survivor
+            if x not in seen:
+                seen.add(x)
+                members.append(i)
+        prs = bucket_pairs(members, cfg.bucket_cap)
+        return _table("g1", {"kind": [1] * len(prs), "a": [p[0] for p in prs], "b": [p[1] for p in prs],
+                             "where": [""] * len(prs)})
 
-    def pairs_of_bucket(g):
-        ids = sorted(set(np.asarray(g["id"]).tolist()))
-        prs = bucket_pairs(ids, cfg.bucket_cap)
-        return {"a": np.array([p[0] for p in prs], dtype=np.int64), "b": np.array([p[1] for p in prs], dtype=np.int64)}
+    grouped = (docs.map_batches(explode, batch_format="numpy")
+               .groupby(["band", "gkey"], num_partitions=P).map_groups(g1, batch_format="numpy").materialize())
 
-    cands = bands.groupby("bkey").map_groups(pairs_of_bucket, batch_format="numpy")
+    def exact_out(b):
+        n = len(b["a"])
+        return _table("out", {"id": b["b"], "rep_id": b["a"], "reason": [EXACT_DUPLICATE] * n,
+                              "jaccard": [1.0] * n, "rep_where": b["where"]})
 
-    def first_of_group(g):
-        return {"a": np.asarray(g["a"][:1], dtype=np.int64), "b": np.asarray(g["b"][:1], dtype=np.int64)}
+    out = grouped.filter(expr="kind == 0").map_batches(exact_out, batch_format="numpy")
+    if cfg.near:
+        near = _near(grouped.filter(expr="kind == 1"), docs, cfg, P)
+        if near is not None:
+            out = out.union(near)
+    return out.materialize()
 
-    cands = cands.groupby(["a", "b"]).map_groups(first_of_group, batch_format="numpy")  # distinct pairs
-    side_a = survivors.rename_columns({"id": "a", "text": "text_a", "where": "where_a"})
-    side_b = survivors.rename_columns({"id": "b", "text": "text_b", "where": "where_b"})
-    with_a = cands.join(side_a, join_type="inner", num_partitions=nparts, on=("a",))
-    with_ab = with_a.join(side_b, join_type="inner", num_partitions=nparts, on=("b",))
 
-    def verify(batch):
-        js = np.array([jaccard(shingle_set(x, cfg.shingle), shingle_set(y, cfg.shingle))
-                       for x, y in zip(batch["text_a"], batch["text_b"])], dtype=np.float64)
-        keep = js >= cfg.threshold
-        return {"a": np.asarray(batch["a"], dtype=np.int64)[keep], "b": np.asarray(batch["b"], dtype=np.int64)[keep],
-                "jaccard": js[keep], "where_a": np.asarray(batch["where_a"], dtype=object)[keep],
-                "where_b": np.asarray(batch["where_b"], dtype=object)[keep]}
+def _near(cands, docs, cfg: DedupConfig, P: int):
+    """Near-duplicate drops from the candidate pairs ``cands`` (a < b); None when no pair verifies."""
+    if cands.count() == 0:
+        return None
 
-    edges = with_ab.map_batches(verify, batch_format="numpy").materialize()
+    def as_v_pairs(b):
+        n = len(b["a"])
+        return _table("v", {"k": b["a"], "other": b["b"], "text": [""] * n, "where": [""] * n, "doc": [False] * n})
+
+    def as_v_docs(b):
+        n = len(b["id"])
+        return _table("v", {"k": b["id"], "other": [-1] * n, "text": b["text"], "where": b["where"], "doc": [True] * n})
+
+    vdocs = docs.map_batches(as_v_docs, batch_format="numpy")
+
+    def v1(g):  # group of document a: its text onto each (distinct) pair (a, b), re-keyed by b
+        isdoc = np.asarray(g["doc"], dtype=bool)
+        others = sorted(set(np.asarray(g["other"], dtype=np.int64)[~isdoc].tolist()))
+        if not others or not isdoc.any():
+            return _table("v", {"k": [], "other": [], "text": [], "where": [], "doc": []})
+        d = int(np.flatnonzero(isdoc)[0])
+        a, text, where = int(g["k"][d]), g["text"][d], g["where"][d]
+        n = len(others)
+        return _table("v", {"k": others, "other": [a] * n, "text": [text] * n, "where": [where] * n,
+                            "doc": [False] * n})
+
+    def v2(g):  # group of document b: exact Jaccard with every candidate a
+        isdoc = np.asarray(g["doc"], dtype=bool)
+        empty = {"a": [], "b": [], "jaccard": [], "where_a": [], "where_b": []}
+        if isdoc.all() or not isdoc.any():
+            return _table("edge", empty)
+        d = int(np.flatnonzero(isdoc)[0])
+        b, sb, wb = int(g["k"][d]), shingle_set(g["text"][d], cfg.shingle), g["where"][d]
+        cols = empty
+        for i in np.flatnonzero(~isdoc).tolist():
+            j = jaccard(shingle_set(g["text"][i], cfg.shingle), sb)
+            if j >= cfg.threshold:
+                cols["a"].append(int(g["other"][i]))
+                cols["b"].append(b)
+                cols["jaccard"].append(j)
+                cols["where_a"].append(g["where"][i])
+                cols["where_b"].append(wb)
+        return _table("edge", cols)
+
+    with_a = (cands.map_batches(as_v_pairs, batch_format="numpy").union(vdocs)
+              .groupby("k", num_partitions=P).map_groups(v1, batch_format="numpy"))
+    edges = (with_a.union(vdocs).groupby("k", num_partitions=P).map_groups(v2, batch_format="numpy")
+             .materialize())
     if edges.count() == 0:
-        return _empty_output(rd)
-    labels = connected_components(edges.select_columns(["a", "b"]), nparts)
-
-    # each edge carries its cluster label (label of a == label of b after convergence)
-    lab_a = labels.rename_columns({"node": "a"})
-    edges_l = edges.join(lab_a, join_type="inner", num_partitions=nparts, on=("a",))
+        return None
+    state = label_propagation(edges, P)
 
     def resolve(g):
-        es = list(zip(np.asarray(g["a"]).tolist(), np.asarray(g["b"]).tolist(), np.asarray(g["jaccard"]).tolist()))
-        where = {}
-        for a, b, wa, wb in zip(np.asarray(g["a"]).tolist(), np.asarray(g["b"]).tolist(), g["where_a"], g["where_b"]):
-            where[a], where[b] = wa, wb
+        es, where = [], {}
+        for v, w, nb, jb in zip(np.asarray(g["node"]).tolist(), g["where"], g["nbrs"], g["jacs"]):
+            where[v] = w
+            for u, j in zip(np.frombuffer(nb, np.int64).tolist(), np.frombuffer(jb, np.float64).tolist()):
+                if v < u:
+                    es.append((v, u, j))
         d = resolve_cluster(es)
-        return _to_output({"id": [x[0] for x in d], "rep_id": [x[1] for x in d], "jaccard": [x[2] for x in d],
-                           "rep_where": [where[x[1]] for x in d]}, NEAR_DUPLICATE)
+        n = len(d)
+        return _table("out", {"id": [x[0] for x in d], "rep_id": [x[1] for x in d], "reason": [NEAR_DUPLICATE] * n,
+                              "jaccard": [x[2] for x in d], "rep_where": [where[x[1]] for x in d]})
 
-    return edges_l.groupby("label").map_groups(resolve, batch_format="numpy")
+    return state.groupby("label", num_partitions=P).map_groups(resolve, batch_format="numpy")
 
 
-def connected_components(edges, nparts: int = 8, max_iter: int = 1000):
-    """Label propagation over the undirected ``edges`` (columns a, b): a materialized dataset ``(node, label)`` with
-    ``label`` = the smallest node id of the node's component. Each round joins the labels onto both ends of every
-    edge, proposes ``min(label_a, label_b)`` to both ends and keeps each node's minimum (a groupby); it stops when no
-    label changed."""
+def label_propagation(edges, P: int = 8, max_rounds: int = 10_000):
+    """Connected components of the undirected ``edges`` (a, b, jaccard, where_a, where_b) by label propagation: a
+    materialized dataset of node states ``(node, label, where, nbrs, jacs)`` where ``label`` is the smallest node id
+    of the node's component and ``nbrs``/``jacs`` its neighbours and their Jaccard (int64/float64 bytes).
 
-    def endpoints(batch):
-        nodes = np.concatenate([np.asarray(batch["a"], np.int64), np.asarray(batch["b"], np.int64)])
-        return {"node": nodes, "label": nodes.copy()}
+    Each round is ONE groupby by node over the node states and the messages every node sends its neighbours (its
+    label); a node's new label is the minimum it received, and the round reports how many labels changed; rounds
+    repeat until none did (at most the component diameter + 1)."""
 
-    def min_label(g):
-        return {"node": np.asarray(g["node"][:1], np.int64), "label": np.asarray([np.min(g["label"])], np.int64)}
+    def both_ways(b):
+        a, bb = np.asarray(b["a"], np.int64), np.asarray(b["b"], np.int64)
+        j = np.asarray(b["jaccard"], np.float64)
+        return {"node": np.concatenate([a, bb]), "nbr": np.concatenate([bb, a]), "jaccard": np.concatenate([j, j]),
+                "where": np.concatenate([np.asarray(b["where_a"], object), np.asarray(b["where_b"], object)])}
 
-    labels = edges.map_batches(endpoints, batch_format="numpy").groupby("node").map_groups(
-        min_label, batch_format="numpy").materialize()
-    for _ in range(max_iter):
-        la = labels.rename_columns({"node": "a", "label": "la"})
-        lb = labels.rename_columns({"node": "b", "label": "lb"})
-        e = (edges.join(la, join_type="inner", num_partitions=nparts, on=("a",))
-             .join(lb, join_type="inner", num_partitions=nparts, on=("b",)))
+    def init(g):
+        nb = np.asarray(g["nbr"], np.int64)
+        order = np.argsort(nb, kind="stable")
+        v = int(g["node"][0])
+        nb, jac = nb[order], np.asarray(g["jaccard"], np.float64)[order]
+        return _table("state", {"node": [v], "label": [min(v, int(nb[0]))], "where": [g["where"][0]],
+                                "nbrs": [nb.tobytes()], "jacs": [jac.tobytes()], "changed": [True], "msg": [False]})
 
-        def propose(batch):
-            m = np.minimum(np.asarray(batch["la"], np.int64), np.asarray(batch["lb"], np.int64))
-            return {"node": np.concatenate([np.asarray(batch["a"], np.int64), np.asarray(batch["b"], np.int64)]),
-                    "label": np.concatenate([m, m])}
+    state = (edges.map_batches(both_ways, batch_format="numpy").groupby("node", num_partitions=P)
+             .map_groups(init, batch_format="numpy").materialize())
 
-        new = e.map_batches(propose, batch_format="numpy").groupby("node").map_groups(
-            min_label, batch_format="numpy").materialize()
-        old = labels.rename_columns({"label": "old"})
-        changed = (new.join(old, join_type="inner", num_partitions=nparts, on=("node",))
-                   .filter(expr="label != old").count())
-        labels = new
-        if changed == 0:
-            return labels
-    raise RuntimeError(f"label propagation did not converge in {max_iter} rounds")
+    def send(b):
+        import pyarrow as pa
+
+        t = pa.Table.from_pydict({k: b[k] for k in b}, schema=_schema("state"))
+        msgs = {"node": [], "label": []}
+        for nb, lab in zip(b["nbrs"], np.asarray(b["label"]).tolist()):
+            us = np.frombuffer(nb, np.int64).tolist()
+            msgs["node"].extend(us)
+            msgs["label"].extend([lab] * len(us))
+        n = len(msgs["node"])
+        m = _table("state", {**msgs, "where": [""] * n, "nbrs": [b""] * n, "jacs": [b""] * n, "changed": [False] * n,
+                             "msg": [True] * n})
+        return pa.concat_tables([t, m])
+
+    def update(g):
+        ismsg = np.asarray(g["msg"], dtype=bool)
+        s = int(np.flatnonzero(~ismsg)[0])
+        old = int(g["label"][s])
+        new = min(old, int(np.min(np.asarray(g["label"], np.int64))))
+        return _table("state", {"node": [int(g["node"][s])], "label": [new], "where": [g["where"][s]],
+                                "nbrs": [g["nbrs"][s]], "jacs": [g["jacs"][s]], "changed": [new != old],
+                                "msg": [False]})
+
+    for _ in range(max_rounds):
+        state = (state.map_batches(send, batch_format="numpy").groupby("node", num_partitions=P)
+                 .map_groups(update, batch_format="numpy").materialize())
+        if state.filter(expr="changed").count() == 0:
+            return state
+    raise RuntimeError(f"label propagation did not converge in {max_rounds} rounds")
