@@ -290,8 +290,8 @@ def _num_partitions(ds) -> int:
     return max(2, min(64, int(n)))
 
 
-def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(),
-                    num_partitions: int | None = None) -> "ray.data.Dataset":
+def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), num_partitions: int | None = None,
+                    shuffle: str = "sort") -> "ray.data.Dataset":
     """Input rows: ``{"id": int64 (global order; smaller = earlier = preferred representative), "text": str,
     "where": str ("file:line")}``. Output rows, ONLY for the documents to drop: ``{"id", "rep_id" (the kept
     document it duplicates: the smallest id of its exact-duplicate group; for near duplicates the smallest kept
@@ -306,10 +306,24 @@ def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(),
     nothing collected on the driver), and inside each cluster the rule of the module docstring (step 5): a
     document is dropped only if it has a verified pair (exact Jaccard >= threshold) with a kept document of its
     cluster; the smallest id of every cluster is kept. Deterministic. Returns a materialized dataset.
-    ``num_partitions``: partitions of every shuffle (default: the input's block count, 2..64).
+    ``num_partitions``: partitions of every shuffle (default: the input's block count, 2..64). ``shuffle``: the
+    Ray Data shuffle used by the groupbys while this runs: ``"sort"`` (task-based pull shuffle, the default: 10-20x
+    faster than the actor-based hash shuffle on small inputs, measured on a 2-CPU machine) or ``"hash"`` (Ray's
+    default ``SHUFFLE_V2``, aggregator actors). The input dataset's context gets its strategy back afterwards.
     """
+    from ray.data.context import ShuffleStrategy
+
+    ctx = ds.context
+    saved = ctx.shuffle_strategy
+    ctx.shuffle_strategy = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.SHUFFLE_V2}[shuffle]
+    try:
+        return _find_duplicates(ds, cfg, num_partitions or _num_partitions(ds))
+    finally:
+        ctx.shuffle_strategy = saved
+
+
+def _find_duplicates(ds, cfg: DedupConfig, P: int):
     docs = ds.select_columns(["id", "text", "where"])
-    P = num_partitions or _num_partitions(ds)
 
     def explode(batch):
         ids = np.asarray(batch["id"], dtype=np.int64)
