@@ -117,7 +117,6 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
     from ellama_recipes.data.dedup import find_duplicates
     from ellama_recipes.data.ray_env import init_ray, node_addresses
 
-    rows = json.loads(Path(corpus_path).read_text())
     init_ray(num_cpus=2)
     import ray.data
 
@@ -140,7 +139,8 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.time()
-    ds = ray.data.from_items(rows, override_num_blocks=max(4, len(rows) // 2000))
+    n_rows = sum(1 for _ in open(corpus_path))
+    ds = ray.data.read_json(corpus_path, override_num_blocks=max(4, n_rows // 2000))  # the driver never holds it
     drops = find_duplicates(ds, DedupConfig()).take_all()
     wall = time.time() - t0
     stop.set()
@@ -153,14 +153,44 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
                                           "peak_driver_rss": peak["driver"]}))
 
 
-def run_ray(rows: list[dict], tmp: Path) -> dict:
+def _old_child(corpus_path: str, out_path: str) -> None:
+    """A fresh process running the old in-process NearDup over the corpus: its peak RSS and time."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.time()
+    nd, seen = OldNearDup(0.8, 64), set()
+    with open(corpus_path) as f:  # streamed, in id order, as the cleaner does: what grows is the index
+        for line in f:
+            r = json.loads(line)
+            k = _dedup_key(r["text"])
+            if k not in seen:
+                seen.add(k)
+                nd.seen(r["text"])
+    Path(out_path).write_text(json.dumps({"wall_s": time.time() - t, "peak_rss": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": base * 1024}))
+
+
+def _write(rows: list[dict], tmp: Path, name: str) -> Path:
+    cp = tmp / f"{name}.jsonl"
+    with open(cp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return cp
+
+
+def run_ray(rows: list[dict], tmp: Path, name: str = "corpus") -> dict:
     from ellama_recipes.data.ray_env import private_ray_env, python_in_netns, short_tmp_root
 
     root = short_tmp_root()
-    cp, op = tmp / "corpus.json", tmp / "ray_out.json"
-    cp.write_text(json.dumps(rows))
+    cp, op = _write(rows, tmp, name), tmp / f"{name}_ray.json"
     cmd = python_in_netns([str(Path(__file__).resolve()), "--_ray-child", str(cp), str(op)])
     subprocess.run(cmd, check=True, env=private_ray_env(root, PYTHONPATH=str(ROOT)), timeout=3600)
+    return json.loads(op.read_text())
+
+
+def run_old(rows: list[dict], tmp: Path, name: str = "corpus") -> dict:
+    cp, op = _write(rows, tmp, name), tmp / f"{name}_old.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_old-child", str(cp), str(op)], check=True,
+                   timeout=3600)
     return json.loads(op.read_text())
 
 
@@ -171,13 +201,17 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also run find_duplicates on Ray Data (loopback netns)")
     ap.add_argument("--scale10", action="store_true", help="with --ray: also a 10x corpus (memory side by side)")
     ap.add_argument("--_ray-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_old-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._ray_child:
         _ray_child(*a._ray_child)
         return
+    if a._old_child:
+        _old_child(*a._old_child)
+        return
     import tempfile
 
-    rows = planted_corpus(n_base=a.n_base, seed=a.seed)
+    rows = planted_corpus(n_base=a.n_base, seed=a.seed, n_templates=max(6, a.n_base // 100))
     t = time.time()
     ref = reference_pairs(rows)
     print(f"corpus: {len(rows)} documents; brute-force reference over all pairs sharing a shingle "
@@ -204,14 +238,14 @@ def main() -> None:
     if a.ray:
         with tempfile.TemporaryDirectory() as td:
             r = run_ray(rows, Path(td))
-            ray_runs.append(("1x", len(rows), r))
+            ray_runs.append(("1x", len(rows), r, run_old(rows, Path(td))))
             same = sorted((d["id"], d["rep_id"], d["reason"]) for d in r["drops"]) == \
                 sorted((d["id"], d["rep_id"], d["reason"]) for d in new)
             results.append((f"new dedup.find_duplicates on Ray Data, 2 CPUs (== local: {same})",
                             score(rows, ref, r["drops"]), r["wall_s"]))
             if a.scale10:
-                big = planted_corpus(n_base=a.n_base * 10, seed=a.seed + 1)
-                ray_runs.append(("10x", len(big), run_ray(big, Path(td))))
+                big = planted_corpus(n_base=a.n_base * 10, seed=a.seed + 1, n_templates=max(6, a.n_base // 10))
+                ray_runs.append(("10x", len(big), run_ray(big, Path(td), "big"), run_old(big, Path(td), "big")))
     print()
     print("| method | recall (pairs >= 0.8 caught) | false removal (pairs <= 0.7) | dropped | unjustified drops "
           "| dup pairs both kept | wall s |")
@@ -221,11 +255,13 @@ def main() -> None:
               f"{s['dropped']} | {s['unjustified']} | {s['dup_pairs_both_kept']} | {w:.1f} |")
     if ray_runs:
         print()
-        print("| Ray corpus | documents | wall s | peak driver RSS | peak RSS of one Ray worker process |")
-        print("|---|---|---|---|---|")
-        for tag, n, r in ray_runs:
+        print("| corpus | documents | Ray wall s | Ray driver peak RSS | largest Ray worker peak RSS | "
+              "old NearDup process peak RSS (growth over its imports) | old NearDup wall s |")
+        print("|---|---|---|---|---|---|---|")
+        for tag, n, r, o in ray_runs:
             print(f"| {tag} | {n} | {r['wall_s']:.1f} | {r['peak_driver_rss'] / 2**20:.0f} MB | "
-                  f"{r['peak_worker_rss'] / 2**20:.0f} MB |")
+                  f"{r['peak_worker_rss'] / 2**20:.0f} MB | {o['peak_rss'] / 2**20:.0f} MB "
+                  f"(+{(o['peak_rss'] - o['rss_before']) / 2**20:.0f} MB) | {o['wall_s']:.1f} |")
     print(f"\n(in-process run's peak RSS: {max(rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024:.0f}"
           " MB; the old NearDup index holds every kept document's 64 values + band tables in one process)")
 
