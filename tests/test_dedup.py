@@ -155,8 +155,11 @@ def test_ray_equals_local_in_loopback_netns(tmp_path, corpus):
         assert node_addresses() == ["127.0.0.1"], node_addresses()
         assert ray.util.get_node_ip_address() == "127.0.0.1"
         rows = json.load(open("rows.json"))
-        out = find_duplicates(ray.data.from_items(rows, override_num_blocks=3)).take_all()
-        none = find_duplicates(ray.data.from_items(rows[:5], override_num_blocks=2)).count()
+        lazy = ray.data.from_items(rows, override_num_blocks=3).map_batches(lambda b: b)  # not materialized
+        out = find_duplicates(lazy).take_all()
+        few = find_duplicates(ray.data.from_items(rows[:5], override_num_blocks=2))
+        assert few.schema().names == ["id", "rep_id", "reason", "jaccard", "rep_where"], few.schema()
+        none = few.count()
         json.dump({"out": [{k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()} for d in out],
                    "none": none}, open("out.json", "w"))
         ray.shutdown()

@@ -23,7 +23,7 @@ Method
 3. **Verification**: every candidate pair is checked with the EXACT Jaccard of the two 5-shingle sets; pairs with
    Jaccard >= ``threshold`` are edges. Nothing is dropped on a MinHash estimate.
 4. **Clusters**: connected components of the edges by label propagation (each node takes the smallest label among
-   itself and its neighbours, by joins + groupby, iterated until no label changes). Memory per node is bounded by
+   itself and its neighbours, one groupby per round, iterated until no label changes). Memory per node is bounded by
    the blocks being shuffled, never by the whole edge list; nothing is collected on the driver.
 5. **Decision inside a cluster** (the rule): the documents of a cluster are visited in id order; a document is
    KEPT unless it has a verified edge (exact Jaccard >= threshold) to an already kept document of its cluster, in
@@ -248,7 +248,7 @@ def find_duplicates_local(rows: Iterable[dict], cfg: DedupConfig = DedupConfig()
 
 # ---------------------------------------------------------------------------------------------------- Ray Data
 #
-# Shuffles (each a Ray Data hash groupby with ``num_partitions`` partitions; blocks spill to disk):
+# Shuffles (each a Ray Data groupby, sort-based by default, ``num_partitions`` partitions; blocks spill to disk):
 #   G1  rows (band, gkey, id, xkey, where): band -1 = the exact key, 0..bands-1 = LSH band keys -> exact drops and
 #       candidate pairs (within a bucket, exact duplicates are reduced to their survivor: they share every band)
 #   V1  candidates + documents grouped by the pair's first id  -> candidates carrying text_a
@@ -283,11 +283,14 @@ def _table(kind: str, cols: dict):
 
 
 def _num_partitions(ds) -> int:
+    """The input's block count when it is materialized, else twice the cluster's CPUs (2..200)."""
     try:
         n = ds.num_blocks()
-    except Exception:  # noqa: BLE001  (lazy dataset: unknown block count)
-        n = 8
-    return max(2, min(64, int(n)))
+    except NotImplementedError:  # a lazy dataset: the block count is known only after execution
+        import ray
+
+        n = 2 * int(ray.cluster_resources().get("CPU", 2))
+    return max(2, min(200, int(n)))
 
 
 def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), num_partitions: int | None = None,
@@ -373,7 +376,12 @@ def _find_duplicates(ds, cfg: DedupConfig, P: int):
         near = _near(grouped.filter(expr="kind == 1"), docs, cfg, P)
         if near is not None:
             out = out.union(near)
-    return out.materialize()
+    out = out.materialize()
+    if out.count() == 0:  # keep the output schema even when nothing is dropped
+        import ray.data
+
+        return ray.data.from_arrow(_schema("out").empty_table()).materialize()
+    return out
 
 
 def _near(cands, docs, cfg: DedupConfig, P: int):
