@@ -318,7 +318,10 @@ def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), nu
 
     ctx = ds.context
     saved = ctx.shuffle_strategy
-    ctx.shuffle_strategy = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.SHUFFLE_V2}[shuffle]
+    strategies = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.SHUFFLE_V2}
+    if shuffle not in strategies:
+        raise ValueError(f"shuffle={shuffle!r}: use 'sort' or 'hash'")
+    ctx.shuffle_strategy = strategies[shuffle]
     try:
         return _find_duplicates(ds, cfg, num_partitions or _num_partitions(ds))
     finally:
