@@ -21,12 +21,13 @@ LOOPBACK = "127.0.0.1"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (``address`` None: local, loopback, no dashboard) or join (``address``) a Ray cluster; no-op if this
-    process is already connected."""
+    """Start (``address`` None and no ``RAY_ADDRESS``: local, loopback, no dashboard, ``num_cpus`` CPUs) or join
+    (``address``, else ``$RAY_ADDRESS``) a Ray cluster; no-op if this process is already connected."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
         return
