@@ -36,13 +36,13 @@ from ellama_recipes.data.mine import count_lines as count_text_lines
 from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
+from ellama_recipes.data.stage_io import CLASSIFY_MAX_TRAIN, _mined_summary, _read_jsonl, _split_by_lang, _write_jsonl
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
 from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.io.atomic import write_json
 from ellama_recipes.errors import UserError
 
 EXECUTORS = ("ray", "inprocess")
-CLASSIFY_MAX_TRAIN = 20_000  # general docs (an even sample of the corpus) in the classifier's training set
 
 
 class _Progress:
@@ -98,22 +98,6 @@ class RejectSink:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
 
 
 def atomic_dir(out: Path):
@@ -175,33 +159,6 @@ def plan(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Pa
         "workers": workers,
         "stages": ["clean", "serialize", "classify", "tokenize", "blend"],
     }
-
-
-def _split_by_lang(path: Path, work: Path, advance) -> tuple[dict[str, Path], int]:
-    """General documents to ``work/general_<lang>.jsonl`` (no mining)."""
-    files: dict[str, object] = {}
-    paths: dict[str, Path] = {}
-    n = 0
-    try:
-        for rec in _read_jsonl(path):
-            lang = rec.get("lang") or "und"
-            if lang not in files:
-                paths[lang] = work / f"general_{lang}.jsonl"
-                files[lang] = open(paths[lang], "w", encoding="utf-8")
-            files[lang].write(json.dumps({"text": rec["text"], "lang": lang}, ensure_ascii=False) + "\n")
-            n += 1
-            advance()
-    finally:
-        for f in files.values():
-            f.close()
-    return paths, n
-
-
-def _mined_summary(res) -> dict:
-    """What the manifest says about the mined source: the budget and the lowest score mined."""
-    r = res.report
-    return {"budget": r["budget"], "general_documents": r["general_documents"], "mined_documents": r["mined"],
-            "min_score": r["min_mined_score"], "min_p_domain": r["min_mined_p_domain"]}
 
 
 def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Path, ratio="1:1",

@@ -323,7 +323,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     from ellama_recipes.data.blend import make_manifest
     from ellama_recipes.data.manifest import write_source_sidecar
     from ellama_recipes.data.mine import mine as mine_corpus
-    from ellama_recipes.data.pipeline import CLASSIFY_MAX_TRAIN, _mined_summary, _split_by_lang, _write_jsonl
+    from ellama_recipes.data.stage_io import CLASSIFY_MAX_TRAIN, _mined_summary, _split_by_lang, _write_jsonl
     from ellama_recipes.data.serialize import mix_stats, serialize
     from ellama_recipes.io.atomic import write_json
 
