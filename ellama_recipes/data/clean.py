@@ -13,7 +13,6 @@ Ray Data: :func:`ellama_recipes.data.dedup.find_duplicates`.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import re
@@ -23,14 +22,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# exact key, shingles, NearDup and the two reasons live in data/dedup.py (re-exported here)
+from ellama_recipes.data.dedup import (_WORD, EXACT_DUPLICATE, NEAR_DUPLICATE, NearDup, _dedup_key,  # noqa: F401
+                                       _shingles)
 from ellama_recipes.data.records import TEXT_FIELD, RecordError, Reject, render, validate
 
 # Filter / dedup reasons.
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 LOW_QUALITY = "low_quality"
-EXACT_DUPLICATE = "exact_duplicate"
-NEAR_DUPLICATE = "near_duplicate"
 DUPLICATE_ID = "duplicate_id"
 
 _TAG_BREAK = re.compile(r"(?is)<\s*(br|/p|/div|/li|/h[1-6]|/tr)\b[^>]*>")
@@ -49,7 +49,6 @@ BOILERPLATE_PATTERNS = [
     r"subscribe to our newsletter[^.!\n]*[.!]?",
 ]
 _BOILER = re.compile(r"(?i)(" + "|".join(BOILERPLATE_PATTERNS) + r")")
-_WORD = re.compile(r"\w+", re.UNICODE)
 # control and format characters (Unicode Cc/Cf: NUL..US except tab/newline, DEL, C1, zero-width, bidi marks, BOM)
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _NON_LETTER = re.compile(r"[\W\d_]+", re.UNICODE)
@@ -103,70 +102,6 @@ def quality_problem(text: str, min_chars: int, max_chars: int) -> tuple[str, str
         if top / len(words) > 0.3:
             return LOW_QUALITY, "one word is over 30% of the text"
     return None
-
-
-def _dedup_key(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(_WORD.findall(text.lower())).encode(), digest_size=8).digest()
-
-
-def _shingles(text: str, n: int = 5) -> list[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return [" ".join(words).encode()]
-    return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
-
-
-class NearDup:
-    """Streaming near-duplicate check for the in-process cleaner: word 5-shingle Jaccard >= ``threshold`` with an
-    already KEPT document, verified exactly (issue 19).
-
-    Candidates come from the same MinHash LSH as :mod:`ellama_recipes.data.dedup` (``num_perm`` values, 16 bands x 4
-    rows, tuned below the threshold), and each candidate is checked with the exact Jaccard of the two shingle sets
-    (64-bit hashed shingles), so nothing is rejected on an estimate and pairs near the threshold are not missed.
-    (The old datasketch ``MinHashLSH(threshold=0.8)`` caught ~75 % of the pairs at 0.80-0.99 and also rejected
-    look-alikes below it: ``benchmarks/bench_dedup.py``.) Memory: the band table plus every kept document's shingle
-    hashes (8 bytes per word), i.e. one process; for corpora past one machine use
-    :func:`ellama_recipes.data.dedup.find_duplicates` on Ray Data. The decisions equal
-    :func:`ellama_recipes.data.dedup.find_duplicates_local` on the same documents in the same order.
-    """
-
-    def __init__(self, threshold: float = 0.8, num_perm: int = 64, seed: int = 1):
-        from ellama_recipes.data.dedup import DedupConfig
-
-        bands, rows = (16, 4) if num_perm >= 64 else (max(1, num_perm // 4), 4)
-        self.cfg = DedupConfig(threshold=threshold, num_perm=num_perm, seed=seed, bands=bands, rows=rows)
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self.seed = seed
-        self._buckets: dict[int, list[int]] = {}
-        self._sh: list = []
-        self._keys: list = []
-        self.last_match: tuple[object, float] | None = None  # (key of the kept document, exact Jaccard)
-
-    def seen(self, text: str, key: object = None) -> bool:
-        """True if ``text`` has exact Jaccard >= threshold with a kept document (then :attr:`last_match` says
-        which); otherwise keep (index) it under ``key`` and return False."""
-        import numpy as np
-
-        from ellama_recipes.data.dedup import _shingle_hashes, band_keys, signatures
-
-        sh = np.unique(_shingle_hashes(text, self.cfg.shingle))
-        bks = band_keys(signatures([text], self.cfg), self.cfg)[0].tolist()
-        cands = sorted({i for k in bks for i in self._buckets.get(k, ())})
-        for i in cands:  # smallest (earliest) kept document first, as find_duplicates_local
-            other = self._sh[i]
-            inter = len(np.intersect1d(sh, other, assume_unique=True))
-            j = inter / (len(sh) + len(other) - inter)
-            if j >= self.threshold:
-                self.last_match = (self._keys[i], j)
-                return True
-        n = len(self._sh)
-        self._sh.append(sh)
-        self._keys.append(n if key is None else key)
-        for k in bks:
-            self._buckets.setdefault(k, []).append(n)
-        self.last_match = None
-        return False
 
 
 _LANGID = None

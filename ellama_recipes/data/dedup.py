@@ -6,10 +6,10 @@ to drop: ``{"id", "rep_id", "reason", "jaccard", "rep_where"}``.
 
 Method
 ------
-1. **Exact**: the cleaner's content key (:func:`ellama_recipes.data.clean._dedup_key`: lower-cased words, blake2b-64).
+1. **Exact**: the cleaner's content key (:func:`_dedup_key`, used by data/clean.py: lower-cased words, blake2b-64).
    Per key the smallest id is kept; every other document is an ``exact_duplicate`` of it (``jaccard`` 1.0).
    On Ray: a groupby (hash shuffle) over ``(key, id, where)`` only -- the text never travels through that shuffle.
-2. **Candidates**: MinHash over the word 5-shingles (the cleaner's :func:`~ellama_recipes.data.clean._shingles`),
+2. **Candidates**: MinHash over the word 5-shingles (:func:`shingle_set`, the cleaner's shingles),
    ``num_perm`` = 64 hash functions (splitmix64 of the shingle hash xor a per-function seed), computed per batch in
    parallel (``map_batches``). LSH with ``bands`` x ``rows`` = 16 x 4: a pair with Jaccard ``s`` becomes a candidate
    with probability ``1 - (1 - s**4)**16``: 0.9998 at s = 0.8, 0.998 at 0.75, 0.988 at 0.7, 0.64 at 0.5. The band
@@ -41,6 +41,7 @@ number of blocks or workers.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,12 +49,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ellama_recipes.data.clean import _WORD, EXACT_DUPLICATE, NEAR_DUPLICATE, _dedup_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
 OUTPUT_COLUMNS = ("id", "rep_id", "reason", "jaccard", "rep_where")
+# The reject reasons (re-exported by data/clean.py, which uses this module's key, shingles and NearDup).
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _dedup_key(text: str) -> bytes:
+    """The exact-duplicate key (the cleaner's): blake2b-64 of the lower-cased words."""
+    return hashlib.blake2b(" ".join(_WORD.findall(text.lower())).encode(), digest_size=8).digest()
+
+
+def _shingles(text: str, n: int = 5) -> list[bytes]:
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
 
 
 @dataclass(frozen=True)
@@ -177,6 +193,53 @@ def resolve_cluster(edges: Iterable[tuple[int, int, float]]) -> list[tuple[int, 
         else:
             kept.add(v)
     return drops
+
+
+class NearDup:
+    """Streaming near-duplicate check for the in-process cleaner: word 5-shingle Jaccard >= ``threshold`` with an
+    already KEPT document, verified exactly (issue 19).
+
+    Candidates come from the same MinHash LSH as this module (``num_perm`` values, 16 bands x 4
+    rows, tuned below the threshold), and each candidate is checked with the exact Jaccard of the two shingle sets
+    (64-bit hashed shingles), so nothing is rejected on an estimate and pairs near the threshold are not missed.
+    (The old datasketch ``MinHashLSH(threshold=0.8)`` caught ~75 % of the pairs at 0.80-0.99 and also rejected
+    look-alikes below it: ``benchmarks/bench_dedup.py``.) Memory: the band table plus every kept document's shingle
+    hashes (8 bytes per word), i.e. one process; for corpora past one machine use
+    :func:`find_duplicates` on Ray Data. The decisions equal :func:`find_duplicates_local` on the same documents in
+    the same order.
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 64, seed: int = 1):
+        bands, rows = (16, 4) if num_perm >= 64 else (max(1, num_perm // 4), 4)
+        self.cfg = DedupConfig(threshold=threshold, num_perm=num_perm, seed=seed, bands=bands, rows=rows)
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.seed = seed
+        self._buckets: dict[int, list[int]] = {}
+        self._sh: list = []
+        self._keys: list = []
+        self.last_match: tuple[object, float] | None = None  # (key of the kept document, exact Jaccard)
+
+    def seen(self, text: str, key: object = None) -> bool:
+        """True if ``text`` has exact Jaccard >= threshold with a kept document (then :attr:`last_match` says
+        which); otherwise keep (index) it under ``key`` and return False."""
+        sh = np.unique(_shingle_hashes(text, self.cfg.shingle))
+        bks = band_keys(signatures([text], self.cfg), self.cfg)[0].tolist()
+        cands = sorted({i for k in bks for i in self._buckets.get(k, ())})
+        for i in cands:  # smallest (earliest) kept document first, as find_duplicates_local
+            other = self._sh[i]
+            inter = len(np.intersect1d(sh, other, assume_unique=True))
+            j = inter / (len(sh) + len(other) - inter)
+            if j >= self.threshold:
+                self.last_match = (self._keys[i], j)
+                return True
+        n = len(self._sh)
+        self._sh.append(sh)
+        self._keys.append(n if key is None else key)
+        for k in bks:
+            self._buckets.setdefault(k, []).append(n)
+        self.last_match = None
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- in-process
