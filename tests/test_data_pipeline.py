@@ -366,3 +366,28 @@ def test_every_data_command_help_has_an_example(cli):
     for cmd in ("build", "clean", "serialize", "classify", "tokenize", "blend", "train-tokenizer"):
         r = cli("data", cmd, "--help")
         assert r.code == 0 and "Example:" in r.out, cmd
+
+
+def test_build_slurm_dryrun_prints_the_nemo_run_ray_job(cli, tok, tmp_path):
+    """`--executor slurm --dryrun` with the training cluster.* keys: NeMo-Run's Slurm Ray job script (Ray head +
+    workers, then the same build with --ray-address auto on the head node); nothing is written or submitted."""
+    out = tmp_path / "o"
+    r = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+            "--out", out, "--executor", "slurm", "--dryrun", "cluster.num_nodes=3", "cluster.slurm_account=acct",
+            "cluster.slurm_partition=cpu", "cluster.slurm_time=01:30:00", "clean.min_chars=30")
+    assert r.code == 0, r.err
+    head, _, script = r.out.partition("\n}\n")
+    plan = json.loads(head + "\n}")
+    assert plan["executor"] == "slurm" and plan["command"].endswith("--executor ray --ray-address auto")
+    assert "clean.min_chars=30" in plan["command"] and str(out) in plan["command"]
+    for line in ("#SBATCH --nodes=3", "#SBATCH --account=acct", "#SBATCH --partition=cpu", "#SBATCH --time=01:30:00"):
+        assert line in script, line
+    assert "ray start --head" in script and 'ray start --address "$ip_head"' in script
+    assert plan["command"] in script
+    assert not out.exists() and not list(tmp_path.glob(".o*"))
+    bad = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+              "--out", out, "--executor", "slurm", "--dryrun", "cluster.nodes=3")
+    assert bad.code == 2 and "cluster.num_nodes" in bad.err
+    bad = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+              "--out", out, "--dryrun", "cluster.num_nodes=3")
+    assert bad.code == 2 and "--executor slurm" in bad.err
