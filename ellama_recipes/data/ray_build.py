@@ -330,6 +330,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     settings = {"ratio": str(ratio), "non_english": non_english, "mix": mix, "budget": budget.as_dict(),
                 "mine": mine, "clean": asdict(ccfg), "mix_config": asdict(mcfg), "tokenizer": _hash_tokenizer(tok),
                 "block_bytes": block_bytes, "shard_bytes": shard_bytes}
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None  # as init_ray reads it
     if dedup not in DEDUPS:
         raise UserError(f"Unknown --dedup {dedup!r}. Use one of: {', '.join(DEDUPS)}.")
     st = State(out, fingerprint(dfiles + gfiles, settings))
