@@ -206,7 +206,8 @@ class NearDup:
     look-alikes below it: ``benchmarks/bench_dedup.py``.) Memory: the band table plus every kept document's shingle
     hashes (8 bytes per word), i.e. one process; for corpora past one machine use
     :func:`find_duplicates` on Ray Data. The decisions equal :func:`find_duplicates_local` on the same documents in
-    the same order.
+    the same order (as long as no LSH bucket holds more than ``bucket_cap`` documents; the streaming index checks
+    every kept document of a bucket).
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 64, seed: int = 1):
