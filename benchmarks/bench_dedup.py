@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -183,7 +184,10 @@ def run_ray(rows: list[dict], tmp: Path, name: str = "corpus") -> dict:
     root = short_tmp_root()
     cp, op = _write(rows, tmp, name), tmp / f"{name}_ray.json"
     cmd = python_in_netns([str(Path(__file__).resolve()), "--_ray-child", str(cp), str(op)])
-    subprocess.run(cmd, check=True, env=private_ray_env(root, PYTHONPATH=str(ROOT)), timeout=3600)
+    try:
+        subprocess.run(cmd, check=True, env=private_ray_env(root, PYTHONPATH=str(ROOT)), timeout=3600)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return json.loads(op.read_text())
 
 
