@@ -131,18 +131,21 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
         while not stop.is_set():
             try:
                 kids = [p for p in psutil.process_iter(["cmdline"]) if "ray::" in " ".join(p.info["cmdline"] or [])]
-                peak["workers"] = max([peak["workers"], *[p.memory_info().rss for p in kids]])
-                peak["driver"] = max(peak["driver"], me.memory_info().rss)
+                # USS: memory private to the process (RSS also counts the shared object-store pages it touched)
+                peak["workers"] = max([peak["workers"], *[p.memory_full_info().uss for p in kids]])
+                peak["driver"] = max(peak["driver"], me.memory_full_info().uss)
             except (psutil.Error, OSError):
                 pass
-            stop.wait(0.2)
+            stop.wait(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.time()
     n_rows = sum(1 for _ in open(corpus_path))
     ds = ray.data.read_json(corpus_path, override_num_blocks=max(4, n_rows // 2000))  # the driver never holds it
-    drops = find_duplicates(ds, DedupConfig()).take_all()
+    # partitions sized by documents (1,000 per partition here, 50,000 by default) so that per-task memory is the
+    # same at 1x and 10x
+    drops = find_duplicates(ds, DedupConfig(), docs_per_partition=1000).take_all()
     wall = time.time() - t0
     stop.set()
     th.join()
@@ -156,9 +159,13 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
 
 def _old_child(corpus_path: str, out_path: str) -> None:
     """A fresh process running the old in-process NearDup over the corpus: its peak RSS and time."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.time()
+    import psutil
+
+    me = psutil.Process()
     nd, seen = OldNearDup(0.8, 64), set()
+    nd.seen("warm up the imports " * 10)
+    base = me.memory_full_info().uss
+    t = time.time()
     with open(corpus_path) as f:  # streamed, in id order, as the cleaner does: what grows is the index
         for line in f:
             r = json.loads(line)
@@ -166,8 +173,8 @@ def _old_child(corpus_path: str, out_path: str) -> None:
             if k not in seen:
                 seen.add(k)
                 nd.seen(r["text"])
-    Path(out_path).write_text(json.dumps({"wall_s": time.time() - t, "peak_rss": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": base * 1024}))
+    Path(out_path).write_text(json.dumps({"wall_s": time.time() - t, "peak_rss": me.memory_full_info().uss,
+                                          "rss_before": base}))
 
 
 def _write(rows: list[dict], tmp: Path, name: str) -> Path:
@@ -259,8 +266,8 @@ def main() -> None:
               f"{s['dropped']} | {s['unjustified']} | {s['dup_pairs_both_kept']} | {w:.1f} |")
     if ray_runs:
         print()
-        print("| corpus | documents | Ray wall s | Ray driver peak RSS | largest Ray worker peak RSS | "
-              "old NearDup process peak RSS (growth over its imports) | old NearDup wall s |")
+        print("| corpus | documents | Ray wall s | Ray driver peak USS | largest Ray worker peak USS | "
+              "old NearDup process USS at the end (growth while indexing) | old NearDup wall s |")
         print("|---|---|---|---|---|---|---|")
         for tag, n, r, o in ray_runs:
             print(f"| {tag} | {n} | {r['wall_s']:.1f} | {r['peak_driver_rss'] / 2**20:.0f} MB | "
