@@ -158,17 +158,21 @@ def test_ray_equals_local_in_loopback_netns(tmp_path, corpus):
         rows = json.load(open("rows.json"))
         lazy = ray.data.from_items(rows, override_num_blocks=3).map_batches(lambda b: b)  # not materialized
         out = find_duplicates(lazy).take_all()
+        # other blocks and partitions: the same drops
+        other = find_duplicates(ray.data.from_items(rows[::-1], override_num_blocks=5),
+                                num_partitions=3).take_all()
         few = find_duplicates(ray.data.from_items(rows[:5], override_num_blocks=2))
         assert few.schema().names == ["id", "rep_id", "reason", "jaccard", "rep_where"], few.schema()
         none = few.count()
-        json.dump({"out": [{k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()} for d in out],
-                   "none": none}, open("out.json", "w"))
+        plain = lambda ds: [{k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()} for d in ds]
+        json.dump({"out": plain(out), "other": plain(other), "none": none}, open("out.json", "w"))
         ray.shutdown()
     """, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads((tmp_path / "out.json").read_text())
     local = find_duplicates_local(data, CFG)
     assert sorted(map(_key, res["out"])) == sorted(map(_key, local))
+    assert sorted(map(_key, res["other"])) == sorted(map(_key, local))
     assert {(d["id"], d["rep_id"]) for d in local} >= {(10_001, 10_000), (20_000, 10_000)}
     assert 10_002 not in {d["id"] for d in local}  # the chain's far end is kept
     assert res["none"] == len(find_duplicates_local(data[:5], CFG))

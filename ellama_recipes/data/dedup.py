@@ -206,7 +206,8 @@ class NearDup:
     look-alikes below it: ``benchmarks/bench_dedup.py``.) Memory: the band table plus every kept document's shingle
     hashes (8 bytes per word), i.e. one process; for corpora past one machine use
     :func:`find_duplicates` on Ray Data. The decisions equal :func:`find_duplicates_local` on the same documents in
-    the same order.
+    the same order (as long as no LSH bucket holds more than ``bucket_cap`` documents; the streaming index checks
+    every kept document of a bucket).
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 64, seed: int = 1):
@@ -345,19 +346,17 @@ def _table(kind: str, cols: dict):
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
 
-def _num_partitions(ds) -> int:
-    """The input's block count when it is materialized, else twice the cluster's CPUs (2..200)."""
-    try:
-        n = ds.num_blocks()
-    except NotImplementedError:  # a lazy dataset: the block count is known only after execution
-        import ray
+def _num_partitions(n_docs: int, docs_per_partition: int) -> int:
+    """Shuffle partitions: enough that one holds about ``docs_per_partition`` documents' rows (so the memory of a
+    reduce task does not grow with the corpus), at least twice the cluster's CPUs, at most 10,000."""
+    import ray
 
-        n = 2 * int(ray.cluster_resources().get("CPU", 2))
-    return max(2, min(200, int(n)))
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(2, 2 * cpus, min(10_000, -(-n_docs // max(1, docs_per_partition))))
 
 
 def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), num_partitions: int | None = None,
-                    shuffle: str = "sort") -> "ray.data.Dataset":
+                    shuffle: str = "sort", docs_per_partition: int = 50_000) -> "ray.data.Dataset":
     """Input rows: ``{"id": int64 (global order; smaller = earlier = preferred representative), "text": str,
     "where": str ("file:line")}``. Output rows, ONLY for the documents to drop: ``{"id", "rep_id" (the kept
     document it duplicates: the smallest id of its exact-duplicate group; for near duplicates the smallest kept
@@ -372,7 +371,8 @@ def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), nu
     nothing collected on the driver), and inside each cluster the rule of the module docstring (step 5): a
     document is dropped only if it has a verified pair (exact Jaccard >= threshold) with a kept document of its
     cluster; the smallest id of every cluster is kept. Deterministic. Returns a materialized dataset.
-    ``num_partitions``: partitions of every shuffle (default: the input's block count, 2..64). ``shuffle``: the
+    ``num_partitions``: partitions of every shuffle (default: one per ``docs_per_partition`` documents, at least
+    twice the cluster's CPUs; the document count is read off the materialized band rows). ``shuffle``: the
     Ray Data shuffle used by the groupbys while this runs: ``"sort"`` (task-based pull shuffle, the default: 10-20x
     faster than the actor-based hash shuffle on small inputs, measured on a 2-CPU machine) or ``"hash"`` (Ray's
     default ``SHUFFLE_V2``, aggregator actors). The input dataset's context gets its strategy back afterwards.
@@ -386,12 +386,12 @@ def find_duplicates(ds: "ray.data.Dataset", cfg: DedupConfig = DedupConfig(), nu
         raise ValueError(f"shuffle={shuffle!r}: use 'sort' or 'hash'")
     ctx.shuffle_strategy = strategies[shuffle]
     try:
-        return _find_duplicates(ds, cfg, num_partitions or _num_partitions(ds))
+        return _find_duplicates(ds, cfg, num_partitions, docs_per_partition)
     finally:
         ctx.shuffle_strategy = saved
 
 
-def _find_duplicates(ds, cfg: DedupConfig, P: int):
+def _find_duplicates(ds, cfg: DedupConfig, P: int | None, docs_per_partition: int):
     docs = ds.select_columns(["id", "text", "where"])
 
     def explode(batch):
@@ -429,8 +429,11 @@ def _find_duplicates(ds, cfg: DedupConfig, P: int):
         return _table("g1", {"kind": [1] * len(prs), "a": [p[0] for p in prs], "b": [p[1] for p in prs],
                              "where": [""] * len(prs)})
 
-    grouped = (docs.map_batches(explode, batch_format="numpy")
-               .groupby(["band", "gkey"], num_partitions=P).map_groups(g1, batch_format="numpy").materialize())
+    rows = docs.map_batches(explode, batch_format="numpy").materialize()  # object store; spills to disk
+    if P is None:
+        P = _num_partitions(rows.count() // (1 + (cfg.bands if cfg.near else 0)), docs_per_partition)
+    grouped = rows.groupby(["band", "gkey"], num_partitions=P).map_groups(g1, batch_format="numpy").materialize()
+    del rows
 
     def exact_out(b):
         n = len(b["a"])
