@@ -11,7 +11,6 @@ that it is at or above the threshold.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -51,14 +50,6 @@ def _tokens(out: Path, prefixes: list[str]):
 
     arrs = [np.fromfile(str(Path(out) / p) + ".bin", dtype=read_back(Path(out) / p)["dtype"]) for p in prefixes]
     return np.concatenate(arrs) if arrs else np.zeros(0)
-
-
-def near_dup_evidence(where: str, texts_by_where: dict[str, str], kept: list[str]) -> float:
-    """Exact Jaccard of the document at ``where`` with its most similar kept document."""
-    from ellama_recipes.data.dedup import jaccard, shingle_set
-
-    a = shingle_set(texts_by_where[where])
-    return max((jaccard(a, shingle_set(t)) for t in kept), default=0.0)
 
 
 def compare_builds(ray_out: Path, ref_out: Path) -> dict:

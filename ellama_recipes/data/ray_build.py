@@ -39,7 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ellama_recipes.data.blocks import BLOCK_BYTES, split_file, split_files
-from ellama_recipes.data.clean import EXACT_DUPLICATE, NEAR_DUPLICATE, CleanConfig, StageStats
+from ellama_recipes.data.clean import EXACT_DUPLICATE, CleanConfig, StageStats
 from ellama_recipes.errors import UserError
 
 SHARD_BYTES = 16 << 20  # input bytes per tokenized shard
