@@ -114,9 +114,11 @@ def scenario(root: Path, tok: str) -> None:
         res["seconds"]["classify"] = round(time.perf_counter() - t, 1)
 
         # a corpus that leaves nothing valid
+        bad = root / "only_bad.jsonl"  # not one valid line: malformed JSON, a non-object, a wrong type, a blank
+        bad.write_bytes(b'{"type": "product", "id": \n[1, 2]\n{"type": "review", "product_id": "p", "rating": "5",'
+                        b' "text": "x"}\n\n')
         res["rc_bad"] = _build(env, root / "bad", "--ray-address", addr, *RAY_ARGS, log=root / "bad.log",
-                               inputs=["--domain", str(SAMPLE / "bad/domain_bad.jsonl"),
-                                       "--general", str(SAMPLE / "bad/general_bad.jsonl")])
+                               inputs=["--domain", str(bad), "--general", str(SAMPLE / "general")])
     finally:
         _ray(env, "stop", "--force", check=False)
     t = time.perf_counter()
@@ -244,10 +246,13 @@ def test_mining_on_ray_selects_the_same_documents(runs, cli, tmp_path):
 
 def test_nothing_valid_exits_2_with_the_reason(runs):
     root, res = runs
-    # the bad files alone: every line rejected
-    assert res["rc_bad"] != 0
+    # a domain file without one valid line: every line rejected with its reason and file:line, then exit 2
     log = (root / "bad.log").read_text()
     assert res["rc_bad"] == 2 and "No valid domain record" in log and "Traceback" not in log, log[-2000:]
+    assert "all 4 lines were rejected" in log and "malformed_json" in log and "not_an_object" in log, log[-2000:]
+    rejects = [json.loads(x) for x in (root / ".bad.partial/rejects/clean_domain.jsonl").read_text().splitlines()]
+    assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["1", "2", "3", "4"]
+    assert [r["reason"] for r in rejects] == ["malformed_json", "not_an_object", "wrong_type", "blank_line"]
 
 
 def test_ray_build_equals_inprocess_except_justified_near_duplicates(runs):
