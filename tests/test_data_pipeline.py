@@ -34,7 +34,7 @@ def built(tmp_path_factory, tok) -> Path:
     from ellama_recipes.cli.main import main
 
     out = tmp_path_factory.mktemp("build") / "data"
-    code = main(["data", "build", "--domain", str(SAMPLE / "domain"), "--domain", str(BAD_DOMAIN),
+    code = main(["data", "build", "--executor", "inprocess", "--domain", str(SAMPLE / "domain"), "--domain", str(BAD_DOMAIN),
                  "--general", str(SAMPLE / "general"), "--general", str(BAD_GENERAL),
                  "--tokenizer", str(tok), "--out", str(out)])
     assert code == 0
@@ -237,7 +237,7 @@ def test_rerun_failure_leaves_existing_output_intact(built, tok, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in built.rglob("*")}
     bad = tmp_path / "only_bad.jsonl"
     bad.write_bytes(b'{"text": 1}\n{oops\n')
-    code = main(["data", "build", "--domain", str(SAMPLE / "domain"), "--general", str(bad), "--tokenizer", str(tok),
+    code = main(["data", "build", "--executor", "inprocess", "--domain", str(SAMPLE / "domain"), "--general", str(bad), "--tokenizer", str(tok),
                  "--out", str(built)])
     assert code == 2  # no valid general record
     assert {p: p.stat().st_mtime_ns for p in built.rglob("*")} == before
@@ -257,7 +257,7 @@ def test_build_bad_arguments_exit_2(cli, tok, tmp_path, args, msg):
             "--out": str(tmp_path / "o")}
     for k, v in zip(args[0::2], args[1::2]):
         base[k] = v
-    argv = ["data", "build", *[x for kv in base.items() for x in kv], "--dryrun"]
+    argv = ["data", "build", "--executor", "inprocess", *[x for kv in base.items() for x in kv], "--dryrun"]
     r = cli(*argv)
     assert r.code == 2 and msg in r.err and "Traceback" not in r.err
     assert not (tmp_path / "o").exists()
@@ -276,16 +276,16 @@ def test_stage_commands_chain(cli, tok, tmp_path):
         lines = (SAMPLE / f"general/general_{lang}.jsonl").read_text().splitlines()[:200]
         (gen / f"general_{lang}.jsonl").write_text("\n".join(lines) + "\n")
     w = tmp_path / "w"
-    assert cli("data", "clean", "--kind", "domain", "--input", dom, "--out", w / "cd").code == 0
-    assert cli("data", "clean", "--kind", "general", "--input", gen, "--out", w / "cg").code == 0
+    assert cli("data", "clean", "--executor", "inprocess", "--kind", "domain", "--input", dom, "--out", w / "cd").code == 0
+    assert cli("data", "clean", "--executor", "inprocess", "--kind", "general", "--input", gen, "--out", w / "cg").code == 0
     assert cli("data", "serialize", "--input", w / "cd/clean.jsonl", "--out", w / "ser", "--mix", "graph").code == 0
-    r = cli("data", "classify", "--domain", w / "ser/domain.jsonl", "--general", w / "cg/clean.jsonl", "--out", w / "cls")
+    r = cli("data", "classify", "--executor", "inprocess", "--domain", w / "ser/domain.jsonl", "--general", w / "cg/clean.jsonl", "--out", w / "cls")
     assert r.code == 0 and "precision" in r.out
     d = w / "data"
-    assert cli("data", "tokenize", "--input", w / "ser/domain.jsonl", "--tokenizer", tok, "--out", d / "domain",
+    assert cli("data", "tokenize", "--executor", "inprocess", "--input", w / "ser/domain.jsonl", "--tokenizer", tok, "--out", d / "domain",
                "--side", "domain", "--workers", "2").code == 0
     for lang in ("en", "de"):
-        assert cli("data", "tokenize", "--input", w / f"cls/general_{lang}.jsonl", "--tokenizer", tok,
+        assert cli("data", "tokenize", "--executor", "inprocess", "--input", w / f"cls/general_{lang}.jsonl", "--tokenizer", tok,
                    "--out", d / f"general_{lang}", "--side", "general", "--lang", lang).code == 0
     assert cli("data", "blend", d, "--ratio", "2:1", "--non-english", "0.2").code == 0
     m = json.loads((d / "manifest.json").read_text())
@@ -366,3 +366,28 @@ def test_every_data_command_help_has_an_example(cli):
     for cmd in ("build", "clean", "serialize", "classify", "tokenize", "blend", "train-tokenizer"):
         r = cli("data", cmd, "--help")
         assert r.code == 0 and "Example:" in r.out, cmd
+
+
+def test_build_slurm_dryrun_prints_the_nemo_run_ray_job(cli, tok, tmp_path):
+    """`--executor slurm --dryrun` with the training cluster.* keys: NeMo-Run's Slurm Ray job script (Ray head +
+    workers, then the same build with --ray-address auto on the head node); nothing is written or submitted."""
+    out = tmp_path / "o"
+    r = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+            "--out", out, "--executor", "slurm", "--dryrun", "cluster.num_nodes=3", "cluster.slurm_account=acct",
+            "cluster.slurm_partition=cpu", "cluster.slurm_time=01:30:00", "clean.min_chars=30")
+    assert r.code == 0, r.err
+    head, _, script = r.out.partition("\n}\n")
+    plan = json.loads(head + "\n}")
+    assert plan["executor"] == "slurm" and plan["command"].endswith("--executor ray --ray-address auto")
+    assert "clean.min_chars=30" in plan["command"] and str(out) in plan["command"]
+    for line in ("#SBATCH --nodes=3", "#SBATCH --account=acct", "#SBATCH --partition=cpu", "#SBATCH --time=01:30:00"):
+        assert line in script, line
+    assert "ray start --head" in script and 'ray start --address "$ip_head"' in script
+    assert plan["command"] in script
+    assert not out.exists() and not list(tmp_path.glob(".o*"))
+    bad = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+              "--out", out, "--executor", "slurm", "--dryrun", "cluster.nodes=3")
+    assert bad.code == 2 and "cluster.num_nodes" in bad.err
+    bad = cli("data", "build", "--domain", SAMPLE / "domain", "--general", SAMPLE / "general", "--tokenizer", tok,
+              "--out", out, "--dryrun", "cluster.num_nodes=3")
+    assert bad.code == 2 and "--executor slurm" in bad.err

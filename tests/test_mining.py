@@ -43,7 +43,7 @@ def planted_run(pool, tmp_path_factory):
     path, labels, _ = pool
     out = tmp_path_factory.mktemp("cls") / "out"
     frac = sum(labels) / len(labels)
-    code = main(["data", "classify", "--domain", str(SAMPLE / "domain"), "--general", str(path), "--out", str(out),
+    code = main(["data", "classify", "--executor", "inprocess", "--domain", str(SAMPLE / "domain"), "--general", str(path), "--out", str(out),
                  "--mine-fraction", repr(frac)])
     assert code == 0
     return out
@@ -104,7 +104,7 @@ def test_budget_is_exact_with_ties_and_workers_agree(cli, pool, tmp_path):
         docs[i] = dup
     g = tmp_path / "g.jsonl"
     g.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
-    assert cli("data", "classify", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "probe",
+    assert cli("data", "classify", "--executor", "inprocess", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "probe",
                "--mine-fraction", "0.01").code == 0
     scores = _fold_scores(tmp_path / "probe", [d["text"] for d in docs])  # the models do not depend on the budget
     assert len({float(scores[i]) for i in copies}) == 1
@@ -113,7 +113,7 @@ def test_budget_is_exact_with_ties_and_workers_agree(cli, pool, tmp_path):
     outs = {}
     for w in (1, 2):
         outs[w] = tmp_path / f"o{w}"
-        r = cli("data", "classify", "--domain", SAMPLE / "domain", "--general", g, "--out", outs[w],
+        r = cli("data", "classify", "--executor", "inprocess", "--domain", SAMPLE / "domain", "--general", g, "--out", outs[w],
                 "--mine-fraction", repr(k / len(docs)), "--workers", str(w))
         assert r.code == 0, r.err
     for name in ["mined.jsonl", *sorted(p.name for p in outs[1].glob("general_*.jsonl"))]:
@@ -140,7 +140,7 @@ def test_token_budget_and_accounting_with_bad_lines(cli, pool, tmp_path):
         lines.insert(50 * k + 7, b)
     g.write_bytes(b"\n".join(lines) + b"\n")
     budget = 3000
-    r = cli("data", "classify", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "o",
+    r = cli("data", "classify", "--executor", "inprocess", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "o",
             "--mine-tokens", str(budget), "--tokenizer", tok)
     assert r.code == 0, r.err
     rep = json.loads((tmp_path / "o/report.json").read_text())
@@ -178,7 +178,7 @@ def test_token_budget_and_accounting_with_bad_lines(cli, pool, tmp_path):
 def test_bad_budget_flags_exit_2(cli, tmp_path, args, msg):
     g = tmp_path / "g.jsonl"
     g.write_text('{"text": "hello there general text"}\n')
-    r = cli("data", "classify", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "o", *args)
+    r = cli("data", "classify", "--executor", "inprocess", "--domain", SAMPLE / "domain", "--general", g, "--out", tmp_path / "o", *args)
     assert r.code == 2 and msg in r.err and "Traceback" not in r.err, r.err
     assert not (tmp_path / "o").exists()
 
@@ -194,7 +194,7 @@ def test_build_mines_by_tokens_and_counts_them_as_domain(cli, tmp_path):
     for name in ("products", "reviews", "articles"):
         (dom / f"{name}.jsonl").write_text("\n".join((SAMPLE / f"domain/{name}.jsonl").read_text().splitlines()[:200]) + "\n")
     out = tmp_path / "data"
-    r = cli("data", "build", "--domain", dom, "--general", SAMPLE / "general", "--tokenizer", tok, "--out", out,
+    r = cli("data", "build", "--executor", "inprocess", "--domain", dom, "--general", SAMPLE / "general", "--tokenizer", tok, "--out", out,
             "--mine-tokens", "20000", "--workers", "2")
     assert r.code == 0, r.err
     m = json.loads((out / "manifest.json").read_text())

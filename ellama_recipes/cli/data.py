@@ -57,6 +57,21 @@ def _apply_overrides(overrides: list[str] | None, targets: dict[str, object]) ->
     return {sec: {f.name: getattr(obj, f.name) for f in fields(obj)} for sec, obj in targets.items()}
 
 
+EXECUTOR_HELP = ("ray (default: the stages run as Ray Data pipelines; a local Ray instance on this machine, loopback "
+                 "only, unless --ray-address / RAY_ADDRESS names a cluster), inprocess (the sequential pipeline in "
+                 "this process) or slurm (build: submit a Ray cluster + the build through NeMo-Run with the "
+                 "cluster.* keys of training; see --dryrun).")
+RAY_ADDRESS_HELP = "Address of a running Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start a local one."
+
+
+def _executor(executor: str, ray_address: str | None, allowed=("ray", "inprocess")) -> str:
+    if executor not in allowed:
+        raise UserError(f"Unknown --executor {executor!r}. Use one of: {', '.join(allowed)}.")
+    if ray_address and executor != "ray":
+        raise UserError(f"--ray-address {ray_address} needs --executor ray (got {executor}).")
+    return executor
+
+
 def _print_table(report: dict) -> None:
     from ellama_recipes.data.pipeline import stage_table
 
@@ -86,7 +101,15 @@ def build(
     ratio: str = typer.Option("1:1", "--ratio", help="General:domain token ratio of the blend."),
     non_english: float = typer.Option(0.10, "--non-english", help="Non-English share of the general side's tokens."),
     mix: str = typer.Option("graph", "--mix", help="graph (EcomGPT-CT) or separate."),
-    workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="CPUs: tokenizer/scoring processes (inprocess, "
+                                          "default 1) or the local Ray instance's CPUs (ray, default: all cores)."),
+    executor: str = typer.Option("ray", "--executor", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
+    dedup: str = typer.Option("auto", "--dedup", help="ray: dedup by Ray shuffles (data.dedup.find_duplicates); "
+                              "local: on the driver (same decisions); auto: local on a local Ray instance up to "
+                              "200,000 records per kind, else ray."),
+    block_mb: float = typer.Option(4.0, "--block-mb", help="Ray: MiB of input per block (one task/actor call)."),
+    shard_mb: float = typer.Option(16.0, "--shard-mb", help="Ray: MiB of input per tokenized shard (.bin/.idx)."),
     no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine general documents with p(domain) >= P "
                                               "(default 0.5 when no budget is given)."),
@@ -102,18 +125,46 @@ def build(
     from ellama_recipes.data.mine import Budget
     from ellama_recipes.data.serialize import MixConfig
 
+    _executor(executor, ray_address, ("ray", "inprocess", "slurm"))
     ccfg, mcfg = CleanConfig(), MixConfig(mix=mix)
-    settings = _apply_overrides(overrides, {"clean": ccfg, "mix": mcfg})
+    cluster_overrides = [o for o in overrides or [] if o.startswith("cluster.")]
+    if cluster_overrides and executor != "slurm":
+        raise UserError(f"{cluster_overrides[0]}: cluster.* keys configure --executor slurm only.")
+    settings = _apply_overrides([o for o in overrides or [] if not o.startswith("cluster.")],
+                                {"clean": ccfg, "mix": mcfg})
     budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
+    if executor == "slurm":
+        from ellama_recipes.workflows.data_launch import submit_build
+
+        argv = ["data", "build", *[x for d in domain for x in ("--domain", str(Path(d).absolute()))],
+                *[x for g in general for x in ("--general", str(Path(g).absolute()))],
+                "--tokenizer", str(Path(tokenizer).absolute()) if Path(tokenizer).exists() else tokenizer,
+                "--out", str(Path(out).absolute()), "--ratio", ratio, "--non-english", str(non_english),
+                "--mix", mix, "--dedup", dedup, "--block-mb", str(block_mb), "--shard-mb", str(shard_mb)]
+        argv += ["--no-mine"] if no_mine else []
+        for flag, val in (("--threshold", threshold), ("--mine-fraction", mine_fraction),
+                          ("--mine-tokens", mine_tokens)):
+            argv += [flag, str(val)] if val is not None else []
+        argv += [o for o in overrides or [] if not o.startswith("cluster.")]
+        res = submit_build(cluster_overrides, argv, out, dryrun=dryrun)
+        print_json({k: v for k, v in res.items() if k != "script"})
+        if "script" in res:  # the sbatch script NeMo-Run submits, verbatim
+            print(res["script"])
+        return
     if dryrun:
-        plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
+        plan = pipeline.plan(domain, general, tokenizer, out, ratio, non_english, mix, workers or 1)
         plan["settings"] = settings
         plan["mine"] = budget.as_dict() if not no_mine else False
+        plan["executor"] = {"kind": executor, "ray_address": ray_address or ("local" if executor == "ray" else None)}
         print_json(plan)
         return
+    local_ray = executor == "ray" and not ray_address
     manifest = pipeline.build(domain, general, tokenizer, out, ratio=ratio, non_english=non_english, mix=mix,
-                              workers=workers, progress=True, threshold=threshold, mine_fraction=mine_fraction,
-                              mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg)
+                              workers=(workers or 1) if executor == "inprocess" else 1, progress=True,
+                              threshold=threshold, mine_fraction=mine_fraction,
+                              mine_tokens=mine_tokens, mine=not no_mine, clean_config=ccfg, mix_config=mcfg,
+                              executor=executor, ray_address=ray_address, num_cpus=workers if local_ray else None,
+                              dedup=dedup, block_bytes=int(block_mb * (1 << 20)), shard_bytes=int(shard_mb * (1 << 20)))
     report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))  # the build's accounting
     _print_table(report)
     r = manifest["realized"]
@@ -135,6 +186,9 @@ def clean_cmd(
     input: List[Path] = typer.Option(..., "--input", help="File(s) or folder(s) of .jsonl/.parquet."),
     kind: str = typer.Option(..., "--kind", help="domain (product/review/article records) or general ({text, lang?})."),
     out: Path = typer.Option(..., "--out", help="Output folder (replaced atomically)."),
+    executor: str = typer.Option("ray", "--executor", help=EXECUTOR_HELP.split(" or slurm")[0] + ")."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", help="CPUs of the local Ray instance (default: all)."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value, e.g. clean.min_chars=20"),
 ) -> None:
@@ -150,10 +204,19 @@ def clean_cmd(
     if dryrun:
         print_json({"input_files": [str(p) for p in files], "kind": kind, "out": str(out), "settings": settings})
         return
-    with atomic_dir(out) as tmp, _Progress(True) as prog:
-        _, stats = clean_stage(files, kind, cfg, tmp / "rejects.jsonl", tmp / "clean.jsonl", prog)
-        (tmp / "report.json").write_text(json.dumps({"stages": [stats.as_dict()]}, indent=2) + "\n")
-    _print_table({"stages": [stats.as_dict()]})
+    _executor(executor, ray_address)
+    with atomic_dir(out) as tmp:
+        if executor == "ray":
+            from ellama_recipes.data.ray_build import clean_files_ray
+
+            sd = clean_files_ray(files, kind, cfg, tmp, ray_address=ray_address,
+                                 num_cpus=workers if not ray_address else None)
+        else:
+            with _Progress(True) as prog:
+                _, stats = clean_stage(files, kind, cfg, tmp / "rejects.jsonl", tmp / "clean.jsonl", prog)
+            sd = stats.as_dict()
+        (tmp / "report.json").write_text(json.dumps({"stages": [sd]}, indent=2) + "\n")
+    _print_table({"stages": [sd]})
 
 
 @data_app.command(
@@ -236,7 +299,10 @@ def classify_cmd(
     mine_fraction: Optional[float] = typer.Option(None, "--mine-fraction", help="Mine the top-scoring share F."),
     mine_tokens: Optional[int] = typer.Option(None, "--mine-tokens", help="Mine top documents up to N tokens."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="HF tokenizer (counts tokens for --mine-tokens)."),
-    workers: int = typer.Option(1, "--workers", help="Scoring processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Scoring processes (inprocess, default 1) or the "
+                                          "local Ray instance's CPUs (ray, default: all cores)."),
+    executor: str = typer.Option("ray", "--executor", help=EXECUTOR_HELP.split(" or slurm")[0] + ")."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     max_train: int = typer.Option(20_000, "--max-train", help="General documents (an even sample) to train on."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the resolved settings; write nothing."),
 ) -> None:
@@ -262,12 +328,23 @@ def classify_cmd(
         print_json({"domain_files": [str(p) for p in dfiles], "general_files": [str(p) for p in gfiles],
                     "out": str(out), "budget": budget.as_dict(), "workers": workers, "max_train": max_train})
         return
+    _executor(executor, ray_address)
     d_texts = [r["text"] for p in dfiles for r in iter_text_rows(p)]
-    with atomic_dir(out) as tmp, _Progress(True) as prog:
+    import contextlib
+
+    with atomic_dir(out) as tmp, _Progress(executor == "inprocess") as prog:
         sink = RejectSink(tmp / "rejects.jsonl")
         try:
-            res = mine(gfiles, d_texts, tmp, tmp / "mined.jsonl", tmp, budget, workers=workers, tokenizer=tok,
-                       max_train=max_train, png=tmp / "mining_scores.png", progress=prog.task, on_reject=sink)
+            with contextlib.ExitStack() as stack:
+                scorer = None
+                if executor == "ray":  # scored by an actor pool holding the fitted models
+                    from ellama_recipes.data.ray_build import ray_scorer, ray_session
+
+                    scorer = ray_scorer(stack.enter_context(
+                        ray_session(ray_address, workers if not ray_address else None)))
+                res = mine(gfiles, d_texts, tmp, tmp / "mined.jsonl", tmp, budget, workers=workers or 1,
+                           tokenizer=tok, max_train=max_train, png=tmp / "mining_scores.png", progress=prog.task,
+                           on_reject=sink, scorer=scorer)
         finally:
             sink.close()
         rep = res.report
@@ -295,7 +372,13 @@ def tokenize_cmd(
     out: Path = typer.Option(..., "--out", help="Output prefix (writes PREFIX.bin, PREFIX.idx, PREFIX.source.json)."),
     side: str = typer.Option(..., "--side", help="domain or general (recorded for blend and per-side validation)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language code of the source (default: most common)."),
-    workers: int = typer.Option(1, "--workers", help="Tokenizer processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Tokenizer processes (inprocess, default 1) or "
+                                          "the local Ray instance's CPUs (ray, default: all cores)."),
+    executor: str = typer.Option("ray", "--executor", help="ray (default: one shard OUT/NAME-00000.bin/.idx per "
+                                 "block, written in parallel by an actor pool; local Ray unless --ray-address) or "
+                                 "inprocess (one OUT.bin/.idx)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
+    shard_mb: float = typer.Option(16.0, "--shard-mb", help="Ray: MiB of input per shard."),
     text_key: str = typer.Option("text", "--text-key", help="JSON field holding the text."),
     no_bos: bool = typer.Option(False, "--no-bos", help="Do not start documents with bos (Megatron-LM's default)."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Check inputs and tokenizer; write nothing."),
@@ -317,6 +400,22 @@ def tokenize_cmd(
         print_json({"input_files": [str(p) for p in files], "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                     "out": str(out), "side": side, "workers": workers})
         return
+    _executor(executor, ray_address)
+    if executor == "ray":
+        if text_key != "text" or no_bos:
+            raise UserError("--text-key and --no-bos are supported with --executor inprocess only.")
+        from ellama_recipes.data.ray_build import tokenize_ray
+
+        tot = tokenize_ray(files, tok, out, side, lang, ray_address=ray_address,
+                           num_cpus=workers if not ray_address else None, shard_bytes=int(shard_mb * (1 << 20)))
+        if tot["documents"] == 0:
+            raise UserError(f"No valid document in {', '.join(map(str, files))} (rejected: {dict(tot['rejected'])}); "
+                            f"see {out}/rejects.jsonl.")
+        console.print(f"Wrote {tot['shards']} shards under {out}/: {tot['documents']} documents, {tot['tokens']} "
+                      f"tokens" + (f"; rejected {dict(tot['rejected'])} (see {out}/rejects.jsonl)"
+                                   if tot["rejected"] else "") + ".")
+        return
+    workers = workers or 1
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = out.parent / f".{out.name}.tmp{os.getpid()}"
     sink = RejectSink(out.parent / f"{out.name}.rejects.jsonl")

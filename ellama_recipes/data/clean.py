@@ -6,13 +6,13 @@ CLI: ``ellama data clean --kind domain --input raw/domain --out work/clean``
 Every input line ends up either in the output or in the rejects file with a reason and ``file:line``;
 :func:`clean` checks ``records in == records out + rejected`` itself.
 
-Memory: dedup state is one 8-byte hash per kept record plus the MinHash LSH index (``num_perm`` 4-byte values per
-kept record), i.e. linear in the number of kept documents, not in their text size. Documents are streamed.
+Memory: dedup state is one 8-byte hash per kept record plus the near-duplicate index (16 band keys and the 8-byte
+shingle hashes of every kept record, see :class:`NearDup`). Documents are streamed. Past one machine, dedup runs on
+Ray Data: :func:`ellama_recipes.data.dedup.find_duplicates`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import re
@@ -22,14 +22,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# exact key, shingles, NearDup and the two reasons live in data/dedup.py (re-exported here)
+from ellama_recipes.data.dedup import (_WORD, EXACT_DUPLICATE, NEAR_DUPLICATE, NearDup, _dedup_key,  # noqa: F401
+                                       _shingles)
 from ellama_recipes.data.records import TEXT_FIELD, RecordError, Reject, render, validate
 
 # Filter / dedup reasons.
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 LOW_QUALITY = "low_quality"
-EXACT_DUPLICATE = "exact_duplicate"
-NEAR_DUPLICATE = "near_duplicate"
 DUPLICATE_ID = "duplicate_id"
 
 _TAG_BREAK = re.compile(r"(?is)<\s*(br|/p|/div|/li|/h[1-6]|/tr)\b[^>]*>")
@@ -48,7 +49,6 @@ BOILERPLATE_PATTERNS = [
     r"subscribe to our newsletter[^.!\n]*[.!]?",
 ]
 _BOILER = re.compile(r"(?i)(" + "|".join(BOILERPLATE_PATTERNS) + r")")
-_WORD = re.compile(r"\w+", re.UNICODE)
 # control and format characters (Unicode Cc/Cf: NUL..US except tab/newline, DEL, C1, zero-width, bidi marks, BOM)
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _NON_LETTER = re.compile(r"[\W\d_]+", re.UNICODE)
@@ -102,45 +102,6 @@ def quality_problem(text: str, min_chars: int, max_chars: int) -> tuple[str, str
         if top / len(words) > 0.3:
             return LOW_QUALITY, "one word is over 30% of the text"
     return None
-
-
-def _dedup_key(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(_WORD.findall(text.lower())).encode(), digest_size=8).digest()
-
-
-def _shingles(text: str, n: int = 5) -> list[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return [" ".join(words).encode()]
-    return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
-
-
-class NearDup:
-    """MinHash LSH near-duplicate index (datasketch): Jaccard over word 5-gram shingles >= ``threshold``."""
-
-    def __init__(self, threshold: float = 0.8, num_perm: int = 64, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
-
-        self._MinHash = MinHash
-        self.num_perm = num_perm
-        self.seed = seed
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._n = 0
-        # compute the permutations once and share them (datasketch >= 2 wants the scheme named when reusing them)
-        self._proto = MinHash(num_perm=num_perm, seed=seed)
-        self._kw = {"permutations": self._proto.permutations}
-        if hasattr(self._proto, "scheme"):
-            self._kw["scheme"] = self._proto.scheme
-
-    def seen(self, text: str) -> bool:
-        """True if a near-duplicate was indexed before; otherwise index ``text`` and return False."""
-        m = self._MinHash(num_perm=self.num_perm, seed=self.seed, **self._kw)
-        m.update_batch(_shingles(text))
-        if self.lsh.query(m):
-            return True
-        self.lsh.insert(str(self._n), m, check_duplication=False)
-        self._n += 1
-        return False
 
 
 _LANGID = None
@@ -231,8 +192,10 @@ def clean(items: Iterable[tuple[dict | None, Reject | None]], cfg: CleanConfig, 
             reject(Reject(EXACT_DUPLICATE, src, "same text as an earlier record"))
             continue
         exact.add(key)
-        if near is not None and near.seen(text):
-            reject(Reject(NEAR_DUPLICATE, src, f"MinHash Jaccard >= {cfg.near_dup_threshold} with an earlier record"))
+        if near is not None and near.seen(text, key=src):
+            rep, jac = near.last_match
+            reject(Reject(NEAR_DUPLICATE, src, f"word 5-shingle Jaccard {jac:.2f} >= {cfg.near_dup_threshold} with "
+                          f"the earlier record {rep}"))
             continue
         if t == "product":
             product_ids.add(rec["id"])

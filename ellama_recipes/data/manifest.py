@@ -22,7 +22,9 @@ from ellama_recipes.io.atomic import write_json
 
 MANIFEST_KEYS = ("blend", "sources", "realized", "rejected")
 SOURCE_KEYS = ("prefix", "side", "lang", "documents", "tokens")
-OPTIONAL_SOURCE_KEYS = ("mined",)  # a source mined from the general corpus: {budget, min_score, ...}
+# "mined": a source mined from the general corpus ({budget, min_score, ...}); "source": the source a shard belongs
+# to (the Ray build writes each source as shards tokenized/NAME/NAME-00000.., one entry each, "source": NAME)
+OPTIONAL_SOURCE_KEYS = ("mined", "source")
 SIDES = ("domain", "general")
 # what a recipe shows for data.manifest before --data is given (treated as "no manifest")
 MANIFEST_PLACEHOLDER = "<unset: pass --data DIR/manifest.json (written by `ellama data build`)>"

@@ -231,8 +231,12 @@ class Scored:
 
 def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: int = 1, tokenizer=None,
                  add_bos: bool = True, chunk_docs: int = CHUNK_DOCS,
-                 progress: Callable[[int], None] | None = None) -> Scored:
-    """Pass 1: score every line of ``paths`` with the saved fold models; see the module docstring."""
+                 progress: Callable[[int], None] | None = None, scorer: Callable | None = None) -> Scored:
+    """Pass 1: score every line of ``paths`` with the saved fold models; see the module docstring.
+
+    ``scorer(paths, model_path, tok_json, extra, progress)``, when given, yields the :func:`_score_chunk` results
+    of the whole corpus in corpus order, computed elsewhere (the Ray build's actor pool,
+    :func:`ellama_recipes.data.ray_build.ray_scorer`); ``workers`` is then unused."""
     import time
 
     if workers < 1:
@@ -279,13 +283,15 @@ def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: i
             sc.hist_tokens += np.bincount(b, weights=ntok[ok].astype(np.float64), minlength=HIST_BINS).astype(np.int64)
 
     try:
-        chunks = _chunks(paths, chunk_docs, progress)
-        if workers == 1:
+        if scorer is not None:
+            for out in scorer(paths, str(models_path), tok_json, extra, progress):
+                consume(out)
+        elif workers == 1:
             global _W
             saved = _W
             try:
                 _init_worker(str(models_path), tok_json, extra)
-                for ch in chunks:
+                for ch in _chunks(paths, chunk_docs, progress):
                     consume(_score_chunk(ch))
             finally:
                 _W = saved
@@ -293,7 +299,7 @@ def score_corpus(paths: list[Path], models_path: Path, work: Path, *, workers: i
             ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(str(models_path), tok_json, extra)) as pool:
                 pending: deque = deque()
-                for ch in chunks:
+                for ch in _chunks(paths, chunk_docs, progress):
                     pending.append(pool.apply_async(_score_chunk, (ch,)))
                     if len(pending) >= 2 * workers:
                         consume(pending.popleft().get())
@@ -575,7 +581,8 @@ def histogram_png(sc: Scored, cut: float | None, path: Path, title: str = "gener
 
 def mine(paths: list[Path], domain_texts: list[str], work: Path, mined_path: Path, kept_dir: Path, budget: Budget, *,
          workers: int = 1, tokenizer=None, max_train: int = 20_000, folds: int = 3, seed: int = 1234,
-         kept_prefix: str = "general_", png: Path | None = None, progress=None, on_reject=None) -> MineResult:
+         kept_prefix: str = "general_", png: Path | None = None, progress=None, on_reject=None,
+         scorer=None) -> MineResult:
     """Train (cross-fitted) on ``domain_texts`` + a sample of ``paths``, score, select ``budget``, route.
 
     ``progress(description, total)`` returns an advance callback (as ``pipeline._Progress.task``)."""
@@ -589,7 +596,7 @@ def mine(paths: list[Path], domain_texts: list[str], work: Path, mined_path: Pat
     work.mkdir(parents=True, exist_ok=True)
     mpath = models.save(work)
     sc = score_corpus(paths, mpath, work, workers=workers, tokenizer=tokenizer if budget.kind == "tokens" else None,
-                      progress=task(f"score ({workers} worker{'s' if workers > 1 else ''})", n))
+                      progress=task(f"score ({workers} worker{'s' if workers > 1 else ''})", n), scorer=scorer)
     sel = select(sc, budget)
     res = route(paths, sc, sel, mined_path, kept_dir, kept_prefix=kept_prefix, progress=task("mine", n),
                 on_reject=on_reject)

@@ -36,12 +36,13 @@ from ellama_recipes.data.mine import count_lines as count_text_lines
 from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
 from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
+from ellama_recipes.data.stage_io import CLASSIFY_MAX_TRAIN, _mined_summary, _read_jsonl, _split_by_lang, _write_jsonl
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
 from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.io.atomic import write_json
 from ellama_recipes.errors import UserError
 
-CLASSIFY_MAX_TRAIN = 20_000  # general docs (an even sample of the corpus) in the classifier's training set
+EXECUTORS = ("ray", "inprocess")
 
 
 class _Progress:
@@ -97,22 +98,6 @@ class RejectSink:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
 
 
 def atomic_dir(out: Path):
@@ -176,42 +161,27 @@ def plan(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Pa
     }
 
 
-def _split_by_lang(path: Path, work: Path, advance) -> tuple[dict[str, Path], int]:
-    """General documents to ``work/general_<lang>.jsonl`` (no mining)."""
-    files: dict[str, object] = {}
-    paths: dict[str, Path] = {}
-    n = 0
-    try:
-        for rec in _read_jsonl(path):
-            lang = rec.get("lang") or "und"
-            if lang not in files:
-                paths[lang] = work / f"general_{lang}.jsonl"
-                files[lang] = open(paths[lang], "w", encoding="utf-8")
-            files[lang].write(json.dumps({"text": rec["text"], "lang": lang}, ensure_ascii=False) + "\n")
-            n += 1
-            advance()
-    finally:
-        for f in files.values():
-            f.close()
-    return paths, n
-
-
-def _mined_summary(res) -> dict:
-    """What the manifest says about the mined source: the budget and the lowest score mined."""
-    r = res.report
-    return {"budget": r["budget"], "general_documents": r["general_documents"], "mined_documents": r["mined"],
-            "min_score": r["min_mined_score"], "min_p_domain": r["min_mined_p_domain"]}
-
-
 def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: Path, ratio="1:1",
           non_english=0.10, mix="graph", workers=1, progress=True, *, threshold: float | None = None,
           mine_fraction: float | None = None, mine_tokens: int | None = None, mine: bool = True,
-          clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None) -> dict:
+          clean_config: CleanConfig | None = None, mix_config: MixConfig | None = None,
+          executor: str = "inprocess", ray_address: str | None = None, num_cpus: int | None = None,
+          block_bytes: int | None = None, shard_bytes: int | None = None, dedup: str = "auto") -> dict:
     """Run every stage and write ``out`` atomically; returns the manifest dict (also in ``out/manifest.json``;
     the per-stage accounting is ``out/report.json``).
 
     Mining takes one budget: ``mine_fraction`` (top share of the general documents), ``mine_tokens`` (top documents
-    up to that many tokens) or ``threshold`` (p(domain) >= threshold; the default, 0.5, when none is given)."""
+    up to that many tokens) or ``threshold`` (p(domain) >= threshold; the default, 0.5, when none is given).
+
+    ``executor``: ``"ray"`` runs the stages as Ray Data pipelines (:mod:`ellama_recipes.data.ray_build`; a local
+    loopback Ray instance with ``num_cpus`` CPUs, or the cluster at ``ray_address``; resumable; tokenized sources
+    written as shards); ``"inprocess"`` (this function's default, what the quickstart and the test fixtures use)
+    the sequential pipeline below. ``ellama data build`` defaults to ``ray``."""
+    if executor not in EXECUTORS:
+        raise UserError(f"Unknown --executor {executor!r}. Use one of: {', '.join(EXECUTORS)} (slurm submits a "
+                        "`ray` build through NeMo-Run).")
+    if ray_address and executor != "ray":
+        raise UserError(f"--ray-address {ray_address} needs --executor ray (got {executor}).")
     budget = Budget(fraction=mine_fraction, tokens=mine_tokens, threshold=threshold)
     p = plan(domain, general, tokenizer, out, ratio, non_english, mix, workers)
     dfiles = [Path(x) for x in p["domain_files"]]
@@ -220,6 +190,13 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
     ccfg = clean_config or CleanConfig()
     mcfg = mix_config or MixConfig(mix=mix)
     mcfg.mix = mix
+    if executor == "ray":
+        from ellama_recipes.data import ray_build
+
+        kw = {k: v for k, v in (("block_bytes", block_bytes), ("shard_bytes", shard_bytes)) if v}
+        return ray_build.build_ray(dfiles, gfiles, tok, Path(out), ratio=ratio, non_english=non_english, mix=mix,
+                                   budget=budget, mine=mine, ccfg=ccfg, mcfg=mcfg, plan=p, ray_address=ray_address,
+                                   num_cpus=num_cpus, dedup=dedup, **kw)
     report: dict = {"stages": []}
     with atomic_dir(Path(out)) as tmp, _Progress(progress) as prog:
         work = tmp / "work"

@@ -45,14 +45,21 @@ def atomic_dir(out: Path, *, replace: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out.exists() and not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"Output {out} appeared while writing it (another process?); nothing was overwritten.")
+    replace_dir(tmp, out)
+
+
+def replace_dir(src: Path, out: Path) -> None:
+    """Put the finished folder ``src`` (a sibling of ``out``) in place of ``out``; an existing ``out`` is moved
+    aside first and deleted after (a resumable build's work folder, :mod:`ellama_recipes.data.ray_build`)."""
+    src, out = Path(src), Path(out)
     old = None
     if out.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"Output {out} appeared while writing it (another process?); nothing was overwritten.")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-    os.replace(tmp, out)
+    os.replace(src, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -111,4 +118,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["atomic_dir", "atomic_path", "replace_all", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "replace_all", "replace_dir", "write_bytes", "write_json", "write_text"]
