@@ -1,12 +1,12 @@
 """`ellama data ...`: prepare, classify, tokenize and blend training data (issue 3).
 
-No business logic here: every command calls into :mod:`ellama_recipes.data`.
+No business logic here: every command calls into :mod:`ellama_recipes.data`. The helpers the commands share (help
+texts, overrides, the executor check, report lines) live in cli/data_common.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +14,9 @@ import typer
 
 from ellama_recipes.cli.common import console, print_json
 from ellama_recipes.cli.app import app
+# the shared help texts, override parsing, executor check and report lines live in cli/data_common.py
+from ellama_recipes.cli.data_common import (EXECUTOR_HELP, RAY_ADDRESS_HELP, RECORD_SCHEMA,  # noqa: F401
+                                           _apply_overrides, _executor, _mining_line, _print_table)
 from ellama_recipes.errors import UserError
 
 data_app = typer.Typer(
@@ -23,59 +26,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
-
-RECORD_SCHEMA = (
-    "Domain JSONL records: product {type:'product', id, title, category, attributes:{k:v}, description, lang}, "
-    "review {type:'review', product_id, rating, text, lang}, article {type:'article', product_ids:[...], text, lang}. "
-    "General: {text, lang?} (lang detected when absent). Each PATH is a .jsonl/.parquet file or a folder of them."
-)
-
-
-def _apply_overrides(overrides: list[str] | None, targets: dict[str, object]) -> dict[str, object]:
-    """Apply ``section.field=value`` pairs to dataclass ``targets`` (by section name); unknown keys are errors."""
-    valid = [f"{sec}.{f.name}" for sec, obj in targets.items() for f in fields(obj)]
-    for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"Override {item!r} is not key=value. Valid keys: {', '.join(valid)}.")
-        key, raw = item.split("=", 1)
-        sec, _, name = key.partition(".")
-        obj = targets.get(sec)
-        fmap = {f.name: f for f in fields(obj)} if obj is not None else {}
-        if name not in fmap:
-            raise UserError(f"Unknown override key {key!r}. Valid keys: {', '.join(valid)}.")
-        cur = getattr(obj, name)
-        try:
-            if isinstance(cur, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val: object = raw.lower() in ("true", "1")
-            else:
-                val = type(cur)(raw)
-        except ValueError:
-            raise UserError(f"Override {key}={raw!r}: expected a {type(cur).__name__}.") from None
-        setattr(obj, name, val)
-    return {sec: {f.name: getattr(obj, f.name) for f in fields(obj)} for sec, obj in targets.items()}
-
-
-EXECUTOR_HELP = ("ray (default: the stages run as Ray Data pipelines; a local Ray instance on this machine, loopback "
-                 "only, unless --ray-address / RAY_ADDRESS names a cluster), inprocess (the sequential pipeline in "
-                 "this process) or slurm (build: submit a Ray cluster + the build through NeMo-Run with the "
-                 "cluster.* keys of training; see --dryrun).")
-RAY_ADDRESS_HELP = "Address of a running Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start a local one."
-
-
-def _executor(executor: str, ray_address: str | None, allowed=("ray", "inprocess")) -> str:
-    if executor not in allowed:
-        raise UserError(f"Unknown --executor {executor!r}. Use one of: {', '.join(allowed)}.")
-    if ray_address and executor != "ray":
-        raise UserError(f"--ray-address {ray_address} needs --executor ray (got {executor}).")
-    return executor
-
-
-def _print_table(report: dict) -> None:
-    from ellama_recipes.data.pipeline import stage_table
-
-    console.print(stage_table(report))
 
 
 @data_app.command(
@@ -269,14 +219,6 @@ def serialize_cmd(
     _print_table(report)
     console.print(f"{report['mix']['samples']} samples, {report['mix']['mean_sources_per_sample']:.2f} sources per "
                   f"sample ({cfg.mix}).")
-
-
-def _mining_line(rep: dict) -> str:
-    b = rep["budget"]
-    at = "" if rep["min_mined_score"] is None else f", lowest mined score {rep['min_mined_score']:.2f}"
-    q = rep["score_quantiles_general"]
-    return (f"mined {rep['mined']} of {rep['general_documents']} general documents ({b['by']} {b['value']}{at}; "
-            f"general score median {q.get('q0.5')}, 99th percentile {q.get('q0.99')})")
 
 
 @data_app.command(
