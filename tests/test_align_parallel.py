@@ -52,6 +52,9 @@ STAGES = ("sft", "dpo")
 ARGS = ["--sft-steps", str(STEPS), "--dpo-steps", str(STEPS), "--save-every", str(STEPS),
         f"sft.schedule.val_check_interval={VAL_EVERY}", f"dpo.schedule.val_check_interval={VAL_EVERY}"]
 EXACT = ("reward_accuracy", "val_reward_accuracy", "val_pairs")
+# the gradient norm (issue 22's new metrics key) is a sum of squares over every parameter, reduced across ranks in
+# another order: it is compared relative to its size (a norm of ~3.5 differs by ~1e-4 at TP2, 3.5e-5 relative)
+RELATIVE = ("grad_norm",)
 
 
 def _align(base: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -118,6 +121,8 @@ def test_align_across_ranks_matches_the_single_process_run(single, tiny_base, tm
                     assert got[s][key] == want, f"{name} {stage} step {s} {key}: {got[s][key]} vs {want}"
                     continue
                 diff = abs(got[s][key] - want)
+                if key in RELATIVE:
+                    diff /= max(1.0, abs(want))
                 assert diff <= TOL, f"{name} {stage} step {s} {key}: {got[s][key]} vs single-process {want}"
                 worst[stage] = max(worst[stage], diff)
         # the run folder of each stage: its checkpoint named by the metrics' step, rank 1's output in its own file
