@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.workflows.quickstart_generate import generate, sample_generations
+from ellama_recipes.workflows.quickstart_splits import (prepare_splits, write_domain_eval,
+                                                         write_noreplay_manifest)
 
 
 @dataclass
@@ -165,87 +168,6 @@ def _eval_is_current(out: Path, models: list[Path]) -> bool:
 # need the row's 3e-4). Measured on the quickstart's CPT model (held-out general perplexity 5.37), 79 SFT + 20 DPO
 # steps: SFT max LR 3e-4 -> 19.2 (+257 %), 1e-4 -> 9.0 (+68 %), 5e-5 -> 7.0 (+31 %); see docs/quickstart.md.
 QUICKSTART_SFT_OVERRIDES: list[str] = ["sft.schedule.max_lr=5e-5"]
-HELDOUT_SFT_EVERY = 10  # every 10th bundled e-commerce SFT conversation is held out (never trained on)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` unless the file already holds exactly them (re-runs keep the files' times: align reuses its
-    prepared data when its inputs are unchanged)."""
-    from ellama_recipes.io.atomic import write_text
-
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, text)
-
-
-def prepare_splits(out: Path) -> dict[str, Any]:
-    """The held-out splits the quickstart trains and measures on, written under ``OUT/splits``:
-
-    - ``splits/general/*.jsonl``: the general documents the tiny base pretrains on and CPT replays
-      (:func:`ellama_recipes.model.tiny.split_general_documents` ``train``);
-    - ``splits/eval/general_heldout.jsonl``: the held-out general documents, the only general text evaluated;
-    - ``splits/sft/``: the bundled SFT conversations minus every 10th e-commerce one; those held-out instructions
-      (``splits/eval/sft_heldout.jsonl``) are what the aligned model is asked after alignment.
-    Returns the record of which documents are where (ids ``file:line``)."""
-    from ellama_recipes.data.bundled import sample_dir
-    from ellama_recipes.model.tiny import split_general_documents, split_rule
-
-    split = split_general_documents()
-    sp = out / "splits"
-    by_file: dict[str, list[dict]] = {}
-    for d in split["train"]:
-        by_file.setdefault(d["file"], []).append({"text": d["text"], "lang": d["lang"]})
-    for name, rows in by_file.items():
-        _write_jsonl(sp / "general" / name, rows)
-    _write_jsonl(sp / "eval" / "general_heldout.jsonl",
-                 [{"text": d["text"], "lang": d["lang"], "id": d["id"]} for d in split["heldout"]])
-    sft_train, sft_held = [], []
-    for path in sorted((sample_dir() / "sft").glob("*.jsonl")):
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        keep = []
-        for i, r in enumerate(rows, 1):
-            held = path.stem == "ecommerce" and i % HELDOUT_SFT_EVERY == 0
-            (sft_held if held else keep).append({**r, "id": f"{path.name}:{i}"} if held else r)
-        sft_train.append((path.name, keep))
-    for name, rows in sft_train:
-        _write_jsonl(sp / "sft" / name, rows)
-    _write_jsonl(sp / "eval" / "sft_heldout.jsonl", sft_held)
-    return {"rule": split_rule(), "base_training": {"documents": len(split["train"]), "path": str(sp / "general")},
-            "general_eval": {"documents": len(split["heldout"]), "path": str(sp / "eval" / "general_heldout.jsonl"),
-                             "ids": [d["id"] for d in split["heldout"]]},
-            "sft_heldout": {"conversations": len(sft_held), "path": str(sp / "eval" / "sft_heldout.jsonl"),
-                            "rule": f"every {HELDOUT_SFT_EVERY}th conversation of sft/ecommerce.jsonl"}}
-
-
-def write_noreplay_manifest(data: Path) -> Path:
-    """``DATA/manifest_noreplay.json``: the blend with every general source's weight 0 (domain only: the same
-    steps, LR, batch and so tokens, none of them general). The general sources stay listed so pretraining still
-    measures val_loss_general on their validation split."""
-    from ellama_recipes.io.atomic import write_json
-
-    m = json.loads((data / "manifest.json").read_text())
-    side = {s["prefix"]: s["side"] for s in m["sources"]}
-    ws, prefixes = m["blend"][0::2], m["blend"][1::2]
-    dom = sum(w for w, p in zip(ws, prefixes) if side[p] == "domain")
-    blend = [x for w, p in zip(ws, prefixes) for x in ((w / dom if side[p] == "domain" else 0.0), p)]
-    target = data / "manifest_noreplay.json"
-    write_json(target, {**m, "blend": blend, "replay": "none (general weights 0; quickstart's no-replay arm)"})
-    return target
-
-
-def write_domain_eval(data: Path, target: Path) -> int:
-    """The domain documents of the blend's validation split (CPT never trains on them) as JSONL for `ellama eval`."""
-    from ellama_recipes.workflows.perplexity import sources_from_manifest
-
-    rows = [{"text": t, "lang": s.lang, "source": s.name} for s in sources_from_manifest(data / "manifest.json",
-                                                                                         max_docs=None)
-            if s.side == "domain" for t in s.texts]
-    _write_jsonl(target, rows)
-    return len(rows)
-
-
 def run_quickstart(
     out: Path, *, steps: int | None = None, base_steps: int = 150, align_steps: int | None = None,
     eval_limit: int | None = None, align: bool = True, fresh: bool = False, replay_arm: bool = True,
@@ -489,30 +411,6 @@ def _dpo_summary(run: Path) -> dict[str, Any]:
     return out
 
 
-def sample_generations(base_hf: Path, aligned_hf: Path | None, heldout: Path, n: int = 2) -> list[dict[str, Any]]:
-    """Held-out domain instructions (never trained on): the aligned model answers through its chat template, the
-    base continues the same instruction as raw text. One classify and one title instruction in English."""
-    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
-    picked, seen = [], set()
-    for want in ("classify", "title", "extract"):
-        for r in rows:
-            if r.get("task") == want and r.get("lang") == "en" and want not in seen:
-                picked.append(r)
-                seen.add(want)
-                break
-    out = []
-    for r in picked[:n]:
-        msgs = [m for m in r["messages"] if m["role"] != "assistant"]
-        user = next(m["content"] for m in msgs if m["role"] == "user")
-        ref = next((m["content"] for m in r["messages"] if m["role"] == "assistant"), None)
-        out.append({"model": "base", "prompt": user, "text": generate(base_hf, user), "chat_template": False,
-                    "reference": ref, "id": r.get("id")})
-        if aligned_hf is not None:
-            out.append({"model": "aligned", "prompt": user, "text": generate(aligned_hf, msgs, chat=True),
-                        "chat_template": True, "reference": ref, "id": r.get("id")})
-    return out
-
-
 def eval_row(e: dict) -> dict[str, Any]:
     pooled = (e.get("perplexity") or {}).get("pooled", {})
     return {"model": e["label"], "dir": e["model"], "domain_score": e.get("domain_score"),
@@ -536,31 +434,3 @@ def _metrics_summary(path: Path) -> dict[str, Any]:
         if vals:
             out[key] = {"first": vals[0][1], "last": vals[-1][1], "first_step": vals[0][0], "last_step": vals[-1][0]}
     return out
-
-
-def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, chat: bool = False) -> str:
-    """Load the exported model with transformers (CPU) and greedily continue ``prompt``: raw text, or (``chat``)
-    the messages rendered by the tokenizer's chat template with the assistant header (only the new tokens are
-    returned then)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model.eval()
-    # greedy: drop the checkpoint's sampling defaults (temperature / top_p), which greedy decoding warns about
-    model.generation_config.do_sample = False
-    model.generation_config.temperature = None
-    model.generation_config.top_p = None
-    if chat:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    else:
-        ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
-                             eos_token_id=[t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")}
-                                           if isinstance(t, int) and t >= 0])
-    new = gen[0][ids["input_ids"].shape[1]:]
-    return tok.decode(new, skip_special_tokens=True).strip()

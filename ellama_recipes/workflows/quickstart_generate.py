@@ -1,0 +1,60 @@
+"""The quickstart's sample answers: held-out domain instructions, the aligned model through its chat template
+next to the base's raw-text continuation (``report.json["generation"]``). Used by
+:mod:`ellama_recipes.workflows.quickstart`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+def sample_generations(base_hf: Path, aligned_hf: Path | None, heldout: Path, n: int = 2) -> list[dict[str, Any]]:
+    """Held-out domain instructions (never trained on): the aligned model answers through its chat template, the
+    base continues the same instruction as raw text. One classify and one title instruction in English."""
+    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
+    picked, seen = [], set()
+    for want in ("classify", "title", "extract"):
+        for r in rows:
+            if r.get("task") == want and r.get("lang") == "en" and want not in seen:
+                picked.append(r)
+                seen.add(want)
+                break
+    out = []
+    for r in picked[:n]:
+        msgs = [m for m in r["messages"] if m["role"] != "assistant"]
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        ref = next((m["content"] for m in r["messages"] if m["role"] == "assistant"), None)
+        out.append({"model": "base", "prompt": user, "text": generate(base_hf, user), "chat_template": False,
+                    "reference": ref, "id": r.get("id")})
+        if aligned_hf is not None:
+            out.append({"model": "aligned", "prompt": user, "text": generate(aligned_hf, msgs, chat=True),
+                        "chat_template": True, "reference": ref, "id": r.get("id")})
+    return out
+
+
+def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, chat: bool = False) -> str:
+    """Load the exported model with transformers (CPU) and greedily continue ``prompt``: raw text, or (``chat``)
+    the messages rendered by the tokenizer's chat template with the assistant header (only the new tokens are
+    returned then)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    # greedy: drop the checkpoint's sampling defaults (temperature / top_p), which greedy decoding warns about
+    model.generation_config.do_sample = False
+    model.generation_config.temperature = None
+    model.generation_config.top_p = None
+    if chat:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
+                             eos_token_id=[t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")}
+                                           if isinstance(t, int) and t >= 0])
+    new = gen[0][ids["input_ids"].shape[1]:]
+    return tok.decode(new, skip_special_tokens=True).strip()
