@@ -35,8 +35,9 @@ from ellama_recipes.data.mine import Budget
 from ellama_recipes.data.mine import count_lines as count_text_lines
 from ellama_recipes.data.mine import mine as mine_corpus
 from ellama_recipes.data.records import Reject, expand_paths, iter_file, render
-from ellama_recipes.data.serialize import MIXES, MixConfig, mix_stats, serialize
-from ellama_recipes.data.stage_io import CLASSIFY_MAX_TRAIN, _mined_summary, _read_jsonl, _split_by_lang, _write_jsonl
+from ellama_recipes.data.serialize import MIXES, MixConfig
+from ellama_recipes.data.stage_io import (CLASSIFY_MAX_TRAIN, _mined_summary, _read_jsonl, _split_by_lang, _write_jsonl,
+                                          serialize_stage)
 from ellama_recipes.data.tokenize import load_tokenizer, tokenize_files
 from ellama_recipes.io.atomic import atomic_dir as _atomic_dir
 from ellama_recipes.io.atomic import write_json
@@ -208,24 +209,9 @@ def build(domain: list[Path], general: list[Path], tokenizer: str | Path, out: P
         report["stages"] += [dstats.as_dict(), gstats.as_dict()]
         # 2. serialize
         adv = prog.task(f"serialize ({mix})", 1)
-        samples = serialize(dom_recs, mcfg)
+        samples, domain_files = serialize_stage(dom_recs, mcfg, mix, work, report)
         adv()
-        placed = sum(len(s["records"]) for s in samples)
-        sstats = StageStats("serialize", records_in=len(dom_recs), records_out=placed)
-        sstats.check()
-        report["stages"].append(sstats.as_dict())
-        report["mix"] = {"strategy": mix, **mix_stats(samples)}
         del dom_recs
-        domain_files: dict[str, Path] = {}
-        if mix == "graph":
-            domain_files["domain_graph"] = work / "domain_graph.jsonl"
-            _write_jsonl(domain_files["domain_graph"], samples)
-        else:
-            for src in ("product", "review", "article"):
-                rows = [s for s in samples if s["sources"] == [src]]
-                if rows:
-                    domain_files[f"domain_{src}"] = work / f"domain_{src}.jsonl"
-                    _write_jsonl(domain_files[f"domain_{src}"], rows)
         # 3. classify: mine domain-like documents out of the general corpus (streamed; see data/mine.py)
         gen_by_lang: dict[str, Path] = {}
         mined_path = work / "domain_mined.jsonl"

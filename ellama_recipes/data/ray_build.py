@@ -323,8 +323,8 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     from ellama_recipes.data.blend import make_manifest
     from ellama_recipes.data.manifest import write_source_sidecar
     from ellama_recipes.data.mine import mine as mine_corpus
-    from ellama_recipes.data.stage_io import CLASSIFY_MAX_TRAIN, _mined_summary, _split_by_lang, _write_jsonl
-    from ellama_recipes.data.serialize import mix_stats, serialize
+    from ellama_recipes.data.stage_io import (CLASSIFY_MAX_TRAIN, _mined_summary, _split_by_lang,
+                                              serialize_stage)
     from ellama_recipes.io.atomic import write_json
 
     settings = {"ratio": str(ratio), "non_english": non_english, "mix": mix, "budget": budget.as_dict(),
@@ -353,23 +353,8 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
         wheres = (work / "clean_domain.where").read_text(encoding="utf-8").splitlines()
         with open(work / "clean_domain.jsonl", encoding="utf-8") as f:
             dom_recs = [json.loads(line) | {"_src": w} for line, w in zip(f, wheres)]
-        samples = serialize(dom_recs, mcfg)
-        placed = sum(len(s["records"]) for s in samples)
-        sstats = StageStats("serialize", records_in=len(dom_recs), records_out=placed)
-        sstats.check()
-        report["stages"].append(sstats.as_dict())
-        report["mix"] = {"strategy": mix, **mix_stats(samples)}
+        samples, domain_files = serialize_stage(dom_recs, mcfg, mix, work, report)
         del dom_recs
-        domain_files: dict[str, Path] = {}
-        if mix == "graph":
-            domain_files["domain_graph"] = work / "domain_graph.jsonl"
-            _write_jsonl(domain_files["domain_graph"], samples)
-        else:
-            for src in ("product", "review", "article"):
-                rows = [s for s in samples if s["sources"] == [src]]
-                if rows:
-                    domain_files[f"domain_{src}"] = work / f"domain_{src}.jsonl"
-                    _write_jsonl(domain_files[f"domain_{src}"], rows)
         timings["serialize"] = round(time.perf_counter() - t0, 2)
         # 3. classify / mine
         mined_path = work / "domain_mined.jsonl"

@@ -51,3 +51,28 @@ def _mined_summary(res) -> dict:
     r = res.report
     return {"budget": r["budget"], "general_documents": r["general_documents"], "mined_documents": r["mined"],
             "min_score": r["min_mined_score"], "min_p_domain": r["min_mined_p_domain"]}
+
+
+def serialize_stage(dom_recs: list[dict], mcfg, mix: str, work: Path, report: dict) -> tuple[list[dict], dict[str, Path]]:
+    """Stage 2 of both executors: the domain records serialized (the EcomGPT-CT graph mix, or one file per source
+    kind), accounted (records in = records placed) into ``report``, written under ``work``; returns the samples and name -> file."""
+    from ellama_recipes.data.clean import StageStats
+    from ellama_recipes.data.serialize import mix_stats, serialize
+
+    samples = serialize(dom_recs, mcfg)
+    placed = sum(len(s["records"]) for s in samples)
+    sstats = StageStats("serialize", records_in=len(dom_recs), records_out=placed)
+    sstats.check()
+    report["stages"].append(sstats.as_dict())
+    report["mix"] = {"strategy": mix, **mix_stats(samples)}
+    domain_files: dict[str, Path] = {}
+    if mix == "graph":
+        domain_files["domain_graph"] = work / "domain_graph.jsonl"
+        _write_jsonl(domain_files["domain_graph"], samples)
+    else:
+        for src in ("product", "review", "article"):
+            rows = [s for s in samples if s["sources"] == [src]]
+            if rows:
+                domain_files[f"domain_{src}"] = work / f"domain_{src}.jsonl"
+                _write_jsonl(domain_files[f"domain_{src}"], rows)
+    return samples, domain_files
