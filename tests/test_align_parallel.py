@@ -1,5 +1,5 @@
-"""`ellama align` (SFT, then DPO from SFT's checkpoint) across CPU ranks: DP2, TP2, PP2 (2 processes) and TP2 x PP2
-(4 processes), each launched by the real CLI (``ellama align --gpus-per-node N parallel.X=2`` -> NeMo-Run
+"""`ellama align` (SFT, then DPO from SFT's checkpoint) across CPU ranks: DP2 (2 processes) and TP2 x PP2
+(4 processes; TP2 and PP2 alone were separate cases until Dec 2026), each launched by the real CLI (``ellama align --gpus-per-node N parallel.X=2`` -> NeMo-Run
 LocalExecutor -> torchrun, gloo), against the same chain run in one process.
 
 Same inputs everywhere: the tiny base (``tiny_base``), the bundled SFT and preference samples (prepared once by the
@@ -87,8 +87,8 @@ def single(tiny_base, tmp_path_factory) -> dict:
     "name,overrides,dp,ranks",
     [
         ("dp2", [], 2, 2),
-        ("tp2", ["parallel.tensor_parallel=2"], 1, 2),
-        ("pp2", ["parallel.pipeline_parallel=2"], 1, 2),
+        # TP and PP in one 4-process launch: separate TP2 and PP2 chains (both passed at <= 3e-6, Nov 2026) cost two
+        # more chains of two launches (~150 s of the suite) for no property TP2 x PP2 does not exercise
         ("tp2pp2", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], 1, 4),
     ],
 )
