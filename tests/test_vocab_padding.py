@@ -240,27 +240,28 @@ def _checkpoint(run: Path, step: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.engine
 def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended_base, tiny_inputs, cli, tmp_path):
-    """The 4,101-token checkpoint, imported once (4,224 rows): 3 steps in one process, the same 3 steps at TP2
-    (padded to 4,352 rows there: 2 ranks x 2,176) with the same losses; the TP2 run's step-2 checkpoint resumed in
-    one process (4,352 -> 4,224 rows, optimizer state included) gives step 3's loss again; export-hf of the TP2 run
+    """The 4,101-token checkpoint, imported once (4,224 rows): 3 steps in one process, the same 3 steps at TP2 x PP2
+    (4 processes; padded to 4,352 rows there: 2 TP ranks x 2,176, the embedding on the first pipeline stage and the
+    masked output layer on the last) with the same losses; the TP2 x PP2 run's step-2 checkpoint resumed in one
+    process (4,352 -> 4,224 rows, optimizer state included) gives step 3's loss again; export-hf of the TP2 run
     has exactly the tokenizer's 4,101 rows, every tensor bit-exact with the checkpoint, transformers' logits equal
     to the engine's, the 5 added tokens' rows preserved."""
     from safetensors.torch import load_file
 
     single, tp2 = tmp_path / "single", tmp_path / "tp2"
     _pretrain(extended_base, tiny_inputs.manifest, single, 1)
-    _pretrain(extended_base, tiny_inputs.manifest, tp2, 2, "parallel.tensor_parallel=2")
+    _pretrain(extended_base, tiny_inputs.manifest, tp2, 4, "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2")
     ref, got = _losses(single), _losses(tp2)
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
     worst = _worst(got, ref, range(1, STEPS + 1))
-    notes = [f"TP2 vs single process, vocab {EXTENDED} (padded 4224 / 4352): max |loss diff| {worst:.2e}; train "
+    notes = [f"TP2 x PP2 vs single process, vocab {EXTENDED} (padded 4224 / 4352): max |loss diff| {worst:.2e}; train "
              f"losses {[round(got[s]['train_loss'], 6) for s in sorted(got)]} vs "
              f"{[round(ref[s]['train_loss'], 6) for s in sorted(ref)]}"]  # printed at the end (cli reads capsys)
     assert worst <= TOL
     assert vocab_rows(_checkpoint(single, 2))["embedding.word_embeddings.weight"][0] == 4224
     assert vocab_rows(_checkpoint(tp2, 2))["embedding.word_embeddings.weight"][0] == 4352
 
-    # reshard: the TP2 step-2 checkpoint (4,352 rows) resumed at TP1 (4,224 rows) for step 3
+    # reshard: the TP2 x PP2 step-2 checkpoint (4,352 rows) resumed at TP1 x PP1 (4,224 rows) for step 3
     resumed = tmp_path / "tp2_to_tp1"
     shutil.copytree(tp2, resumed, symlinks=True)
     shutil.rmtree(resumed / "launch", ignore_errors=True)
@@ -270,7 +271,7 @@ def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended
     proc = _pretrain(extended_base, tiny_inputs.manifest, resumed, 1)
     assert "resuming from checkpoint" in proc.console
     diff = _worst(_losses(resumed), ref, [STEPS])
-    notes.append(f"TP2 step-2 checkpoint resumed at TP1, step {STEPS}: |loss diff| vs single process {diff:.2e}")
+    notes.append(f"TP2 x PP2 step-2 checkpoint resumed at TP1, step {STEPS}: |loss diff| vs single process {diff:.2e}")
     assert diff <= TOL
     assert vocab_rows(_checkpoint(resumed, STEPS))["embedding.word_embeddings.weight"][0] == 4224
 
@@ -281,7 +282,7 @@ def test_odd_vocabulary_trains_at_tp2_reshards_and_exports(extended_hf, extended
     report = json.loads((out / "ellama_export.json").read_text())
     assert report["tensors"] and all(t["status"] == "equal" for t in report["tensors"])
     assert report["logits_checked"] is True and report["logits_ok"] is True
-    notes.append(f"export of the TP2 run: {len(report['tensors'])} tensors bit-exact, max |logit diff| "
+    notes.append(f"export of the TP2 x PP2 run: {len(report['tensors'])} tensors bit-exact, max |logit diff| "
                  f"{report['max_logit_diff']:.2e}")
     print("\n".join(notes))
     w, src = load_file(out / "model.safetensors"), load_file(extended_hf / "model.safetensors")
