@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ellama_recipes.errors import UserError
+from ellama_recipes.model.tiny import TINY_BASE_STEPS
 from ellama_recipes.workflows.quickstart_generate import answer_accuracy, generate, sample_generations
 from ellama_recipes.workflows.quickstart_splits import (prepare_splits, write_domain_eval,
                                                          write_noreplay_manifest)
@@ -168,8 +169,8 @@ def _eval_is_current(out: Path, models: list[Path]) -> bool:
 # The quickstart's own alignment choice (not the size row's: the tests' few SFT steps on a random-init tiny model
 # need the row's 3e-4). Measured on the quickstart's CPT model (held-out general perplexity 5.37), 79 SFT + 20 DPO
 # steps: SFT max LR 3e-4 -> 19.2 (+257 %), 1e-4 -> 9.0 (+68 %), 5e-5 -> 7.0 (+31 %); see docs/quickstart.md.
-QUICKSTART_SFT_OVERRIDES: list[str] = ["sft.schedule.max_lr=5e-5"]
-QUICKSTART_BASE_STEPS = 150  # the tiny base's general-text pretraining steps (model/tiny.py pretrain_tiny_base)
+QUICKSTART_SFT_OVERRIDES: list[str] = ["sft.schedule.max_lr=1e-4"]
+QUICKSTART_BASE_STEPS = TINY_BASE_STEPS  # the tiny base's general-text pretraining steps (model/tiny.py)
 # At most this many examples per bundled task suite in the quickstart's eval (the suites sit near chance at this
 # scale; perplexity on the held-out documents is measured on all of them). `--eval-limit 0`: every example.
 QUICKSTART_EVAL_LIMIT = 100
