@@ -104,6 +104,20 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
         trained = "\n".join(json.dumps(json.loads(x), ensure_ascii=False) for f in (out / "splits" / "sft").glob("*.jsonl")
                             for x in f.read_text().splitlines() if x.strip())
         assert trained and not any(json.dumps(g["prompt"], ensure_ascii=False)[1:-1] in trained for g in answers)
+        # the aligned model's answers to held-out one-word questions, scored against their references
+        acc = report["generation_accuracy"]
+        cls = [json.loads(x) for x in (out / "splits" / "eval" / "classify_heldout.jsonl").read_text().splitlines()]
+        assert acc["questions"] == len(cls) == len(acc["answers"]) > 0 and acc["chance"] == pytest.approx(1 / 6)
+        assert [a["id"] for a in acc["answers"]] == [r["id"] for r in cls]
+        assert all(a["correct"] == (a["answer"].lower().rstrip(".") == a["reference"] == r["messages"][-1]["content"])
+                   for a, r in zip(acc["answers"], cls))
+        assert acc["correct"] == sum(a["correct"] for a in acc["answers"])
+        assert acc["exact_match"] == pytest.approx(acc["correct"] / acc["questions"])
+        assert 0.0 <= acc["cpt"]["exact_match"] <= 1.0
+        titles = [r["messages"][0]["content"].splitlines()[1].split(": ", 1)[1] for r in cls]
+        assert not any(t in trained for t in titles)  # no held-out product is asked about in the SFT data
+        assert (out / "splits" / "sft" / "ecommerce_classify.jsonl").is_file()
+        assert f"exact match {acc['correct']}/{acc['questions']}" in flat
         d = report["dpo"]
         assert 0.0 <= report["val_reward_accuracy"] <= 1.0 and math.isfinite(report["val_margin"])
         assert d["val_pairs"] > 0 and math.isfinite(report["alignment"]["ppl_general_regression_vs_cpt_pct"])

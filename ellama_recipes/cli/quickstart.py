@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ellama_recipes.cli.app import app
 from ellama_recipes.cli.common import console, print_json
+from ellama_recipes.workflows.quickstart import QUICKSTART_BASE_STEPS, QUICKSTART_EVAL_LIMIT
 
 HELP = """The whole chain on the tiny model and the bundled sample data, on CPU, in minutes, with the answer.
 
@@ -38,9 +39,10 @@ def _f(x, fmt="{:+.2f}") -> str:
 def quickstart(
     out: Path = typer.Option(Path(".quickstart"), "--out", help="Working directory for every stage's output."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Continued-pretraining steps (default: the tiny recipe's)."),
-    base_steps: int = typer.Option(150, "--base-steps", help="Steps of the tiny base's general-text pretraining."),
+    base_steps: int = typer.Option(QUICKSTART_BASE_STEPS, "--base-steps", help="Steps of the tiny base's general-text pretraining."),
     align_steps: Optional[int] = typer.Option(None, "--align-steps", help="SFT and DPO steps each (default: the recipes')."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="At most N examples per eval task."),
+    eval_limit: int = typer.Option(QUICKSTART_EVAL_LIMIT, "--eval-limit",
+                                   help="At most N examples per eval task (0: every example)."),
     align: bool = typer.Option(True, "--align/--no-align", help="Run SFT + DPO after CPT (when `ellama align` exists)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete --out first and run every stage."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Print the stages and their commands; run nothing."),
@@ -67,7 +69,8 @@ def quickstart(
 
     echo = (lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)) if not as_json \
         else (lambda msg: None)
-    summary = run_quickstart(out, steps=steps, base_steps=base_steps, align_steps=align_steps, eval_limit=eval_limit,
+    summary = run_quickstart(out, steps=steps, base_steps=base_steps, align_steps=align_steps,
+                             eval_limit=eval_limit or None,
                              align=align, fresh=fresh, replay_arm=not no_replay_arm, verbose=verbose, echo=echo)
     if as_json:
         print_json(summary)
@@ -139,6 +142,12 @@ def show_summary(summary: dict) -> None:
         prompt = " / ".join(g["prompt"].splitlines())
         console.print(f"{g['model']} ({how}) <- {prompt}", highlight=False, markup=False)
         console.print(f"    -> {g['text']!r}   (reference: {g.get('reference')!r})", highlight=False, markup=False)
+    acc = summary.get("generation_accuracy")
+    if acc and acc.get("questions"):
+        console.print(f"aligned answers to {acc['questions']} held-out product-category questions (greedy, chat "
+                      f"template): exact match {acc['correct']}/{acc['questions']} = {100 * acc['exact_match']:.1f} % "
+                      f"(chance {100 * acc['chance']:.1f} %, majority class {100 * acc['majority_rate']:.1f} %; CPT "
+                      f"model before alignment {100 * acc['cpt']['exact_match']:.1f} %)", highlight=False)
     console.print(f"[bold]{summary['final_model']} vs base: domain_gain_pct {_f(summary['domain_gain_pct'])} %, "
                   f"general_regression_pct {_f(summary['general_regression_pct'])} %[/]")
     console.print(f"[bold green]done:[/] Hugging Face model in {summary['hf_dir']}; report {out / 'report.json'}")

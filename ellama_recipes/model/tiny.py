@@ -15,7 +15,7 @@ Python::
 
 A random-init base makes "general regression" meaningless, so the quickstart uses :func:`trained_tiny_base`: the
 same model after a short pretraining on the *train* part of the bundled general sample (plain torch, one intra-op
-thread, the size table's base max LR with warmup + cosine; :func:`split_general_documents` holds every 10th document
+thread, peak LR :data:`TINY_BASE_MAX_LR` with warmup + cosine; :func:`split_general_documents` holds every 10th document
 of each file out, for evaluation), cached under ``$ELLAMA_CACHE`` (default ``~/.cache/ellama-recipes``) keyed by the
 architecture, the training settings and the bundled sample's bytes. Continued pretraining then adds the domain.
 """
@@ -129,7 +129,12 @@ def build_tiny_base(
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny base that has learned general text
 # ---------------------------------------------------------------------------------------------------------------------
-BASE_PRETRAIN_VERSION = 2  # bump when the training below changes (invalidates the cache)
+BASE_PRETRAIN_VERSION = 3  # bump when the training below changes (invalidates the cache)
+# The tiny base's own peak LR. The size row's base_max_lr (1e-2, what CPT's "10 % of the base LR" derives from) is
+# too high for a short run: at 80 steps (batch 16 x 256) it left the held-out general perplexity at 51, 3e-3 at 5.6
+# (docs/quickstart.md). CPT's 1e-3 is then a third of the peak the base actually trained at.
+TINY_BASE_MAX_LR = 3e-3
+TINY_BASE_STEPS = 80  # the quickstart's base: ~1.2 passes over the 3,042 training documents
 
 
 HELDOUT_EVERY = 10  # every 10th document of each bundled general file is held out for evaluation
@@ -172,14 +177,14 @@ def _general_texts() -> list[str]:
 
 
 def pretrain_tiny_base(
-    hf_dir: Path, texts: list[str], *, steps: int = 60, seq_length: int = 256, batch_size: int = 16,
+    hf_dir: Path, texts: list[str], *, steps: int = TINY_BASE_STEPS, seq_length: int = 256, batch_size: int = 16,
     max_lr: float | None = None, seed: int = 0, echo: Callable[[str], None] | None = None, threads: int | None = 1,
     documents: list[str] | None = None,
 ) -> dict:
     """Train the HF model in ``hf_dir`` in place on ``texts`` (packed ``bos text eos`` streams, next-token loss).
 
     AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warmup over 10% of the steps then cosine decay to
-    10% of ``max_lr`` (default: the tiny size's base max LR, so continued pretraining's 10% rule holds literally).
+    10% of ``max_lr`` (default :data:`TINY_BASE_MAX_LR`; the size row's base max LR is too high for so few steps).
     ``threads``: torch's intra-op threads during this training (default 1: on a small shared machine one thread
     slows down under load far less than all cores do, like the engine stages; None keeps torch's setting).
     ``documents``: the ids of ``texts``, recorded so the evaluation can prove it never measures them.
@@ -188,7 +193,7 @@ def pretrain_tiny_base(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    max_lr = SIZES["tiny"].base_max_lr if max_lr is None else max_lr
+    max_lr = TINY_BASE_MAX_LR if max_lr is None else max_lr
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     stream: list[int] = []
@@ -255,7 +260,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ELLAMA_CACHE") or Path.home() / ".cache" / "ellama-recipes")
 
 
-def trained_tiny_base(out_dir: Path, *, steps: int = 150, seed: int = 0, cache: bool = True,
+def trained_tiny_base(out_dir: Path, *, steps: int = TINY_BASE_STEPS, seed: int = 0, cache: bool = True,
                       echo: Callable[[str], None] | None = None) -> Path:
     """:func:`build_tiny_base` + :func:`pretrain_tiny_base` on the bundled general sample, copied to ``out_dir``.
 

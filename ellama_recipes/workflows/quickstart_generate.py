@@ -58,3 +58,49 @@ def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, c
                                            if isinstance(t, int) and t >= 0])
     new = gen[0][ids["input_ids"].shape[1]:]
     return tok.decode(new, skip_special_tokens=True).strip()
+
+
+# A category word at the start of a turn (no leading space) is 2-4 tokens of the tiny BPE ('electronics': el|ectr|
+# onic|s) plus the end-of-turn token: 8 leaves room for all of them.
+ANSWER_TOKENS = 8
+
+
+def answer_accuracy(hf_dir: Path, heldout: Path, max_new_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
+    """Exact-match accuracy of ``hf_dir``'s greedy answers (through its chat template) to the held-out one-word
+    questions in ``heldout`` (``splits/eval/classify_heldout.jsonl``: a product's category among six): the answer,
+    stripped, lower-cased and without a final full stop, must equal the reference. ``chance``: one in the number of
+    categories offered."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")} if isinstance(t, int) and t >= 0]
+    prompts = [tok.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
+                                       add_generation_prompt=True, tokenize=False) for r in rows]
+    tok.padding_side = "left"  # one greedy batch: left padding keeps every prompt's end at the same position
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    texts = []
+    for b in range(0, len(prompts), 64):
+        ids = tok(prompts[b:b + 64], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=stop)
+        texts += tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    correct, answers = 0, []
+    for r, text in zip(rows, texts):
+        ref = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        ok = text.strip().lower().rstrip(".") == ref.strip().lower()
+        correct += ok
+        answers.append({"id": r.get("id"), "answer": text.strip(), "reference": ref, "correct": ok})
+    line = rows[0]["messages"][-2]["content"].splitlines()[0] if rows else ""
+    n_choices = len(line.split(":", 1)[-1].split(",")) if rows else 0
+    refs = [a["reference"] for a in answers]
+    top = max(sorted(set(refs)), key=refs.count) if refs else None
+    return {"task": "product category (one word among the six offered)", "questions": len(rows), "correct": correct,
+            "exact_match": correct / len(rows) if rows else None, "chance": 1 / n_choices if n_choices else None,
+            "majority_class": top, "majority_rate": refs.count(top) / len(refs) if refs else None,
+            "decoding": f"greedy, at most {max_new_tokens} new tokens, chat template", "path": str(heldout),
+            "answers": answers}

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 HELDOUT_SFT_EVERY = 10  # every 10th bundled e-commerce SFT conversation is held out (never trained on)
+# The product-category questions of the bundled English SFT template, one per English catalog product (sample_data/
+# domain/products.jsonl) whose title no bundled SFT conversation asks about: every 10th (by rank) is held out for the
+# aligned model's answer accuracy, the first CLASSIFY_TRAIN of the others are added to the SFT data.
+CLASSIFY_TRAIN = 160
+CLASSIFY_TEMPLATE = "Classify the product into one of these categories: {cats}.\nProduct: {title}\nAnswer with the category only."
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -55,11 +60,47 @@ def prepare_splits(out: Path) -> dict[str, Any]:
     for name, rows in sft_train:
         _write_jsonl(sp / "sft" / name, rows)
     _write_jsonl(sp / "eval" / "sft_heldout.jsonl", sft_held)
+    asked = "\n".join(path.read_text(encoding="utf-8") for path in sorted((sample_dir() / "sft").glob("*.jsonl")))
+    cls_train, cls_held = classify_questions(asked)
+    _write_jsonl(sp / "sft" / "ecommerce_classify.jsonl", cls_train)
+    _write_jsonl(sp / "eval" / "classify_heldout.jsonl", cls_held)
     return {"rule": split_rule(), "base_training": {"documents": len(split["train"]), "path": str(sp / "general")},
             "general_eval": {"documents": len(split["heldout"]), "path": str(sp / "eval" / "general_heldout.jsonl"),
                              "ids": [d["id"] for d in split["heldout"]]},
             "sft_heldout": {"conversations": len(sft_held), "path": str(sp / "eval" / "sft_heldout.jsonl"),
-                            "rule": f"every {HELDOUT_SFT_EVERY}th conversation of sft/ecommerce.jsonl"}}
+                            "rule": f"every {HELDOUT_SFT_EVERY}th conversation of sft/ecommerce.jsonl"},
+            "classify": {"train": len(cls_train), "heldout": len(cls_held),
+                         "path": str(sp / "eval" / "classify_heldout.jsonl"),
+                         "rule": f"one question per English product of domain/products.jsonl not asked about by the "
+                                 f"bundled SFT data; every {HELDOUT_SFT_EVERY}th held out, the first {CLASSIFY_TRAIN} "
+                                 "others trained on (splits/sft/ecommerce_classify.jsonl)"}}
+
+
+def classify_questions(exclude: str) -> tuple[list[dict], list[dict]]:
+    """``(train, heldout)`` product-category conversations in the bundled English SFT template (the category list
+    in a per-product order), one per English catalog product whose title does not occur in ``exclude`` (the
+    bundled SFT files' text)."""
+    import random
+
+    from ellama_recipes.data.bundled import sample_dir
+
+    path = sample_dir() / "domain" / "products.jsonl"
+    prods = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    cats = sorted({p["category"] for p in prods})
+    train, held, rank = [], [], 0
+    for i, p in enumerate(prods, 1):
+        if p.get("lang") != "en" or p["title"] in exclude:
+            continue
+        rank += 1
+        order = random.Random(i).sample(cats, len(cats))
+        row = {"messages": [{"role": "user", "content": CLASSIFY_TEMPLATE.format(cats=", ".join(order), title=p["title"])},
+                            {"role": "assistant", "content": p["category"]}],
+               "task": "classify", "lang": "en", "id": f"products.jsonl:{i}"}
+        if rank % HELDOUT_SFT_EVERY == 0:
+            held.append(row)
+        elif len(train) < CLASSIFY_TRAIN:
+            train.append(row)
+    return train, held
 
 
 def write_noreplay_manifest(data: Path) -> Path:
