@@ -77,16 +77,44 @@ def ray_session(address: str | None, num_cpus: int | None):
 SESSION: dict = {}  # what the last session saw (node addresses), for the report
 
 
+def _warm_workers(n_cpus: int) -> None:
+    """Fire (not wait for) one :func:`~ellama_recipes.data.ray_stages.warm_up` task per CPU (spread over the
+    nodes): the workers import the scoring/tokenizing libraries while the driver does its own part."""
+    import ray
+
+    from ellama_recipes.data.ray_stages import warm_up
+
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(warm_up)
+    SESSION["warm_up"] = [task.remote() for _ in range(n_cpus)]  # refs held: the tasks are not cancelled
+
+
+MIN_BLOCK_BYTES = 256 << 10  # no smaller blocks than this when sizing them to the input
+
+
+def _block_size(block_bytes: int, paths, n_cpus: int) -> int:
+    """Blocks of at most ``block_bytes``, but small enough that an input under ``n_cpus`` blocks still gives every
+    CPU one (not below MIN_BLOCK_BYTES). Clean and score results do not depend on the blocking (every line keeps its
+    file:line and corpus index); tokenized shards keep ``--shard-mb`` (they are the output)."""
+    total = sum(Path(p).stat().st_size for p in paths)
+    return max(1, min(block_bytes, max(MIN_BLOCK_BYTES, -(-total // max(1, n_cpus)))))
+
+
 def _pool(n_cpus: int, n_blocks: int) -> int:
     return max(1, min(n_cpus, n_blocks))
 
 
 def _map_blocks(rows: list[dict], cls, args: tuple, n_cpus: int):
-    """``from_items(rows).map_batches(cls, one block per batch, an actor pool of up to n_cpus actors)``."""
+    """``from_items(rows).map_batches(run_block, fn_args=(cls, args))``: one block per batch, one Ray task per
+    block (up to n_cpus at a time). Tasks, not an actor pool per stage: the job's worker processes (prestarted when
+    the driver connects) serve every stage, and :func:`~ellama_recipes.data.ray_stages.run_block` keeps each
+    stage's loaded models per process, so a stage costs no process start-up (an actor pool started fresh processes
+    for every stage: most of the fixed cost of a small build)."""
     import ray.data
 
+    from ellama_recipes.data.ray_stages import run_block
+
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    return ds.map_batches(cls, fn_constructor_args=args, batch_size=1, batch_format="numpy",
+    return ds.map_batches(run_block, fn_args=(cls, args), batch_size=1, batch_format="numpy",
                           concurrency=_pool(n_cpus, len(rows)), num_cpus=1)
 
 
@@ -164,8 +192,8 @@ def _find_duplicates(survivors, ccfg: CleanConfig, dedup: str) -> list[dict]:
     documents, where Ray's shuffle start-up costs more than the whole dedup)."""
     from ellama_recipes.data.dedup import find_duplicates, find_duplicates_local
 
-    if dedup == "local":
-        return find_duplicates_local(survivors.iter_rows(), _dedup_cfg(ccfg))
+    if dedup == "local":  # survivors: an iterable of row dicts
+        return find_duplicates_local(survivors, _dedup_cfg(ccfg))
     return list(find_duplicates(survivors, _dedup_cfg(ccfg)).iter_rows())
 
 
@@ -183,7 +211,7 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     if info is not None:
         return info
     t0 = time.perf_counter()
-    blocks = [b.as_row() for b in split_files(files, block_bytes)]
+    blocks = [b.as_row() for b in split_files(files, _block_size(block_bytes, files, n_cpus))]
     cleaned = _map_blocks(blocks, CleanBlock, (kind, asdict(ccfg)), n_cpus).materialize()
     stats = StageStats(f"clean {kind}")
     nodes: Counter = Counter()
@@ -192,13 +220,21 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     if kind == "domain":  # the product-id rule needs corpus order; domain rows are held for the graph anyway
         rows = [dict(r) for r in cleaned.iter_rows()]
         _duplicate_ids(rows)
-        survivors = ray.data.from_items([{"id": r["gid"], "text": r["text"], "where": r["where"]}
-                                         for r in rows if r["reason"] == ""],
-                                        override_num_blocks=max(1, min(len(blocks), n_cpus)))
+        if dedup == "local":  # straight from the rows in hand: no dataset, no Ray execution
+            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]} for r in rows if r["reason"] == "")
+        else:
+            survivors = ray.data.from_items([{"id": r["gid"], "text": r["text"], "where": r["where"]}
+                                             for r in rows if r["reason"] == ""],
+                                            override_num_blocks=max(1, min(len(blocks), n_cpus)))
     else:
         rows = None
-        survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
-            .rename_columns({"gid": "id"})
+        if dedup == "local":  # one pass over the materialized blocks on the driver, no filter/select stage
+            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]}
+                         for b in cleaned.iter_batches(batch_size=4096, batch_format="numpy")
+                         for r in _batch_rows(b) if r["reason"] == "")
+        else:
+            survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
+                .rename_columns({"gid": "id"})
     drops = {int(d["id"]): d for d in _find_duplicates(survivors, ccfg, dedup)}
     (st.dir / "rejects").mkdir(exist_ok=True)
     (st.dir / "work").mkdir(exist_ok=True)
@@ -255,8 +291,9 @@ def ray_scorer(n_cpus: int, block_bytes: int = BLOCK_BYTES, nodes: Counter | Non
 
     def score(paths, model_path: str, tok_json, extra: int, progress=None):
         blocks, first = [], 0
+        size = _block_size(block_bytes, paths, n_cpus)
         for i, p in enumerate(paths):
-            for b in split_file(p, i, block_bytes):
+            for b in split_file(p, i, size):
                 blocks.append({**b.as_row(), "first": first})
                 first += b.lines
         if not blocks:
@@ -348,6 +385,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
             nodes[f"clean_{kind}"] = info["nodes"]
             timings[f"clean_{kind}"] = info["seconds"]
             dedups[kind] = info["dedup"]
+        _warm_workers(n_cpus)  # while the driver serializes and fits the classifier
         # 2. serialize (driver; deterministic and cheap, so recomputed on a resume)
         t0 = time.perf_counter()
         wheres = (work / "clean_domain.where").read_text(encoding="utf-8").splitlines()
