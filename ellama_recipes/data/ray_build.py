@@ -61,7 +61,9 @@ def ray_session(address: str | None, num_cpus: int | None):
     from ellama_recipes.data.ray_env import init_ray
 
     started = not ray.is_initialized()
+    t0 = time.perf_counter()
     init_ray(address, num_cpus)
+    SESSION["start_s"] = round(time.perf_counter() - t0, 2)
     try:
         import ray.data
 
@@ -467,7 +469,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     report["executor"] = {"kind": "ray", "address": ray_address or "local", "cpus": n_cpus,
                           "node_addresses": SESSION.get("node_addresses"),
                           "resumed": st.resumed, "dedup": dedups, "block_bytes": block_bytes, "shard_bytes": shard_bytes,
-                          "seconds": timings, "rows_per_node": nodes}
+                          "seconds": {"ray_start": SESSION.get("start_s"), **timings}, "rows_per_node": nodes}
     write_json(st.dir / "report.json", report)
     st.promote()
     return manifest
