@@ -6,7 +6,7 @@ with a private HOME / temp dir: this file re-runs itself there (``python tests/t
 TOK``), which starts a Ray head and a second Ray node as separate ``ray start`` processes (1 CPU each, no
 dashboard), connects to them ONCE (the scenario process is the driver of every cluster check but the killed build)
 and stops the cluster; the tests read what it left in ROOT/scenario.json. While it runs, this pytest process builds
-the in-process references (no Ray). About 1.5 minutes on 2 busy cores (slow).
+the in-process references (no Ray). About 110 s on 2 shared cores (slow).
 
 Corpus: the first 40 % of every bundled sample file (about 1.2 MB) plus the bad-input files; blocks and shards of
 0.1 MiB so each stage has several. Runs, in this order:
