@@ -58,7 +58,8 @@ def build(
     dedup: str = typer.Option("auto", "--dedup", help="ray: dedup by Ray shuffles (data.dedup.find_duplicates); "
                               "local: on the driver (same decisions); auto: local on a local Ray instance up to "
                               "200,000 records per kind, else ray."),
-    block_mb: float = typer.Option(4.0, "--block-mb", help="Ray: at most this many MiB of input per block (one task; smaller for a small input so every CPU gets one)."),
+    block_mb: float = typer.Option(4.0, "--block-mb", help="Ray: at most this many MiB of input per block (one task; "
+                                  "smaller for a small input so every CPU gets one)."),
     shard_mb: float = typer.Option(16.0, "--shard-mb", help="Ray: MiB of input per tokenized shard (.bin/.idx)."),
     no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine general documents with p(domain) >= P "

@@ -6,19 +6,21 @@ Stages and the engine operators they use (``ds`` = a :class:`ray.data.Dataset`):
 1. **clean** (domain, general): the input files are split into blocks of whole lines
    (:mod:`ellama_recipes.data.blocks`); ``from_items(blocks).map_batches(run_block, fn_args=(CleanBlock, ...))``
    parses, validates, normalises, applies the quality rules and identifies the language (one Ray task per block;
-   py3langid's model loaded once per worker process, see :func:`_map_blocks`). Every line comes back as one row (kept, or rejected with its reason and
-   ``file:line``). The product-id rule (a product whose id was kept before is a ``duplicate_id``) runs on the
-   driver over the domain records, which the graph mix holds in memory anyway. Dedup is
-   :func:`ellama_recipes.data.dedup.find_duplicates` (exact by content hash through a shuffle, MinHash LSH bands
-   through a shuffle, exact Jaccard check, distributed connected components).
+   py3langid's model loaded once per worker process, see :func:`_map_blocks`). Every line comes back as one row
+   (kept, or rejected with its reason and ``file:line``). The product-id rule (a product whose id was kept before is
+   a ``duplicate_id``) runs on the driver over the domain records, which the graph mix holds in memory anyway.
+   Dedup is :func:`ellama_recipes.data.dedup.find_duplicates` (exact by content hash through a shuffle, MinHash LSH
+   bands through a shuffle, exact Jaccard check, distributed connected components).
 2. **serialize**: the EcomGPT-CT graph mix (ellama code, on the driver, as today).
 3. **classify / mine**: the classifier is fitted on an even sample (as today); the corpus is scored by
-   ``map_batches(run_block, fn_args=(ScoreBlock, ...))`` (tasks; the fitted models loaded once per process), then the exact budget cut-off
-   and the routing are :mod:`ellama_recipes.data.mine`'s (same documents as today for the same corpus/budget).
+   ``map_batches(run_block, fn_args=(ScoreBlock, ...))`` (tasks; the fitted models loaded once per process), then
+   the exact budget cut-off and the routing are :mod:`ellama_recipes.data.mine`'s (same documents as today for the
+   same corpus/budget).
 4. **tokenize**: every block of every source becomes its own Megatron shard ``tokenized/NAME/NAME-00000.bin/.idx``
-   (``map_batches(run_block, fn_args=(TokenizeBlock, ...))``, megatron-core's builder in the task, temp names renamed into
-   place, a ``.shard.json`` with its counts renamed last). The manifest lists every shard as a source entry with
-   ``"source": NAME``; the blend (token-exact, per side and language) is :func:`ellama_recipes.data.blend.make_manifest`.
+   (``map_batches(run_block, fn_args=(TokenizeBlock, ...))``, megatron-core's builder in the task, temp names
+   renamed into place, a ``.shard.json`` with its counts renamed last). The manifest lists every shard as a source
+   entry with ``"source": NAME``; the blend (token-exact, per side and language) is
+   :func:`ellama_recipes.data.blend.make_manifest`.
 5. **blend**: ``manifest.json`` + ``report.json`` (per-stage accounting summed over blocks and shards).
 
 Resume: the build works in ``OUT/../.OUT.partial`` (kept when killed). Each finished stage leaves

@@ -2,8 +2,9 @@
 
 Each class is a stateful map run by :func:`run_block` in Ray tasks (``map_batches(run_block, fn_args=(Cls, args))``):
 what is expensive to load (the language-id model, the tokenizer, the fitted classifier) is loaded once per worker
-process in ``__init__`` and kept across blocks and stages, then every batch is one :class:`~ellama_recipes.data.blocks.Block` (its row dict) the actor reads itself from the shared file
-system. Every output row says on which Ray node it ran (``node``), so a multi-node run can show work on both nodes.
+process in ``__init__`` and kept across blocks and stages, then every batch is one
+:class:`~ellama_recipes.data.blocks.Block` (its row dict) the task reads itself from the shared file system. Every
+output row says on which Ray node it ran (``node``), so a multi-node run can show work on both nodes.
 
 Nothing here decides anything the sequential pipeline does not: the rules are the same functions
 (:func:`ellama_recipes.data.clean.normalize_text`, :func:`~ellama_recipes.data.clean.quality_problem`,
