@@ -4,7 +4,8 @@
 ``unshare -n sh -c 'ip link set lo up && exec python FILE'`` (root needed), with a private HOME / TMPDIR / Ray temp
 dir (a stray ``~/.ray`` token would switch on token auth) and the test session's environment (so the suite's leak
 check sees its processes). The snippet should call ``ellama_recipes.data.ray_env.init_ray()``, assert that the node
-address is 127.0.0.1 and ``ray.shutdown()`` at the end. Used by tests/test_dedup.py and benchmarks.
+address is 127.0.0.1 and ``ray.shutdown()`` at the end. For ad-hoc checks: the Ray tests share ONE cluster start
+(tests/test_ray_data.py's scenario, which also runs tests/test_dedup.py's Ray case).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Exact + near-duplicate detection (ellama_recipes/data/dedup.py, issue 19): quality against a brute-force exact
 Jaccard reference on a planted corpus, the cluster rule on chains, determinism, reasons with file:line, the
-streaming cleaner's NearDup agreeing with the batch result, and the Ray Data path (in a loopback-only network
-namespace) giving exactly the in-process result."""
+streaming cleaner's NearDup agreeing with the batch result. The Ray Data path (:func:`ray_case_rows`) runs on the
+2-node cluster of tests/test_ray_data.py (loopback-only network namespace) and must give exactly the in-process
+result."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -14,7 +14,6 @@ from ellama_recipes.data.clean import NearDup
 from ellama_recipes.data.dedup import (DedupConfig, bucket_pairs, find_duplicates_local, jaccard, resolve_cluster,
                                        shingle_set)
 from ellama_recipes.data.planted_dups import planted_corpus, reference_pairs
-from ray_netns import netns_available, run_ray_snippet
 
 CFG = DedupConfig()
 
@@ -136,43 +135,11 @@ def test_streaming_neardup_agrees_with_batch(corpus):
     assert got == batch
 
 
-@pytest.mark.timeout(600)
-def test_ray_equals_local_in_loopback_netns(tmp_path, corpus):
-    why = netns_available()
-    if why:
-        pytest.skip(f"Ray tests run only inside a loopback network namespace: {why}")
-    rows, _ = corpus
+def ray_case_rows() -> list[dict]:
+    """The Ray dedup case: the planted corpus above, a chain A ~ B ~ C and an exact copy of A. Run on a 2-node Ray
+    cluster in a loopback-only network namespace by tests/test_ray_data.py (one cluster start for every Ray check:
+    ``test_ray_dedup_on_two_nodes_equals_local`` compares it with :func:`find_duplicates_local`)."""
     A, B, C = _chain()
     chain = [{"id": 10_000 + i, "text": t, "where": f"chain:{i}"} for i, t in enumerate((A, B, C))]
     exact = [{"id": 20_000, "text": A.upper(), "where": "exact:1"}]
-    data = rows + chain + exact
-    (tmp_path / "rows.json").write_text(json.dumps(data))
-    proc = run_ray_snippet("""
-        import json, ray, ray.data
-        from ellama_recipes.data.ray_env import init_ray, node_addresses
-        from ellama_recipes.data.dedup import find_duplicates
-        init_ray(num_cpus=2)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        assert node_addresses() == ["127.0.0.1"], node_addresses()
-        assert ray.util.get_node_ip_address() == "127.0.0.1"
-        rows = json.load(open("rows.json"))
-        lazy = ray.data.from_items(rows, override_num_blocks=3).map_batches(lambda b: b)  # not materialized
-        out = find_duplicates(lazy).take_all()
-        # other blocks and partitions: the same drops
-        other = find_duplicates(ray.data.from_items(rows[::-1], override_num_blocks=5),
-                                num_partitions=3).take_all()
-        few = find_duplicates(ray.data.from_items(rows[:5], override_num_blocks=2))
-        assert few.schema().names == ["id", "rep_id", "reason", "jaccard", "rep_where"], few.schema()
-        none = few.count()
-        plain = lambda ds: [{k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()} for d in ds]
-        json.dump({"out": plain(out), "other": plain(other), "none": none}, open("out.json", "w"))
-        ray.shutdown()
-    """, tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads((tmp_path / "out.json").read_text())
-    local = find_duplicates_local(data, CFG)
-    assert sorted(map(_key, res["out"])) == sorted(map(_key, local))
-    assert sorted(map(_key, res["other"])) == sorted(map(_key, local))
-    assert {(d["id"], d["rep_id"]) for d in local} >= {(10_001, 10_000), (20_000, 10_000)}
-    assert 10_002 not in {d["id"] for d in local}  # the chain's far end is kept
-    assert res["none"] == len(find_duplicates_local(data[:5], CFG))
+    return planted_corpus(n_base=150, seed=3) + chain + exact

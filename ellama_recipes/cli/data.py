@@ -58,7 +58,8 @@ def build(
     dedup: str = typer.Option("auto", "--dedup", help="ray: dedup by Ray shuffles (data.dedup.find_duplicates); "
                               "local: on the driver (same decisions); auto: local on a local Ray instance up to "
                               "200,000 records per kind, else ray."),
-    block_mb: float = typer.Option(4.0, "--block-mb", help="Ray: MiB of input per block (one task/actor call)."),
+    block_mb: float = typer.Option(4.0, "--block-mb", help="Ray: at most this many MiB of input per block (one task; "
+                                  "smaller for a small input so every CPU gets one)."),
     shard_mb: float = typer.Option(16.0, "--shard-mb", help="Ray: MiB of input per tokenized shard (.bin/.idx)."),
     no_mine: bool = typer.Option(False, "--no-mine", help="Skip mining domain documents from the general corpus."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Mine general documents with p(domain) >= P "
@@ -279,7 +280,7 @@ def classify_cmd(
         try:
             with contextlib.ExitStack() as stack:
                 scorer = None
-                if executor == "ray":  # scored by an actor pool holding the fitted models
+                if executor == "ray":  # scored by Ray tasks holding the fitted models
                     from ellama_recipes.data.ray_build import ray_scorer, ray_session
 
                     scorer = ray_scorer(stack.enter_context(
@@ -317,7 +318,7 @@ def tokenize_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", help="Tokenizer processes (inprocess, default 1) or "
                                           "the local Ray instance's CPUs (ray, default: all cores)."),
     executor: str = typer.Option("ray", "--executor", help="ray (default: one shard OUT/NAME-00000.bin/.idx per "
-                                 "block, written in parallel by an actor pool; local Ray unless --ray-address) or "
+                                 "block, written in parallel by Ray tasks; local Ray unless --ray-address) or "
                                  "inprocess (one OUT.bin/.idx)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     shard_mb: float = typer.Option(16.0, "--shard-mb", help="Ray: MiB of input per shard."),

@@ -4,21 +4,23 @@
 Stages and the engine operators they use (``ds`` = a :class:`ray.data.Dataset`):
 
 1. **clean** (domain, general): the input files are split into blocks of whole lines
-   (:mod:`ellama_recipes.data.blocks`); ``from_items(blocks).map_batches(CleanBlock, concurrency=N)`` parses,
-   validates, normalises, applies the quality rules and identifies the language (an actor pool: py3langid's
-   model loaded once per actor). Every line comes back as one row (kept, or rejected with its reason and
-   ``file:line``). The product-id rule (a product whose id was kept before is a ``duplicate_id``) runs on the
-   driver over the domain records, which the graph mix holds in memory anyway. Dedup is
-   :func:`ellama_recipes.data.dedup.find_duplicates` (exact by content hash through a shuffle, MinHash LSH bands
-   through a shuffle, exact Jaccard check, distributed connected components).
+   (:mod:`ellama_recipes.data.blocks`); ``from_items(blocks).map_batches(run_block, fn_args=(CleanBlock, ...))``
+   parses, validates, normalises, applies the quality rules and identifies the language (one Ray task per block;
+   py3langid's model loaded once per worker process, see :func:`_map_blocks`). Every line comes back as one row
+   (kept, or rejected with its reason and ``file:line``). The product-id rule (a product whose id was kept before is
+   a ``duplicate_id``) runs on the driver over the domain records, which the graph mix holds in memory anyway.
+   Dedup is :func:`ellama_recipes.data.dedup.find_duplicates` (exact by content hash through a shuffle, MinHash LSH
+   bands through a shuffle, exact Jaccard check, distributed connected components).
 2. **serialize**: the EcomGPT-CT graph mix (ellama code, on the driver, as today).
 3. **classify / mine**: the classifier is fitted on an even sample (as today); the corpus is scored by
-   ``map_batches(ScoreBlock, concurrency=N)`` (actors holding the fitted models), then the exact budget cut-off
-   and the routing are :mod:`ellama_recipes.data.mine`'s (same documents as today for the same corpus/budget).
+   ``map_batches(run_block, fn_args=(ScoreBlock, ...))`` (tasks; the fitted models loaded once per process), then
+   the exact budget cut-off and the routing are :mod:`ellama_recipes.data.mine`'s (same documents as today for the
+   same corpus/budget).
 4. **tokenize**: every block of every source becomes its own Megatron shard ``tokenized/NAME/NAME-00000.bin/.idx``
-   (``map_batches(TokenizeBlock, concurrency=N)``, megatron-core's builder in the actor, temp names renamed into
-   place, a ``.shard.json`` with its counts renamed last). The manifest lists every shard as a source entry with
-   ``"source": NAME``; the blend (token-exact, per side and language) is :func:`ellama_recipes.data.blend.make_manifest`.
+   (``map_batches(run_block, fn_args=(TokenizeBlock, ...))``, megatron-core's builder in the task, temp names
+   renamed into place, a ``.shard.json`` with its counts renamed last). The manifest lists every shard as a source
+   entry with ``"source": NAME``; the blend (token-exact, per side and language) is
+   :func:`ellama_recipes.data.blend.make_manifest`.
 5. **blend**: ``manifest.json`` + ``report.json`` (per-stage accounting summed over blocks and shards).
 
 Resume: the build works in ``OUT/../.OUT.partial`` (kept when killed). Each finished stage leaves
@@ -61,7 +63,9 @@ def ray_session(address: str | None, num_cpus: int | None):
     from ellama_recipes.data.ray_env import init_ray
 
     started = not ray.is_initialized()
+    t0 = time.perf_counter()
     init_ray(address, num_cpus)
+    SESSION["start_s"] = round(time.perf_counter() - t0, 2)
     try:
         import ray.data
 
@@ -77,16 +81,44 @@ def ray_session(address: str | None, num_cpus: int | None):
 SESSION: dict = {}  # what the last session saw (node addresses), for the report
 
 
+def _warm_workers(n_cpus: int) -> None:
+    """Fire (not wait for) one :func:`~ellama_recipes.data.ray_stages.warm_up` task per CPU (spread over the
+    nodes): the workers import the scoring/tokenizing libraries while the driver does its own part."""
+    import ray
+
+    from ellama_recipes.data.ray_stages import warm_up
+
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(warm_up)
+    SESSION["warm_up"] = [task.remote() for _ in range(n_cpus)]  # refs held: the tasks are not cancelled
+
+
+MIN_BLOCK_BYTES = 256 << 10  # no smaller blocks than this when sizing them to the input
+
+
+def _block_size(block_bytes: int, paths, n_cpus: int) -> int:
+    """Blocks of at most ``block_bytes``, but small enough that an input under ``n_cpus`` blocks still gives every
+    CPU one (not below MIN_BLOCK_BYTES). Clean and score results do not depend on the blocking (every line keeps its
+    file:line and corpus index); tokenized shards keep ``--shard-mb`` (they are the output)."""
+    total = sum(Path(p).stat().st_size for p in paths)
+    return max(1, min(block_bytes, max(MIN_BLOCK_BYTES, -(-total // max(1, n_cpus)))))
+
+
 def _pool(n_cpus: int, n_blocks: int) -> int:
     return max(1, min(n_cpus, n_blocks))
 
 
 def _map_blocks(rows: list[dict], cls, args: tuple, n_cpus: int):
-    """``from_items(rows).map_batches(cls, one block per batch, an actor pool of up to n_cpus actors)``."""
+    """``from_items(rows).map_batches(run_block, fn_args=(cls, args))``: one block per batch, one Ray task per
+    block (up to n_cpus at a time). Tasks, not an actor pool per stage: the job's worker processes (prestarted when
+    the driver connects) serve every stage, and :func:`~ellama_recipes.data.ray_stages.run_block` keeps each
+    stage's loaded models per process, so a stage costs no process start-up (an actor pool started fresh processes
+    for every stage: most of the fixed cost of a small build)."""
     import ray.data
 
+    from ellama_recipes.data.ray_stages import run_block
+
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    return ds.map_batches(cls, fn_constructor_args=args, batch_size=1, batch_format="numpy",
+    return ds.map_batches(run_block, fn_args=(cls, args), batch_size=1, batch_format="numpy",
                           concurrency=_pool(n_cpus, len(rows)), num_cpus=1)
 
 
@@ -164,8 +196,8 @@ def _find_duplicates(survivors, ccfg: CleanConfig, dedup: str) -> list[dict]:
     documents, where Ray's shuffle start-up costs more than the whole dedup)."""
     from ellama_recipes.data.dedup import find_duplicates, find_duplicates_local
 
-    if dedup == "local":
-        return find_duplicates_local(survivors.iter_rows(), _dedup_cfg(ccfg))
+    if dedup == "local":  # survivors: an iterable of row dicts
+        return find_duplicates_local(survivors, _dedup_cfg(ccfg))
     return list(find_duplicates(survivors, _dedup_cfg(ccfg)).iter_rows())
 
 
@@ -183,7 +215,7 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     if info is not None:
         return info
     t0 = time.perf_counter()
-    blocks = [b.as_row() for b in split_files(files, block_bytes)]
+    blocks = [b.as_row() for b in split_files(files, _block_size(block_bytes, files, n_cpus))]
     cleaned = _map_blocks(blocks, CleanBlock, (kind, asdict(ccfg)), n_cpus).materialize()
     stats = StageStats(f"clean {kind}")
     nodes: Counter = Counter()
@@ -192,13 +224,21 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     if kind == "domain":  # the product-id rule needs corpus order; domain rows are held for the graph anyway
         rows = [dict(r) for r in cleaned.iter_rows()]
         _duplicate_ids(rows)
-        survivors = ray.data.from_items([{"id": r["gid"], "text": r["text"], "where": r["where"]}
-                                         for r in rows if r["reason"] == ""],
-                                        override_num_blocks=max(1, min(len(blocks), n_cpus)))
+        if dedup == "local":  # straight from the rows in hand: no dataset, no Ray execution
+            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]} for r in rows if r["reason"] == "")
+        else:
+            survivors = ray.data.from_items([{"id": r["gid"], "text": r["text"], "where": r["where"]}
+                                             for r in rows if r["reason"] == ""],
+                                            override_num_blocks=max(1, min(len(blocks), n_cpus)))
     else:
         rows = None
-        survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
-            .rename_columns({"gid": "id"})
+        if dedup == "local":  # one pass over the materialized blocks on the driver, no filter/select stage
+            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]}
+                         for b in cleaned.iter_batches(batch_size=4096, batch_format="numpy")
+                         for r in _batch_rows(b) if r["reason"] == "")
+        else:
+            survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
+                .rename_columns({"gid": "id"})
     drops = {int(d["id"]): d for d in _find_duplicates(survivors, ccfg, dedup)}
     (st.dir / "rejects").mkdir(exist_ok=True)
     (st.dir / "work").mkdir(exist_ok=True)
@@ -247,16 +287,17 @@ def _batch_rows(b: dict):
 
 
 def ray_scorer(n_cpus: int, block_bytes: int = BLOCK_BYTES, nodes: Counter | None = None):
-    """A scorer for :func:`ellama_recipes.data.mine.score_corpus`: blocks of the corpus scored by an actor pool
-    holding the fitted fold models; yields ``_score_chunk`` results in corpus order."""
+    """A scorer for :func:`ellama_recipes.data.mine.score_corpus`: blocks of the corpus scored by Ray tasks
+    holding the fitted fold models (once per worker process); yields ``_score_chunk`` results in corpus order."""
     import numpy as np
 
     from ellama_recipes.data.ray_stages import ScoreBlock
 
     def score(paths, model_path: str, tok_json, extra: int, progress=None):
         blocks, first = [], 0
+        size = _block_size(block_bytes, paths, n_cpus)
         for i, p in enumerate(paths):
-            for b in split_file(p, i, block_bytes):
+            for b in split_file(p, i, size):
                 blocks.append({**b.as_row(), "first": first})
                 first += b.lines
         if not blocks:
@@ -348,6 +389,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
             nodes[f"clean_{kind}"] = info["nodes"]
             timings[f"clean_{kind}"] = info["seconds"]
             dedups[kind] = info["dedup"]
+        _warm_workers(n_cpus)  # while the driver serializes and fits the classifier
         # 2. serialize (driver; deterministic and cheap, so recomputed on a resume)
         t0 = time.perf_counter()
         wheres = (work / "clean_domain.where").read_text(encoding="utf-8").splitlines()
@@ -429,7 +471,7 @@ def build_ray(dfiles: list[Path], gfiles: list[Path], tok, out: Path, *, ratio, 
     report["executor"] = {"kind": "ray", "address": ray_address or "local", "cpus": n_cpus,
                           "node_addresses": SESSION.get("node_addresses"),
                           "resumed": st.resumed, "dedup": dedups, "block_bytes": block_bytes, "shard_bytes": shard_bytes,
-                          "seconds": timings, "rows_per_node": nodes}
+                          "seconds": {"ray_start": SESSION.get("start_s"), **timings}, "rows_per_node": nodes}
     write_json(st.dir / "report.json", report)
     st.promote()
     return manifest

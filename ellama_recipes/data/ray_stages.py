@@ -1,9 +1,10 @@
 """The workers of the Ray Data build: what runs inside ``map_batches`` (one batch = one block of a file).
 
-Each class is a stateful map for an actor pool (``map_batches(Cls, concurrency=N)``): what is expensive to load
-(the language-id model, the tokenizer, the fitted classifier) is loaded once per actor in ``__init__``, then every
-batch is one :class:`~ellama_recipes.data.blocks.Block` (its row dict) the actor reads itself from the shared file
-system. Every output row says on which Ray node it ran (``node``), so a multi-node run can show work on both nodes.
+Each class is a stateful map run by :func:`run_block` in Ray tasks (``map_batches(run_block, fn_args=(Cls, args))``):
+what is expensive to load (the language-id model, the tokenizer, the fitted classifier) is loaded once per worker
+process in ``__init__`` and kept across blocks and stages, then every batch is one
+:class:`~ellama_recipes.data.blocks.Block` (its row dict) the task reads itself from the shared file system. Every
+output row says on which Ray node it ran (``node``), so a multi-node run can show work on both nodes.
 
 Nothing here decides anything the sequential pipeline does not: the rules are the same functions
 (:func:`ellama_recipes.data.clean.normalize_text`, :func:`~ellama_recipes.data.clean.quality_problem`,
@@ -41,6 +42,37 @@ def _first(batch: dict) -> dict:
 def _cols(rows: list[dict], names: tuple[str, ...]) -> dict:
     return {n: np.array([r[n] for r in rows], dtype=object if not rows or isinstance(rows[0][n], str) else None)
             for n in names}
+
+
+_WORKERS: dict = {}  # per worker process: class name -> (args key, instance)
+
+
+def run_block(batch: dict, cls, args: tuple) -> dict:
+    """One block through ``cls(*args)``, built once per worker PROCESS and kept for every later block (and stage)
+    this process runs with the same arguments: the stages are Ray tasks (``map_batches(run_block, fn_args=(cls,
+    args))``) on the job's pooled worker processes, so the language-id model, the tokenizer and the fitted
+    classifier are loaded once per process for the whole build, not once per stage's actor pool."""
+    import pickle
+    from hashlib import blake2b
+
+    key = blake2b(pickle.dumps(args), digest_size=16).digest()
+    have = _WORKERS.get(cls.__name__)
+    if have is None or have[0] != key:
+        _WORKERS[cls.__name__] = have = (key, cls(*args))
+    return have[1](batch)
+
+
+def warm_up() -> None:
+    """Import what the later stages load (megatron-core's indexed-dataset writer and torch, the tokenizer, the
+    classifier's libraries) in this worker process; the driver fires it while it works alone (dedup, graph mix,
+    the classifier's fit), so the worker is warm when scoring and tokenizing start."""
+    import joblib  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import tokenizers  # noqa: F401
+
+    from ellama_recipes.data import indexed, mine, tokenize  # noqa: F401
+
+    indexed._idx_mod()
 
 
 CLEAN_COLUMNS = ("gid", "where", "reason", "detail", "rec", "text", "pid", "node")
