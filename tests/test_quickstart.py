@@ -155,3 +155,26 @@ def test_dryrun_lists_every_stage_with_its_command(tmp_path, capsys):
     names = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
     assert "align (SFT -> DPO)" not in names and "pretrain (CPT, no replay)" not in names
     assert not (tmp_path / "q").exists()
+
+
+def test_a_finished_eval_is_redone_for_other_models_or_another_eval_limit(tmp_path):
+    """The quickstart skips its eval stage only when eval.json covers the same models with the same --eval-limit and
+    is newer than their files (a re-run with `--eval-limit 0` used to reuse the 100-example eval)."""
+    from ellama_recipes.workflows.quickstart import _eval_is_current
+
+    models = [tmp_path / "base_hf", tmp_path / "hf"]
+    for m in models:
+        m.mkdir()
+        (m / "config.json").write_text("{}")
+    out = tmp_path / "eval"
+    out.mkdir()
+    assert not _eval_is_current(out, models, 100)  # nothing measured yet
+    (out / "eval.json").write_text(json.dumps({"models": [{"model": str(m)} for m in models], "limit": 100}))
+    later = max(p.stat().st_mtime for m in models for p in m.iterdir()) + 10
+    os.utime(out / "eval.json", (later, later))
+    assert _eval_is_current(out, models, 100)
+    assert not _eval_is_current(out, models, None)  # --eval-limit 0: every example
+    assert not _eval_is_current(out, models[:1], 100)
+    (out / "eval.json").write_text(json.dumps({"models": [{"model": str(m)} for m in models]}))  # before "limit"
+    os.utime(out / "eval.json", (later, later))
+    assert not _eval_is_current(out, models, 100)

@@ -326,7 +326,8 @@ def evaluate(
         e.update(compare(entries[0], e))
     report = {"baseline": entries[0]["label"], "models": entries, "definitions": DEFINITIONS,
               "tasks": [{"name": t.name, "side": t.side, "origin": t.origin} for t in refs],
-              "split": split if any(not (d.split("=", 1)[0] in SIDES) for d in data or []) else None}
+              "split": split if any(not (d.split("=", 1)[0] in SIDES) for d in data or []) else None,
+              "limit": limit}
     if out is not None:
         write_report(report, Path(out))
     return report

@@ -152,7 +152,8 @@ def _export(run: Path, hf: Path) -> dict:
     return {k: report[k] for k in ("checkpoint", "max_logit_diff") if k in report} | {"tensors": len(report.get("tensors", []))}
 
 
-def _eval_is_current(out: Path, models: list[Path]) -> bool:
+def _eval_is_current(out: Path, models: list[Path], limit: int | None) -> bool:
+    """eval.json is newer than every model's files and was measured on the same models with the same --eval-limit."""
     rec = out / "eval.json"
     if not rec.is_file():
         return False
@@ -161,6 +162,8 @@ def _eval_is_current(out: Path, models: list[Path]) -> bool:
     except json.JSONDecodeError:
         return False
     if [m["model"] for m in report.get("models", [])] != [str(m) for m in models]:
+        return False
+    if report.get("limit", "absent") != limit:  # another --eval-limit (or a report from before it was recorded)
         return False
     newest = max(p.stat().st_mtime for m in models for p in Path(m).iterdir())
     return rec.stat().st_mtime > newest
@@ -311,7 +314,7 @@ def _run(out: Path, logs, *, steps, base_steps, align_steps, eval_limit, align, 
         evaluate(models, data=eval_data, out=eval_dir, limit=eval_limit, labels=labels, max_docs=None, echo=echo)
         return {}
 
-    stage("eval", eval_dir, _eval_is_current(eval_dir, models), do_eval)
+    stage("eval", eval_dir, _eval_is_current(eval_dir, models, eval_limit), do_eval)
     logs.switch(log_dir / f"{len(results) + 1:02d}-generate.log")
     report = json.loads((eval_dir / "eval.json").read_text())
     rows = {e["label"]: e for e in report["models"]}
