@@ -4,14 +4,16 @@ next to the base's raw-text continuation (``report.json["generation"]``). Used b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from ellama_recipes.workflows.quickstart_splits import read_jsonl
+
 
 def sample_generations(base_hf: Path, aligned_hf: Path | None, heldout: Path, n: int = 2) -> list[dict[str, Any]]:
     """Held-out domain instructions (never trained on): the aligned model answers through its chat template, the
     base continues the same instruction as raw text. One classify and one title instruction in English."""
-    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = read_jsonl(heldout)
     picked, seen = [], set()
     for want in ("classify", "title", "extract"):
         for r in rows:
@@ -32,20 +34,29 @@ def sample_generations(base_hf: Path, aligned_hf: Path | None, heldout: Path, n:
     return out
 
 
+def _greedy_model(hf_dir: Path):
+    """``(tokenizer, model, stop ids)`` of an exported model (transformers, CPU, fp32) set up for greedy decoding: the
+    checkpoint's sampling defaults (temperature / top_p, which greedy decoding warns about) dropped; stop at the end
+    of text or the end of a chat turn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.temperature = None
+    model.generation_config.top_p = None
+    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")} if isinstance(t, int) and t >= 0]
+    return tok, model, stop
+
+
 def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, chat: bool = False) -> str:
     """Load the exported model with transformers (CPU) and greedily continue ``prompt``: raw text, or (``chat``)
     the messages rendered by the tokenizer's chat template with the assistant header (only the new tokens are
     returned then)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model.eval()
-    # greedy: drop the checkpoint's sampling defaults (temperature / top_p), which greedy decoding warns about
-    model.generation_config.do_sample = False
-    model.generation_config.temperature = None
-    model.generation_config.top_p = None
+    tok, model, stop = _greedy_model(hf_dir)
     if chat:
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
@@ -54,8 +65,7 @@ def generate(hf_dir: Path, prompt: str | list[dict], max_new_tokens: int = 24, c
         ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
-                             eos_token_id=[t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")}
-                                           if isinstance(t, int) and t >= 0])
+                             eos_token_id=stop)
     new = gen[0][ids["input_ids"].shape[1]:]
     return tok.decode(new, skip_special_tokens=True).strip()
 
@@ -71,12 +81,9 @@ def answer_accuracy(hf_dir: Path, heldout: Path, max_new_tokens: int = ANSWER_TO
     stripped, lower-cased and without a final full stop, must equal the reference. ``chance``: one in the number of
     categories offered."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = [json.loads(x) for x in heldout.read_text(encoding="utf-8").splitlines() if x.strip()]
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")} if isinstance(t, int) and t >= 0]
+    rows = read_jsonl(heldout)
+    tok, model, stop = _greedy_model(hf_dir)
     prompts = [tok.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
                                        add_generation_prompt=True, tokenize=False) for r in rows]
     tok.padding_side = "left"  # one greedy batch: left padding keeps every prompt's end at the same position
@@ -86,8 +93,8 @@ def answer_accuracy(hf_dir: Path, heldout: Path, max_new_tokens: int = ANSWER_TO
     for b in range(0, len(prompts), 64):
         ids = tok(prompts[b:b + 64], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=stop)
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=stop)
         texts += tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     correct, answers = 0, []
     for r, text in zip(rows, texts):

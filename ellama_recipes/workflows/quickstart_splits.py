@@ -16,6 +16,11 @@ CLASSIFY_TRAIN = 160
 CLASSIFY_TEMPLATE = "Classify the product into one of these categories: {cats}.\nProduct: {title}\nAnswer with the category only."
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file the quickstart wrote or bundles (blank lines skipped)."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` unless the file already holds exactly them (re-runs keep the files' times: align reuses its
     prepared data when its inputs are unchanged)."""
@@ -51,7 +56,7 @@ def prepare_splits(out: Path) -> dict[str, Any]:
                  [{"text": d["text"], "lang": d["lang"], "id": d["id"]} for d in split["heldout"]])
     sft_train, sft_held = [], []
     for path in sorted((sample_dir() / "sft").glob("*.jsonl")):
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        rows = read_jsonl(path)
         keep = []
         for i, r in enumerate(rows, 1):
             held = path.stem == "ecommerce" and i % HELDOUT_SFT_EVERY == 0
@@ -85,7 +90,7 @@ def classify_questions(exclude: str) -> tuple[list[dict], list[dict]]:
     from ellama_recipes.data.bundled import sample_dir
 
     path = sample_dir() / "domain" / "products.jsonl"
-    prods = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    prods = read_jsonl(path)
     cats = sorted({p["category"] for p in prods})
     train, held, rank = [], [], 0
     for i, p in enumerate(prods, 1):
