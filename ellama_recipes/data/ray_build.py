@@ -131,6 +131,11 @@ def _find_duplicates(survivors, ccfg: CleanConfig, dedup: str) -> list[dict]:
     return list(find_duplicates(survivors, _dedup_cfg(ccfg)).iter_rows())
 
 
+def _survivor(r: dict) -> dict:
+    """A kept clean row as dedup's input row (the Ray path's select/rename gives the same columns)."""
+    return {"id": r["gid"], "text": r["text"], "where": r["where"]}
+
+
 def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpus: int,
                block_bytes: int = BLOCK_BYTES, dedup: str = "ray") -> dict:
     """Stage 1 for one kind; writes work/clean_KIND.jsonl and rejects/clean_KIND.jsonl; returns the stage info
@@ -154,17 +159,15 @@ def clean_kind(files: list[Path], kind: str, ccfg: CleanConfig, st: State, n_cpu
     if kind == "domain":  # the product-id rule needs corpus order; domain rows are held for the graph anyway
         rows = [dict(r) for r in cleaned.iter_rows()]
         _duplicate_ids(rows)
+        kept = (_survivor(r) for r in rows if r["reason"] == "")
         if dedup == "local":  # straight from the rows in hand: no dataset, no Ray execution
-            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]} for r in rows if r["reason"] == "")
+            survivors = kept
         else:
-            survivors = ray.data.from_items([{"id": r["gid"], "text": r["text"], "where": r["where"]}
-                                             for r in rows if r["reason"] == ""],
-                                            override_num_blocks=max(1, min(len(blocks), n_cpus)))
+            survivors = ray.data.from_items(list(kept), override_num_blocks=max(1, min(len(blocks), n_cpus)))
     else:
         rows = None
         if dedup == "local":  # one pass over the materialized blocks on the driver, no filter/select stage
-            survivors = ({"id": r["gid"], "text": r["text"], "where": r["where"]}
-                         for b in cleaned.iter_batches(batch_size=4096, batch_format="numpy")
+            survivors = (_survivor(r) for b in cleaned.iter_batches(batch_size=4096, batch_format="numpy")
                          for r in _batch_rows(b) if r["reason"] == "")
         else:
             survivors = cleaned.filter(expr="reason == ''").select_columns(["gid", "text", "where"]) \
